@@ -1,0 +1,252 @@
+"""The ``rllib`` command that Ray 2.60 dropped: ``rllib train`` and ``rllib evaluate``.
+
+    rllib train file tuned_examples/cartpole_sppo.yaml [--stop JSON] [--storage-path DIR]
+    rllib train --algo SPPO --env OutcomeCartPole-v1 --stop '{"training_iteration": 5}' [--config JSON]
+    rllib evaluate CHECKPOINT [--episodes N] [--explore]
+
+YAML files use RLlib's legacy tuned-example schema ``{name: {run, env, config, stop}}``.
+Bad input (malformed YAML, unknown algorithm, env or config key) prints one line
+naming the problem and the file, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import json
+import os
+import sys
+import time
+
+EXIT_USAGE = 2
+EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples"}
+# Config keys that AlgorithmConfig.update_from_dict understands without a same-named attribute.
+SPECIAL_CONFIG_KEYS = {"multiagent", "model", "optimizer", "env_config", "callbacks", "model_config",
+                       "rl_module_spec", "lambda", "num_workers", "framework", "input"}
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def _import(dotted: str, where: str):
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UsageError(f"{where}: cannot import {dotted!r} ({e})") from None
+
+
+def _resolve_classes(value, where: str, key: str = ""):
+    """Dotted strings under keys ending in _cls/_class (or 'callbacks') become classes."""
+    if isinstance(value, dict):
+        return {k: _resolve_classes(v, where, k) for k, v in value.items()}
+    if isinstance(value, str) and (key.endswith(("_cls", "_class")) or key == "callbacks") and "." in value:
+        return _import(value, f"{where}: key {key!r}")
+    return value
+
+
+def load_experiments(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            spec = yaml.safe_load(f)
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"malformed YAML in {path}{at}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(spec, dict) or not spec or not all(isinstance(v, dict) for v in spec.values()):
+        raise UsageError(f"{path}: expected {{name: {{run, env, config, stop}}}} at the top level")
+    for name, exp in spec.items():
+        unknown = set(exp) - EXPERIMENT_KEYS
+        if unknown:
+            raise UsageError(f"{path}: experiment {name!r} has unknown key(s) {sorted(unknown)}; "
+                             f"allowed: {sorted(EXPERIMENT_KEYS)}")
+        if "run" not in exp:
+            raise UsageError(f"{path}: experiment {name!r} needs 'run' (an algorithm name such as SPPO or PPO)")
+    return spec
+
+
+def resolve_algorithm(name: str, where: str):
+    from ray.tune.registry import get_trainable_cls
+
+    import rllib_sppo  # noqa: F401  (registers SPPO)
+
+    try:
+        return get_trainable_cls(name)
+    except Exception:
+        raise UsageError(f"{where}: unknown algorithm {name!r} (try SPPO, PPO, APPO, IMPALA, DQN, SAC)") from None
+
+
+def check_env(env: str, where: str) -> None:
+    import gymnasium as gym
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    import envs  # noqa: F401  (registers the outcome envs)
+
+    if env in gym.registry or _global_registry.contains(ENV_CREATOR, env):
+        return
+    close = difflib.get_close_matches(env, list(gym.registry), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UsageError(f"{where}: unknown env {env!r}{hint}")
+
+
+def build_config(algo_cls, env: str | None, cfg: dict, where: str):
+    """An AlgorithmConfig from a YAML/JSON dict, refusing keys the algorithm does not have."""
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    config = algo_cls.get_default_config()
+    cfg = _resolve_classes(dict(cfg or {}), where)
+    if env is not None:
+        check_env(env, where)
+        config.environment(env)
+    for key in cfg:
+        if key in SPECIAL_CONFIG_KEYS or key.startswith("evaluation_") or hasattr(config, key):
+            continue
+        close = difflib.get_close_matches(key, [k for k in vars(config) if not k.startswith("_")], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"{where}: unknown config key {key!r} for {algo_cls.__name__}{hint}")
+    if "model_config" in cfg:
+        config.rl_module(model_config=cfg.pop("model_config"))
+    if "rl_module_spec" in cfg:
+        config.rl_module(rl_module_spec=RLModuleSpec(**cfg.pop("rl_module_spec")))
+    config.update_from_dict(cfg)
+    return config
+
+
+def _has_search_space(value) -> bool:
+    if isinstance(value, dict):
+        return "grid_search" in value or any(_has_search_space(v) for v in value.values())
+    return False
+
+
+def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, stop_override: dict | None):
+    from ray import tune
+
+    algo_cls = resolve_algorithm(exp["run"], where)
+    config = build_config(algo_cls, exp.get("env"), exp.get("config"), where)
+    if not _has_search_space(exp.get("config")):
+        try:
+            config.validate()
+        except ValueError as e:
+            raise UsageError(f"{where}: invalid config: {str(e).splitlines()[0]}") from None
+    ckpt = {"checkpoint_at_end": True, **exp.get("checkpoint_config", {})}
+    stop = stop_override or exp.get("stop") or {}
+    tuner = tune.Tuner(
+        algo_cls,
+        param_space=config,
+        tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1)),
+        run_config=tune.RunConfig(
+            name=name, stop=stop, verbose=1,
+            storage_path=os.path.abspath(os.path.expanduser(storage_path or exp.get("storage_path") or "~/ray_results")),
+            checkpoint_config=tune.CheckpointConfig(**ckpt)),
+    )
+    start = time.time()
+    results = tuner.fit()
+    for r in results:
+        if r.error:
+            print(f"rllib: trial failed: {r.error}", file=sys.stderr)
+            continue
+        m = r.metrics or {}
+        env_runners = m.get("env_runners", {})
+        print(json.dumps({
+            "experiment": name, "algo": exp["run"], "env": exp.get("env"),
+            "training_iteration": m.get("training_iteration"),
+            "env_steps": env_runners.get("num_env_steps_sampled_lifetime"),
+            "episode_return_mean": env_runners.get("episode_return_mean"),
+            "wall_s": round(time.time() - start, 1),
+            "checkpoint": r.checkpoint.path if r.checkpoint else None,
+        }))
+    return results
+
+
+def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
+    """Runs ``episodes`` episodes with the checkpoint's policy on its own env."""
+    import numpy as np
+    from ray.rllib.algorithms.algorithm import Algorithm
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    import envs  # noqa: F401
+    import rllib_sppo  # noqa: F401
+
+    if not os.path.isdir(checkpoint):
+        raise UsageError(f"checkpoint {checkpoint!r} is not a directory")
+    algo = Algorithm.from_checkpoint(os.path.abspath(checkpoint))
+    runner_cls = algo.config.env_runner_cls or SingleAgentEnvRunner
+    runner = runner_cls(config=algo.config)
+    runner.set_state({"rl_module": algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
+        "learner"]["rl_module"]})
+    done = []
+    while len(done) < episodes:
+        done += [e for e in runner.sample(num_episodes=episodes - len(done), explore=explore) if e.is_done]
+    outcomes = np.array([e.get_return() for e in done])
+    raw = [e.get_infos()[-1].get("raw_return") for e in done]
+    report = {"checkpoint": checkpoint, "env": algo.config.env, "episodes": len(done),
+              "episode_return_mean": float(outcomes.mean()), "episode_return_std": float(outcomes.std()),
+              "episode_len_mean": float(np.mean([len(e) for e in done]))}
+    if all(x is not None for x in raw):
+        report["raw_return_mean"] = float(np.mean(raw))
+    algo.stop()
+    return report
+
+
+def _json_arg(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{flag} must be a JSON object")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rllib", description="Train and evaluate RLlib algorithms (with SPPO).")
+    sub = p.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a tuned-example YAML file or from flags")
+    train.add_argument("file_kw", nargs="?", choices=["file"], help="'file' then PATH to run a YAML file")
+    train.add_argument("path", nargs="?", help="tuned-example YAML file")
+    train.add_argument("--algo", "--run", dest="algo", help="algorithm name (SPPO, PPO, ...)")
+    train.add_argument("--env", help="environment id")
+    train.add_argument("--config", default="{}", help="config overrides as JSON")
+    train.add_argument("--stop", help='stop criteria as JSON, e.g. \'{"training_iteration": 10}\'')
+    train.add_argument("--storage-path", help="where Tune writes results and checkpoints")
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--explore", action="store_true", help="sample actions instead of acting greedily")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "evaluate":
+            print(json.dumps(evaluate(args.checkpoint, args.episodes, args.explore)))
+            return 0
+        stop = _json_arg(args.stop, "--stop") if args.stop else None
+        if args.file_kw == "file":
+            if not args.path:
+                raise UsageError("usage: rllib train file PATH.yaml")
+            spec = load_experiments(args.path)
+            where = args.path
+        else:
+            if not (args.algo and args.env):
+                raise UsageError("rllib train needs 'file PATH.yaml' or both --algo and --env")
+            spec = {f"{args.algo}_{args.env}": {"run": args.algo, "env": args.env,
+                                                 "config": _json_arg(args.config, "--config")}}
+            where = "command line"
+        for name, exp in spec.items():
+            run_experiment(name, exp, where, args.storage_path, stop)
+        return 0
+    except UsageError as e:
+        print(f"rllib: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

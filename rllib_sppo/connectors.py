@@ -1,0 +1,75 @@
+"""SPPO's learner connector: one outcome R and one advantage per episode."""
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ray.rllib.connectors.connector_v2 import ConnectorV2
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis import ValueFunctionAPI
+
+from rllib_sppo.core import sequence_advantage
+
+CRITIC_MASK = "critic_mask"  # 1 on each episode's first step: where V(s_0) is trained
+
+
+class SequenceAdvantage(ConnectorV2):
+    """Writes ``advantages`` = R - sigmoid(V(s_0)) on every step of each episode.
+
+    R is the episode's outcome (the sum of its rewards: outcome envs pay it once, at
+    the end). V is read at the episode's first step with the critic as it is before
+    this batch's update. Advantages are not standardised. Also writes
+    ``value_targets`` (R on every step) and ``critic_mask`` (1 on first steps).
+    """
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *,
+                 critic_loss: str = "bce", normalize: bool = False):
+        super().__init__(input_observation_space, input_action_space)
+        self.critic_loss = critic_loss
+        self.normalize = normalize
+
+    def __call__(self, *, rl_module, episodes, batch, metrics=None, **kwargs) -> Any:
+        sa_episodes = list(self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False))
+        for mid, module_batch in batch.items():
+            module = rl_module[mid]
+            if not isinstance(module, ValueFunctionAPI):
+                continue
+            eps = [e for e in sa_episodes if e.module_id in (None, mid)]
+            unfinished = [e.id_ for e in eps if not e.is_done]
+            if unfinished:
+                raise ValueError(
+                    f"SPPO needs complete episodes (batch_mode='complete_episodes'); "
+                    f"{len(unfinished)} episode(s) of module {mid!r} were cut off.")
+            lens = np.array([len(e) for e in eps])
+            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+            outcomes = np.array([e.get_return() for e in eps], dtype=np.float32)
+            if self.critic_loss == "bce" and ((outcomes < 0) | (outcomes > 1)).any():
+                bad = outcomes[(outcomes < 0) | (outcomes > 1)]
+                raise ValueError(
+                    f"the BCE critic needs outcomes in [0, 1], got {bad[:5].tolist()} "
+                    f"(module {mid!r}); normalise the reward into [0, 1] or set critic_loss='mse'.")
+            index = torch.as_tensor(starts)
+            first_rows = {k: v[index.to(v.device)] for k, v in module_batch.items()
+                          if isinstance(v, torch.Tensor)}
+            with torch.no_grad():
+                critic_out = module.compute_values(first_rows)
+            device = critic_out.device
+            r = torch.as_tensor(outcomes, device=device)
+            adv = sequence_advantage(r, critic_out, self.normalize, self.critic_loss)
+            lens_t = torch.as_tensor(lens, device=device)
+            module_batch[Columns.ADVANTAGES] = adv.repeat_interleave(lens_t)
+            module_batch[Columns.VALUE_TARGETS] = r.repeat_interleave(lens_t)
+            mask = torch.zeros(int(lens.sum()), device=device)
+            mask[index.to(device)] = 1.0
+            module_batch[CRITIC_MASK] = mask
+            if metrics is not None:
+                pred = torch.sigmoid(critic_out) if self.critic_loss == "bce" else critic_out
+                metrics.log_dict({
+                    "rollout/outcome_mean": float(r.mean()),
+                    "critic/prediction_mean": float(pred.mean()),
+                    "critic/abs_error_mean": float((r - pred).abs().mean()),
+                    "policy/advantage_mean": float(adv.mean()),
+                    "policy/advantage_abs_mean": float(adv.abs().mean()),
+                }, key=mid, window=1)
+        return batch

@@ -1,0 +1,132 @@
+"""SPPO (Sequence-Level PPO, arXiv 2604.08865) as an RLlib Algorithm.
+
+Not Self-Play Preference Optimization: this SPPO treats a whole episode (an LLM
+response) as one action of a contextual bandit, with a scalar critic V(s_0).
+"""
+
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS, ENV_RUNNER_SAMPLING_TIMER, LEARNER_RESULTS, LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME, SYNCH_WORKER_WEIGHTS_TIMER, TIMERS,
+)
+
+from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
+
+
+class SPPOConfig(AlgorithmConfig):
+    """SPPO's configuration; defaults are the reference run's (1.5B on DeepScaleR).
+
+    Inherited keys keep RLlib's meaning: ``lr`` is the policy's learning rate,
+    ``train_batch_size_per_learner`` counts env steps (= prompts for LLM bandits),
+    ``minibatch_size`` and ``num_epochs`` shape the PPO update, ``grad_clip`` is
+    applied to each optimizer's global norm.
+    """
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or SPPO)
+        # RLlib keys, at the reference values.
+        self.lr = 1e-6
+        self.train_batch_size_per_learner = 256
+        self.minibatch_size = 128
+        self.num_epochs = 1
+        self.shuffle_batch_per_epoch = False
+        self.grad_clip = 1.0
+        self.grad_clip_by = "global_norm"
+        self.batch_mode = "complete_episodes"
+        self.num_env_runners = 0
+        #: Critic learning rate (its own AdamW).
+        self.critic_lr = 5e-6
+        #: AdamW weight decay of the policy optimizer.
+        self.weight_decay = 0.01
+        #: AdamW weight decay of the critic optimizer.
+        self.critic_weight_decay = 0.01
+        #: PPO clip range below 1 (ratio >= 1 - clip_low).
+        self.clip_low = 0.2
+        #: PPO clip range above 1 (ratio <= 1 + clip_high).
+        self.clip_high = 0.2
+        #: Dual-clip constant c > 1 bounding the loss for A < 0; None turns it off.
+        self.dual_clip = 3.0
+        #: How per-token losses become one number: token-mean, seq-mean-token-mean, seq-mean-token-sum.
+        self.loss_agg_mode = "token-mean"
+        #: "bce": outcome in [0, 1], A = R - sigmoid(z). "mse": continuous outcome, A = R - V.
+        self.critic_loss = "bce"
+        #: A = (R - p) / sqrt(p (1 - p)) instead of R - p (bce only; not in the reference).
+        self.normalize_advantage = False
+        #: Entropy bonus coefficient (reference: 0).
+        self.entropy_coeff = 0.0
+
+    def training(self, **kwargs) -> "SPPOConfig":
+        """Sets SPPO's keys (see ``SPPOConfig.__init__``) and RLlib's training keys."""
+        for key in _SPPO_KEYS:
+            if kwargs.get(key, NotProvided) is not NotProvided:
+                setattr(self, key, kwargs.pop(key))
+        super().training(**kwargs)
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+        batch = self.train_batch_size_per_learner
+        if self.minibatch_size is not None and batch is not None and self.minibatch_size > batch:
+            self._value_error(
+                f"minibatch_size ({self.minibatch_size}) is larger than train_batch_size_per_learner "
+                f"({batch}); lower minibatch_size or raise the batch.")
+        if self.batch_mode != "complete_episodes":
+            self._value_error(
+                f"SPPO scores whole episodes: batch_mode must be 'complete_episodes', not {self.batch_mode!r}.")
+        if self.critic_loss not in CRITIC_LOSSES:
+            self._value_error(f"critic_loss={self.critic_loss!r}; choose one of {CRITIC_LOSSES}.")
+        if self.normalize_advantage and self.critic_loss != "bce":
+            self._value_error("normalize_advantage=True needs critic_loss='bce' (p must be a probability).")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            self._value_error(f"loss_agg_mode={self.loss_agg_mode!r}; choose one of {LOSS_AGG_MODES}.")
+        if not (0 < self.clip_low < 1 and self.clip_high > 0):
+            self._value_error(f"need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}.")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            self._value_error(f"dual_clip must be > 1 (reference 3.0) or None, got {self.dual_clip}.")
+        if self.critic_lr <= 0 or self.lr <= 0:
+            self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from rllib_sppo.torch.mlp_rl_module import SPPOMLPModule
+
+        return RLModuleSpec(module_class=SPPOMLPModule)
+
+    def get_default_learner_class(self):
+        from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
+
+        return SPPOTorchLearner
+
+
+_SPPO_KEYS = ("critic_lr", "weight_decay", "critic_weight_decay", "clip_low", "clip_high", "dual_clip",
+              "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff")
+
+
+class SPPO(Algorithm):
+    @classmethod
+    def get_default_config(cls) -> SPPOConfig:
+        return SPPOConfig()
+
+    def training_step(self) -> None:
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            episodes, runner_metrics = synchronous_parallel_sample(
+                worker_set=self.env_runner_group, max_env_steps=self.config.total_train_batch_size,
+                sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True,
+                _return_metrics=True)
+        if not episodes:
+            return
+        self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+        # Critic values -> advantages (learner connector), then critic and policy updates.
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                episodes=episodes,
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                    (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME))},
+                num_epochs=self.config.num_epochs, minibatch_size=self.config.minibatch_size,
+                shuffle_batch_per_epoch=self.config.shuffle_batch_per_epoch)
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(
+                from_worker_or_learner_group=self.learner_group, inference_only=True)

@@ -1,0 +1,20 @@
+"""Framework-agnostic SPPO learner: installs the sequence-advantage connector."""
+
+from ray.rllib.core.learner.learner import Learner
+from ray.rllib.core.rl_module.apis import ValueFunctionAPI
+
+from rllib_sppo.apis import TokenLogpAPI
+from rllib_sppo.connectors import SequenceAdvantage
+
+
+class SPPOLearner(Learner):
+    def build(self) -> None:
+        super().build()
+        if self._learner_connector is not None and self.config.add_default_connectors_to_learner_pipeline:
+            self._learner_connector.append(
+                SequenceAdvantage(critic_loss=self.config.critic_loss,
+                                  normalize=self.config.normalize_advantage))
+
+    @classmethod
+    def rl_module_required_apis(cls) -> list[type]:
+        return [ValueFunctionAPI, TokenLogpAPI]

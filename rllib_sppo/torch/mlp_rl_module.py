@@ -1,0 +1,68 @@
+"""Policy MLP plus a decoupled critic MLP V(s_0), for classic control."""
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
+from ray.rllib.core.rl_module.torch import TorchRLModule
+
+from rllib_sppo.apis import TokenLogpAPI
+
+
+def mlp(in_dim: int, hiddens: list[int], out_dim: int, act: type = nn.Tanh) -> nn.Sequential:
+    layers, dim = [], in_dim
+    for h in hiddens:
+        layers += [nn.Linear(dim, h), act()]
+        dim = h
+    return nn.Sequential(*layers, nn.Linear(dim, out_dim))
+
+
+class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI):
+    """``model_config``: ``pi_hiddens`` and ``vf_hiddens`` (the critic has its own size).
+
+    Discrete actions give Categorical logits; Box actions a diagonal Gaussian with a
+    state-independent log-std. The critic ``vf`` is never built on EnvRunners.
+    """
+
+    def setup(self):
+        obs_dim = int(np.prod(self.observation_space.shape))
+        cfg = {"pi_hiddens": [64, 64], "vf_hiddens": [64, 64], **(self.model_config or {})}
+        self.continuous = isinstance(self.action_space, gym.spaces.Box)
+        out_dim = int(np.prod(self.action_space.shape)) if self.continuous else self.action_space.n
+        self.pi = mlp(obs_dim, cfg["pi_hiddens"], out_dim)
+        if self.continuous:
+            self.log_std = nn.Parameter(torch.full((out_dim,), float(cfg.get("init_log_std", 0.0))))
+        if not self.inference_only:
+            self.vf = mlp(obs_dim, cfg["vf_hiddens"], 1)
+
+    def _forward(self, batch, **kwargs):
+        out = self.pi(batch[Columns.OBS].flatten(1).float())
+        if self.continuous:
+            out = torch.cat([out, self.log_std.expand_as(out)], dim=-1)
+        return {Columns.ACTION_DIST_INPUTS: out}
+
+    def compute_values(self, batch, embeddings=None):
+        return self.vf(batch[Columns.OBS].flatten(1).float()).squeeze(-1)
+
+    def _dist(self, fwd_out):
+        return self.get_train_action_dist_cls().from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
+
+    def action_logp(self, batch, fwd_out):
+        logp = self._dist(fwd_out).logp(batch[Columns.ACTIONS])
+        mask = batch.get(Columns.LOSS_MASK, torch.ones_like(logp))
+        return logp, batch[Columns.ACTION_LOGP], mask
+
+    def entropy(self, batch, fwd_out):
+        return self._dist(fwd_out).entropy()
+
+    def get_non_inference_attributes(self):
+        return ["vf"]
+
+    def policy_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("vf.")]
+
+    def critic_parameters(self):
+        return list(self.vf.parameters())

@@ -1,0 +1,116 @@
+"""SPPO's pure functions against numbers computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from rllib_sppo.core import (agg_loss, critic_bce_loss, critic_mse_loss, kl_penalty, ppo_clip_loss,
+                             sequence_advantage)
+
+LN3 = math.log(3.0)
+
+
+def close(x, y, tol=1e-6):
+    assert torch.allclose(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64),
+                          atol=tol), (x, y)
+
+
+def test_advantage_is_outcome_minus_probability():
+    # p = sigmoid([0, ln3, -ln3]) = [0.5, 0.75, 0.25]
+    a = sequence_advantage(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, LN3, -LN3]))
+    close(a, [0.5, -0.75, 0.75])
+    assert a.dtype == torch.float32
+
+
+def test_advantage_is_detached_and_fp32_from_bf16():
+    z = torch.tensor([0.0], dtype=torch.bfloat16, requires_grad=True)
+    a = sequence_advantage(torch.tensor([1.0]), z)
+    assert not a.requires_grad and a.dtype == torch.float32
+
+
+def test_normalized_advantage():
+    # (R - p) / sqrt(p (1 - p)): sqrt(.25) = .5, sqrt(.1875) = .4330127
+    a = sequence_advantage(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, LN3, -LN3]), normalize=True)
+    close(a, [1.0, -0.75 / 0.4330127, 0.75 / 0.4330127])
+    # p = sigmoid(10) ~ 0.99995 is clamped to 0.999: (1 - .999) / sqrt(.999 * .001)
+    a = sequence_advantage(torch.tensor([1.0]), torch.tensor([10.0]), normalize=True)
+    close(a, [0.001 / math.sqrt(0.999 * 0.001)])
+
+
+def test_mse_advantage_and_bad_combination():
+    close(sequence_advantage(torch.tensor([0.5, 0.2]), torch.tensor([0.3, 0.4]), critic_loss="mse"), [0.2, -0.2])
+    with pytest.raises(ValueError, match="bce"):
+        sequence_advantage(torch.tensor([0.5]), torch.tensor([0.3]), normalize=True, critic_loss="mse")
+
+
+def test_critic_losses():
+    # -(log 0.5 + log 0.25) / 2
+    close(critic_bce_loss(torch.tensor([0.0, LN3]), torch.tensor([1.0, 0.0])), (math.log(2) + math.log(4)) / 2)
+    # soft target 0.3 at p = 0.5: -(0.3 log .5 + 0.7 log .5) = log 2
+    close(critic_bce_loss(torch.tensor([0.0]), torch.tensor([0.3])), math.log(2))
+    close(critic_mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])), 0.5 * (1 + 4) / 2)
+
+
+RATIOS = [1.5, 0.5, 1.1, 5.0]
+ADVS = [1.0, 1.0, -1.0, -1.0]
+
+
+def _case(dual_clip=3.0, mask=(1, 1, 1, 1)):
+    logp = torch.log(torch.tensor([RATIOS])).requires_grad_(True)
+    loss, stats = ppo_clip_loss(logp, torch.zeros(1, 4), torch.tensor([ADVS]), torch.tensor([mask], dtype=torch.float32),
+                                dual_clip=dual_clip)
+    return logp, loss, stats
+
+
+def test_ppo_clip_with_dual_clip():
+    # per token: -1.2 (clipped high), -0.5 (A>0, r<1-eps: unclipped), 1.1, min(5, 3) = 3 (dual clip)
+    logp, loss, stats = _case()
+    close(loss, (-1.2 - 0.5 + 1.1 + 3.0) / 4)
+    close(stats["clipfrac"], 0.25)
+    close(stats["clipfrac_lower"], 0.25)
+    close(stats["approx_kl"], -sum(math.log(r) for r in RATIOS) / 4)
+    close(stats["ratio_max"], 5.0)
+    loss.backward()
+    # clipped tokens have no gradient; d(-A r)/dlogp = -A r, / 4 tokens
+    close(logp.grad, [[0.0, -0.5 / 4, 1.1 / 4, 0.0]])
+
+
+def test_ppo_clip_without_dual_clip_and_masked():
+    _, loss, stats = _case(dual_clip=None)
+    close(loss, (-1.2 - 0.5 + 1.1 + 5.0) / 4)
+    close(stats["clipfrac_lower"], 0.0)
+    _, loss, _ = _case(mask=(1, 1, 1, 0))
+    close(loss, (-1.2 - 0.5 + 1.1) / 3)
+
+
+def test_sequence_advantage_broadcasts_over_tokens():
+    logp = torch.zeros(2, 2)
+    loss, _ = ppo_clip_loss(logp, logp, torch.tensor([1.0, -1.0]), torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    close(loss, (-1 - 1 + 1) / 3)
+
+
+def test_log_ratio_is_clamped():
+    loss, _ = ppo_clip_loss(torch.tensor([50.0]), torch.tensor([0.0]), torch.tensor([-1.0]), torch.ones(1),
+                            dual_clip=None)
+    close(loss / math.exp(20.0), 1.0)
+
+
+def test_loss_aggregation_modes():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    close(agg_loss(loss, mask, "token-mean"), 7 / 3)
+    close(agg_loss(loss, mask, "seq-mean-token-mean"), (1.5 + 4.0) / 2)
+    close(agg_loss(loss, mask, "seq-mean-token-sum"), (3.0 + 4.0) / 2)
+    with pytest.raises(ValueError, match="token-mean"):
+        agg_loss(loss, mask, "sum")
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    close(kl_penalty(logp, ref, "k1"), math.log(2))
+    close(kl_penalty(logp, ref, "k2"), 0.5 * math.log(2) ** 2)
+    close(kl_penalty(logp, ref, "k3"), 0.5 + math.log(2) - 1)
+    close(kl_penalty(logp, logp, "k3"), 0.0)
+    with pytest.raises(ValueError, match="k3"):
+        kl_penalty(logp, ref, "k4")
