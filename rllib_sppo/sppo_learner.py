@@ -10,7 +10,8 @@ from rllib_sppo.connectors import SequenceAdvantage
 class SPPOLearner(Learner):
     def build(self) -> None:
         super().build()
-        if self._learner_connector is not None and self.config.add_default_connectors_to_learner_pipeline:
+        # The advantage is SPPO itself, so it is appended even to a custom pipeline.
+        if self._learner_connector is not None:
             self._learner_connector.append(
                 SequenceAdvantage(critic_loss=self.config.critic_loss,
                                   normalize=self.config.normalize_advantage))

@@ -1,0 +1,309 @@
+"""One-step reasoning episodes: a contextual bandit over prompts with a verifiable reward.
+
+``reset`` draws a problem and returns its prompt text; ``step(response_text)`` scores
+the whole response with a reward function from ``envs.rewards`` and ends the episode.
+
+Prompt sources yield records ``{"prompt": [{"role", "content"}, ...], "ground_truth": str,
+"data_source": str, "extra_info": dict}``: verl-format Parquet files, reasoning-gym
+tasks, or generated "What is a+b?" problems.
+"""
+
+import json
+import random
+import string
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from envs.rewards import get_reward_fn, score_with_timeout
+
+BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."
+VERL_COLUMNS = "verl format needs data_source, prompt, reward_model.ground_truth"
+
+
+class DatasetError(ValueError):
+    """A prompt dataset that cannot be used; the message names the file and column."""
+
+
+class Source(Sequence):
+    """A list of prompt records."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.records[i]
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.records)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _struct_fields(t: pa.DataType) -> dict[str, pa.DataType]:
+    return {t.field(i).name: t.field(i).type for i in range(t.num_fields)} if pa.types.is_struct(t) else {}
+
+
+def _read_verl(path: str) -> list[dict]:
+    if not Path(path).is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(f"{path}: not a readable Parquet file ({e})") from e
+    if table.num_rows == 0:
+        raise DatasetError(f"{path}: file has no rows")
+
+    def check(column: str, ok: bool, expected: str) -> None:
+        if column.split(".")[0] not in table.column_names:
+            raise DatasetError(f"{path}: column {column!r} is missing ({VERL_COLUMNS})")
+        if not ok:
+            actual = table.schema.field(column.split(".")[0]).type
+            raise DatasetError(f"{path}: column {column!r} must be {expected}, got {actual} ({VERL_COLUMNS})")
+
+    schema = {f.name: f.type for f in table.schema}
+    check("data_source", _is_text(schema.get("data_source", pa.null())), "a string")
+    prompt_type = schema.get("prompt", pa.null())
+    messages = prompt_type.value_type if pa.types.is_list(prompt_type) or pa.types.is_large_list(prompt_type) else None
+    message_fields = _struct_fields(messages) if messages is not None else {}
+    check(
+        "prompt",
+        all(_is_text(message_fields.get(k, pa.null())) for k in ("role", "content")),
+        "a list of {role: string, content: string} structs",
+    )
+    gt_type = _struct_fields(schema.get("reward_model", pa.null())).get("ground_truth", pa.null())
+    check(
+        "reward_model.ground_truth",
+        _is_text(gt_type) or pa.types.is_integer(gt_type) or pa.types.is_floating(gt_type),
+        "a struct with a string ground_truth field",
+    )
+    if "extra_info" in schema:
+        check("extra_info", pa.types.is_struct(schema["extra_info"]), "a struct")
+
+    ground_truth = table.column("reward_model").combine_chunks().field("ground_truth")
+    for column, values in [
+        ("data_source", table.column("data_source")),
+        ("prompt", table.column("prompt")),
+        ("reward_model.ground_truth", ground_truth),
+    ]:
+        if values.null_count:
+            raise DatasetError(f"{path}: column {column!r} has {values.null_count} null values")
+    extra = table.column("extra_info").to_pylist() if "extra_info" in schema else [None] * table.num_rows
+    return [
+        {"prompt": prompt, "ground_truth": str(gt), "data_source": source, "extra_info": info or {}}
+        for source, prompt, gt, info in zip(
+            table.column("data_source").to_pylist(), table.column("prompt").to_pylist(), ground_truth.to_pylist(), extra
+        )
+    ]
+
+
+class ParquetSource(Source):
+    """Records from verl-format Parquet files (``data_source``, ``prompt``, ``reward_model``, ``extra_info``)."""
+
+    def __init__(self, paths: str | Sequence[str]):
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths:
+            raise DatasetError("no Parquet paths given")
+        super().__init__([record for path in paths for record in _read_verl(str(path))])
+
+
+class ReasoningGymSource(Source):
+    """Problems of one reasoning-gym task; its metadata goes to ``extra_info["metadata"]``."""
+
+    def __init__(self, task: str, size: int = 1000, seed: int = 0):
+        import reasoning_gym
+
+        dataset = reasoning_gym.create_dataset(task, size=size, seed=seed)
+        super().__init__(
+            [
+                {
+                    "prompt": [{"role": "user", "content": f"{item['question']}\n\n{BOXED_INSTRUCTION}"}],
+                    "ground_truth": str(item["answer"]),
+                    "data_source": f"reasoning_gym/{task}",
+                    "extra_info": {"index": i, "metadata": item["metadata"]},
+                }
+                for i, item in enumerate(dataset)
+            ]
+        )
+
+
+class ArithmeticSource(Source):
+    """``size`` distinct "What is a+b?" problems with operands in [0, max_operand] and ops from "+-*"."""
+
+    def __init__(self, size: int = 1000, seed: int = 0, max_operand: int = 99, ops: str = "+"):
+        if not ops or set(ops) - set("+-*"):
+            raise ValueError(f"ops must be a non-empty string of '+', '-', '*', got {ops!r}")
+        n = max_operand + 1
+        if size > n * n * len(ops):
+            raise ValueError(f"only {n * n * len(ops)} distinct problems exist, asked for {size}")
+        records = []
+        for i, code in enumerate(random.Random(seed).sample(range(n * n * len(ops)), size)):
+            a, b, op = code // (n * len(ops)), code // len(ops) % n, ops[code % len(ops)]
+            answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+            records.append(
+                {
+                    "prompt": [{"role": "user", "content": f"What is {a}{op}{b}?"}],
+                    "ground_truth": str(answer),
+                    "data_source": "arithmetic",
+                    "extra_info": {"index": i},
+                }
+            )
+        super().__init__(records)
+
+
+def split_records(
+    records: Sequence[dict], heldout_fraction: float | None = None, heldout_size: int | None = None, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """Deterministic train/held-out split; records with identical prompts are kept once, so
+    no problem lands on both sides. Give exactly one of ``heldout_fraction``, ``heldout_size``."""
+    if (heldout_fraction is None) == (heldout_size is None):
+        raise ValueError("give exactly one of heldout_fraction and heldout_size")
+    unique = list({json.dumps(r["prompt"], sort_keys=True): r for r in reversed(records)}.values())[::-1]
+    if heldout_size is None:
+        heldout_size = round(heldout_fraction * len(unique))
+    if not 0 <= heldout_size < len(unique):
+        raise ValueError(f"heldout_size {heldout_size} leaves no training data ({len(unique)} unique prompts)")
+    heldout_ids = set(random.Random(seed).sample(range(len(unique)), heldout_size))
+    train = [r for i, r in enumerate(unique) if i not in heldout_ids]
+    heldout = [r for i, r in enumerate(unique) if i in heldout_ids]
+    return train, heldout
+
+
+def _make_source(cfg: dict) -> Source:
+    kind = cfg.get("source", "arithmetic")
+    seed = cfg.get("seed", 0)
+    if kind == "parquet":
+        return ParquetSource(cfg["paths"])
+    if kind == "reasoning_gym":
+        return ReasoningGymSource(cfg["task"], size=cfg.get("size", 1000), seed=seed)
+    if kind == "arithmetic":
+        return ArithmeticSource(
+            cfg.get("size", 1000), seed, max_operand=cfg.get("max_operand", 99), ops=cfg.get("ops", "+")
+        )
+    raise ValueError(f"unknown source {kind!r}; choose one of 'parquet', 'reasoning_gym', 'arithmetic'")
+
+
+class ReasoningEnv(gym.Env):
+    """A contextual bandit: observation = prompt text, action = the whole response text.
+
+    ``env_config`` keys (all optional except the source's own):
+      source: "parquet" (``paths``) | "reasoning_gym" (``task``, ``size``, ``seed``) |
+        "arithmetic" (``size``, ``seed``, ``max_operand``, ``ops``); default "arithmetic".
+      split: "train" | "heldout"; heldout_size: problems held out (default 0), split with ``seed``.
+      reward_fn: registered name or "pkg.module.fn" (default "math"); reward_timeout_s (default 5).
+      chat_template_model: local model dir whose tokenizer's chat template renders the prompt;
+        without it the prompt text is the user messages' contents joined by newlines.
+      max_prompt_chars, on_long_prompt: "drop" (skip and count in ``num_dropped``) | "error".
+    Problems come in a shuffled order, reshuffled every epoch, seeded by ``seed`` and the
+    EnvRunner's worker/vector index (or by ``reset(seed=...)``).
+    """
+
+    metadata = {"render_modes": []}
+    CONFIG_KEYS = {
+        "source", "paths", "task", "size", "seed", "max_operand", "ops", "split", "heldout_size",
+        "reward_fn", "reward_timeout_s", "chat_template_model", "max_prompt_chars", "on_long_prompt",
+    }  # fmt: skip
+
+    def __init__(self, env_config: dict | None = None, **kwargs):
+        cfg = {**(env_config or {}), **kwargs}
+        unknown = set(cfg) - self.CONFIG_KEYS
+        if unknown:
+            raise ValueError(f"unknown env_config keys {sorted(unknown)}; known: {sorted(self.CONFIG_KEYS)}")
+        split = cfg.get("split", "train")
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        on_long = cfg.get("on_long_prompt", "drop")
+        if on_long not in ("drop", "error"):
+            raise ValueError(f"on_long_prompt must be 'drop' or 'error', got {on_long!r}")
+
+        train, heldout = split_records(
+            _make_source(cfg), heldout_size=cfg.get("heldout_size", 0), seed=cfg.get("seed", 0)
+        )
+        records = train if split == "train" else heldout
+        render = self._renderer(cfg.get("chat_template_model"))
+        max_chars = cfg.get("max_prompt_chars")
+        self.records, self.texts, self.num_dropped = [], [], 0
+        for i, record in enumerate(records):
+            text = render(record["prompt"])
+            if max_chars is not None and len(text) > max_chars:
+                if on_long == "error":
+                    raise DatasetError(
+                        f"prompt {i} of the {split} split has {len(text)} chars > max_prompt_chars={max_chars}"
+                    )
+                self.num_dropped += 1
+                continue
+            self.records.append(record)
+            self.texts.append(text)
+        if not self.records:
+            raise DatasetError(f"the {split} split is empty ({self.num_dropped} prompts dropped as too long)")
+
+        self.reward_fn = get_reward_fn(cfg.get("reward_fn", "math"))
+        self.reward_timeout_s = float(cfg.get("reward_timeout_s", 5.0))
+        # ASCII only: a full-unicode charset makes each space several MB when pickled.
+        charset = string.printable
+        self.observation_space = gym.spaces.Text(max_length=max(map(len, self.texts)), charset=charset)
+        self.action_space = gym.spaces.Text(max_length=1 << 16, charset=charset)
+
+        worker = (getattr(env_config, "worker_index", 0), getattr(env_config, "vector_index", 0))
+        self.np_random = np.random.default_rng([cfg.get("seed", 0), *worker])
+        self._order = self.np_random.permutation(len(self.records))
+        self._pos = 0
+        self._current: int | None = None
+
+    @staticmethod
+    def _renderer(model_dir: str | None):
+        if model_dir is None:
+            return lambda messages: "\n".join(m["content"] for m in messages if m["role"] == "user")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None or self._pos == len(self._order):  # reseeded, or a new epoch
+            self._order, self._pos = self.np_random.permutation(len(self.records)), 0
+        self._current = int(self._order[self._pos])
+        self._pos += 1
+        record = self.records[self._current]
+        return self.texts[self._current], {
+            "messages": record["prompt"],
+            "data_source": record["data_source"],
+            "index": self._current,
+        }
+
+    def step(self, action: str):
+        if self._current is None:
+            raise RuntimeError("call reset() before step()")
+        record = self.records[self._current]
+        columns = {**record["extra_info"], **{k: v for k, v in record.items() if k != "prompt"}}
+        rewards, errors = score_with_timeout(
+            self.reward_fn, [action], {k: [v] for k, v in columns.items()}, self.reward_timeout_s
+        )
+        info = {
+            "ground_truth": record["ground_truth"],
+            "data_source": record["data_source"],
+            "parsed": rewards[0] is not None,
+            "reward_error": "; ".join(errors) or None,
+        }
+        text = self.texts[self._current]
+        self._current = None
+        return text, 0.0 if rewards[0] is None else rewards[0], True, False, info
+
+
+def register_reasoning() -> None:
+    """Registers ``ReasoningBandit-v0`` with gymnasium and with Tune (so remote EnvRunners find it)."""
+    from ray.tune.registry import register_env
+
+    if "ReasoningBandit-v0" not in gym.registry:
+        gym.register("ReasoningBandit-v0", entry_point=ReasoningEnv)
+    register_env("ReasoningBandit-v0", lambda cfg: ReasoningEnv(cfg))

@@ -1,0 +1,154 @@
+"""An RLlib EnvRunner for one-step LLM episodes (prompt in, whole response out, reward back).
+
+One ``sample()`` call resets ``num_envs_per_env_runner`` bandit envs (one prompt
+each), generates every response in a single engine call, scores each response
+through its env and returns one-step ``SingleAgentEpisode``s that carry the prompt
+and response token ids and the engine's per-token log-probs. New policy weights
+reach the engine in place through ``set_state`` (no restart); the sync's seconds and
+bytes are logged. The engine starts lazily on first use, so a driver-side runner
+that never samples never loads one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import gymnasium as gym
+import numpy as np
+import ray
+import torch
+
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.env import INPUT_ENV_SPACES
+from ray.rllib.env.env_runner import EnvRunner
+from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+from ray.rllib.utils.metrics import (
+    EPISODE_LEN_MEAN, EPISODE_RETURN_MEAN, NUM_ENV_STEPS_SAMPLED, NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    NUM_EPISODES, NUM_EPISODES_LIFETIME, WEIGHTS_SEQ_NO,
+)
+from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
+from ray.tune.registry import ENV_CREATOR, _global_registry
+
+from rllib_sppo.llm.engines import GenerationConfig, make_engine
+
+
+class LLMEnvRunner(EnvRunner):
+    def __init__(self, *, config, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self.worker_index = kwargs.get("worker_index", 0)
+        self.metrics = MetricsLogger()
+        self.envs = [self._make_env(i) for i in range(max(1, config.num_envs_per_env_runner))]
+        self.env = self.envs[0]
+        spec = config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
+        self.model_dir = spec.model_config["policy"]
+        self._engine = None
+        self._pending_weights = None
+        self._weights_seq_no = 0
+
+    def _make_env(self, vector_index: int) -> gym.Env:
+        from ray.rllib.env.env_context import EnvContext
+
+        ctx = EnvContext(dict(self.config.env_config), worker_index=self.worker_index, vector_index=vector_index)
+        if _global_registry.contains(ENV_CREATOR, self.config.env):
+            return _global_registry.get(ENV_CREATOR, self.config.env)(ctx)
+        return gym.make(self.config.env, env_config=ctx)
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            import envs  # noqa: F401  (the env package registers its reward functions)
+
+            kwargs = {"seed": (self.config.seed or 0) + self.worker_index, **self.config.engine_kwargs}
+            self._engine = make_engine(self.config.rollout_engine, self.model_dir, **kwargs)
+            self.tokenizer = self._engine.tokenizer
+            if self._pending_weights is not None:
+                self._push_weights(self._pending_weights)
+        return self._engine
+
+    def sample(self, *, num_timesteps=None, num_episodes=None, explore=True, random_actions=False,
+               force_reset=False, **kwargs) -> list[SingleAgentEpisode]:
+        n = num_episodes or num_timesteps or max(
+            1, self.config.total_train_batch_size // max(1, self.config.num_env_runners))
+        episodes = []
+        while len(episodes) < n:
+            episodes += self._sample_round(min(len(self.envs), n - len(episodes)), explore)
+        return episodes
+
+    def _sample_round(self, k: int, explore: bool) -> list[SingleAgentEpisode]:
+        engine = self.engine
+        resets = [env.reset() for env in self.envs[:k]]
+        prompt_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in resets]
+        gen = GenerationConfig(temperature=self.config.temperature, top_p=self.config.top_p,
+                               max_tokens=self.config.max_response_tokens, n=self.config.samples_per_prompt)
+        start = time.perf_counter()
+        groups = engine.generate(prompt_ids, gen)
+        gen_s = time.perf_counter() - start
+        episodes, tokens = [], 0
+        for env, (text, info0), group in zip(self.envs, resets, groups):
+            for s in group:
+                _, reward, terminated, truncated, info = env.step(s.text)
+                tokens += len(s.response_ids)
+                episodes.append(SingleAgentEpisode(
+                    observations=[text, text], infos=[info0, info], actions=[s.text], rewards=[float(reward)],
+                    terminated=terminated, truncated=truncated, len_lookback_buffer=0,
+                    extra_model_outputs={"prompt_ids": [np.asarray(s.prompt_ids, np.int64)],
+                                         "response_ids": [np.asarray(s.response_ids, np.int64)],
+                                         "engine_logp": [np.asarray(s.logp, np.float32)]}))
+        self._log_round(episodes, tokens, gen_s)
+        return episodes
+
+    def _log_round(self, episodes, tokens: int, gen_s: float) -> None:
+        m, n = self.metrics, len(episodes)
+        for e in episodes:
+            info = e.get_infos(-1)
+            m.log_value(EPISODE_RETURN_MEAN, e.get_return(), window=self.config.metrics_num_episodes_for_smoothing)
+            m.log_value(EPISODE_LEN_MEAN, 1, window=self.config.metrics_num_episodes_for_smoothing)
+            m.log_value("rollout/parse_failure_rate", float(not info.get("parsed", True)), window=n)
+            m.log_value("rollout/reward_error_rate", float(bool(info.get("reward_error"))), window=n)
+        m.log_value("rollout/tokens_per_s", tokens / max(gen_s, 1e-9), window=1)
+        m.log_value("timing_s/generate", gen_s, window=1)
+        m.log_value(NUM_ENV_STEPS_SAMPLED, n, reduce="sum")
+        m.log_value(NUM_EPISODES, n, reduce="sum")
+        m.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, n, reduce="lifetime_sum")
+        m.log_value(NUM_EPISODES_LIFETIME, n, reduce="lifetime_sum")
+        self.num_env_steps_sampled_lifetime += n
+
+    def get_metrics(self):
+        return self.metrics.reduce()
+
+    def get_spaces(self):
+        spaces = (self.env.observation_space, self.env.action_space)
+        return {INPUT_ENV_SPACES: spaces, DEFAULT_MODULE_ID: spaces}
+
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        return {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
+
+    def set_state(self, state) -> None:
+        if COMPONENT_RL_MODULE in state:
+            seq_no = state.get(WEIGHTS_SEQ_NO, 0)
+            if seq_no == 0 or self._weights_seq_no < seq_no:
+                weights = state[COMPONENT_RL_MODULE]
+                weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
+                weights = weights.get(DEFAULT_MODULE_ID, weights)
+                if self._engine is None:
+                    self._pending_weights = weights
+                else:
+                    self._push_weights(weights)
+            self._weights_seq_no = max(self._weights_seq_no, seq_no)
+        if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
+            self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
+
+    def _push_weights(self, module_state: dict) -> None:
+        start = time.perf_counter()
+        named = {k.removeprefix("policy."): torch.as_tensor(v) for k, v in module_state.items()
+                 if k.startswith("policy.")}
+        self._engine.update_weights(named)
+        self.metrics.log_value("timing_s/weight_sync", time.perf_counter() - start, window=1)
+        self.metrics.log_value("rollout/weight_sync_bytes", sum(t.numel() * t.element_size() for t in named.values()),
+                               window=1)
+
+    def assert_healthy(self):
+        assert self.envs, "LLMEnvRunner has no envs"
+
+    def stop(self):
+        self._engine = None

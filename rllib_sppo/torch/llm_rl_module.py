@@ -1,0 +1,93 @@
+"""The LLM RLModule: a transformers causal-LM policy and a decoupled critic V(prompt).
+
+``model_config``:
+  policy (str): local Hugging Face model directory of the policy.
+  critic (str, optional): model directory of the critic's backbone (default: the policy's).
+      It may use another tokenizer: prompts are then re-tokenised from their text.
+  temperature (float): sampling temperature; log-probs use logits / temperature (default 0.6).
+  dtype (str): torch dtype name for both models (default "float32").
+  gradient_checkpointing (bool): trade compute for memory in both models (default False).
+
+Batch columns (built by ``rllib_sppo.llm.connectors.TokenBatch``): ``input_ids``,
+``attention_mask`` (prompt + response, right-padded), ``response_mask`` and
+``old_logp`` aligned with next-token positions [B, L-1], ``critic_input_ids``,
+``critic_attention_mask`` (prompt only). The critic reads only the prompt, at its
+last token. The critic is not part of the inference-only (EnvRunner) weights.
+"""
+
+import torch
+from torch import nn
+
+from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
+from ray.rllib.core.rl_module.torch import TorchRLModule
+
+from rllib_sppo.apis import TokenLogpAPI
+
+
+def token_logp(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(x_{t+1} | x_<=t) for every position, from temperature-scaled logits: [B, L-1]."""
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI):
+    def setup(self):
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        cfg = {"temperature": 0.6, "dtype": "float32", "gradient_checkpointing": False, **self.model_config}
+        if not cfg.get("policy"):
+            raise ValueError("SPPOLLMModule needs model_config['policy']: a local Hugging Face model directory")
+        self.temperature = float(cfg["temperature"])
+        dtype = getattr(torch, cfg["dtype"])
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg["policy"])
+        self.policy = AutoModelForCausalLM.from_pretrained(cfg["policy"], dtype=dtype)
+        if not self.inference_only:
+            critic_dir = cfg.get("critic") or cfg["policy"]
+            self.critic_tokenizer = AutoTokenizer.from_pretrained(critic_dir)
+            self.critic = AutoModel.from_pretrained(critic_dir, dtype=dtype)
+            self.value_head = nn.Linear(self.critic.config.hidden_size, 1, dtype=dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+            self.same_tokenizer = self.critic_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        if cfg["gradient_checkpointing"]:
+            for model in (self.policy, getattr(self, "critic", None)):
+                if model is not None:
+                    model.gradient_checkpointing_enable()
+
+    def _forward(self, batch, **kwargs):
+        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return {"logits": logits, "logp": token_logp(logits, batch["input_ids"], self.temperature)}
+
+    # TokenLogpAPI
+    def action_logp(self, batch, fwd_out):
+        return fwd_out["logp"], batch["old_logp"], batch["response_mask"]
+
+    def entropy(self, batch, fwd_out):
+        logp = torch.log_softmax(fwd_out["logits"][:, :-1].float() / self.temperature, dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    def policy_parameters(self):
+        return list(self.policy.parameters())
+
+    def critic_parameters(self):
+        return list(self.critic.parameters()) + list(self.value_head.parameters())
+
+    # ValueFunctionAPI: one logit per prompt, read at its last token.
+    def compute_values(self, batch, embeddings=None):
+        mask = batch["critic_attention_mask"]
+        hidden = self.critic(input_ids=batch["critic_input_ids"], attention_mask=mask).last_hidden_state
+        last = mask.sum(-1).long() - 1
+        return self.value_head(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+
+    def critic_inputs(self, prompt_texts: list[str], prompt_ids: list[list[int]]) -> list[list[int]]:
+        """The critic's token ids of each prompt: the policy's ids, or the text re-tokenised."""
+        if self.same_tokenizer:
+            return prompt_ids
+        return [self.critic_tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
+
+    def get_non_inference_attributes(self):
+        return ["critic", "value_head"]
+
+    def policy_state_dict(self) -> dict:
+        """The policy's weights under Hugging Face names (what engines and checkpoints load)."""
+        return {k.removeprefix("policy."): v for k, v in self.state_dict().items() if k.startswith("policy.")}
