@@ -265,15 +265,20 @@ class ReasoningEnv(gym.Env):
             return lambda messages: "\n".join(m["content"] for m in messages if m["role"] == "user")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        from rllib_sppo.llm.models import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_dir), local_files_only=True)
         return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if seed is not None or self._pos == len(self._order):  # reseeded, or a new epoch
-            self._order, self._pos = self.np_random.permutation(len(self.records)), 0
-        self._current = int(self._order[self._pos])
-        self._pos += 1
+        if options and "index" in options:  # a given problem (evaluation); the draw order is untouched
+            self._current = int(options["index"])
+        else:
+            if seed is not None or self._pos == len(self._order):  # reseeded, or a new epoch
+                self._order, self._pos = self.np_random.permutation(len(self.records)), 0
+            self._current = int(self._order[self._pos])
+            self._pos += 1
         record = self.records[self._current]
         return self.texts[self._current], {
             "messages": record["prompt"],

@@ -26,6 +26,12 @@ SPECIAL_CONFIG_KEYS = {"multiagent", "model", "optimizer", "env_config", "callba
                        "rl_module_spec", "lambda", "num_workers", "framework", "input"}
 
 
+# Keys whose values are classes or functions; YAML gives them as dotted strings.
+CALLABLE_KEYS = {"env_runner_cls", "callbacks_class", "callbacks", "learner_class", "module_class",
+                 "learner_connector", "env_to_module_connector", "module_to_env_connector",
+                 "custom_evaluation_function", "catalog_class"}
+
+
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
@@ -39,10 +45,10 @@ def _import(dotted: str, where: str):
 
 
 def _resolve_classes(value, where: str, key: str = ""):
-    """Dotted strings under keys ending in _cls/_class (or 'callbacks') become classes."""
+    """Dotted strings under class- or function-valued keys (``CALLABLE_KEYS``) become objects."""
     if isinstance(value, dict):
         return {k: _resolve_classes(v, where, k) for k, v in value.items()}
-    if isinstance(value, str) and (key.endswith(("_cls", "_class")) or key == "callbacks") and "." in value:
+    if isinstance(value, str) and key in CALLABLE_KEYS and "." in value:
         return _import(value, f"{where}: key {key!r}")
     return value
 

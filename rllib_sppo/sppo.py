@@ -70,6 +70,8 @@ class SPPOConfig(AlgorithmConfig):
         self.rollout_engine = "vllm"
         #: Extra engine arguments, e.g. {"max_model_len": 1024, "dtype": "bfloat16"}.
         self.engine_kwargs = {}
+        #: k of the held-out evaluation (avg@k, pass@k), run every ``evaluation_interval`` iterations.
+        self.eval_samples_per_prompt = 4
 
     def training(self, **kwargs) -> "SPPOConfig":
         """Sets SPPO's keys (see ``SPPOConfig.__init__``) and RLlib's training keys."""
@@ -126,7 +128,8 @@ class SPPOConfig(AlgorithmConfig):
 
 _SPPO_KEYS = ("critic_lr", "weight_decay", "critic_weight_decay", "clip_low", "clip_high", "dual_clip",
               "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature", "top_p",
-              "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs")
+              "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
+              "eval_samples_per_prompt")
 
 
 class SPPO(Algorithm):

@@ -26,13 +26,15 @@ from ray.rllib.utils.metrics import (
     EPISODE_LEN_MEAN, EPISODE_RETURN_MEAN, NUM_ENV_STEPS_SAMPLED, NUM_ENV_STEPS_SAMPLED_LIFETIME,
     NUM_EPISODES, NUM_EPISODES_LIFETIME, WEIGHTS_SEQ_NO,
 )
+from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 from ray.tune.registry import ENV_CREATOR, _global_registry
 
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
+from rllib_sppo.llm.models import resolve_model
 
 
-class LLMEnvRunner(EnvRunner):
+class LLMEnvRunner(EnvRunner, Checkpointable):
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self.worker_index = kwargs.get("worker_index", 0)
@@ -40,15 +42,17 @@ class LLMEnvRunner(EnvRunner):
         self.envs = [self._make_env(i) for i in range(max(1, config.num_envs_per_env_runner))]
         self.env = self.envs[0]
         spec = config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
-        self.model_dir = spec.model_config["policy"]
+        self.model_dir = resolve_model(spec.model_config["policy"])
         self._engine = None
         self._pending_weights = None
         self._weights_seq_no = 0
+        self._heldout_env = None
 
-    def _make_env(self, vector_index: int) -> gym.Env:
+    def _make_env(self, vector_index: int, **overrides) -> gym.Env:
         from ray.rllib.env.env_context import EnvContext
 
-        ctx = EnvContext(dict(self.config.env_config), worker_index=self.worker_index, vector_index=vector_index)
+        ctx = EnvContext({**self.config.env_config, **overrides}, worker_index=self.worker_index,
+                         vector_index=vector_index)
         if _global_registry.contains(ENV_CREATOR, self.config.env):
             return _global_registry.get(ENV_CREATOR, self.config.env)(ctx)
         return gym.make(self.config.env, env_config=ctx)
@@ -96,6 +100,27 @@ class LLMEnvRunner(EnvRunner):
                                          "engine_logp": [np.asarray(s.logp, np.float32)]}))
         self._log_round(episodes, tokens, gen_s)
         return episodes
+
+    def evaluate_heldout(self, k: int) -> dict:
+        """Every held-out problem, ``k`` samples each at the training temperature: avg@k and pass@k."""
+        if self._heldout_env is None:
+            self._heldout_env = self._make_env(0, split="heldout")
+        env, engine = self._heldout_env, self.engine
+        problems = range(len(env.unwrapped.records))
+        texts = [env.reset(options={"index": i})[0] for i in problems]
+        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        groups = engine.generate(prompt_ids, GenerationConfig(
+            temperature=self.config.temperature, top_p=self.config.top_p,
+            max_tokens=self.config.max_response_tokens, n=k))
+        rewards, parsed = np.zeros((len(texts), k)), np.zeros((len(texts), k))
+        for i, group in zip(problems, groups):
+            for j, s in enumerate(group):
+                env.reset(options={"index": i})
+                _, rewards[i, j], _, _, info = env.step(s.text)
+                parsed[i, j] = info["parsed"]
+        return {"problems": len(texts), f"accuracy/avg@{k}": float(rewards.mean()),
+                f"accuracy/pass@{k}": float((rewards >= 1.0).any(1).mean()),
+                "rollout/parse_failure_rate": float(1.0 - parsed.mean())}
 
     def _log_round(self, episodes, tokens: int, gen_s: float) -> None:
         m, n = self.metrics, len(episodes)
@@ -146,6 +171,9 @@ class LLMEnvRunner(EnvRunner):
         self.metrics.log_value("timing_s/weight_sync", time.perf_counter() - start, window=1)
         self.metrics.log_value("rollout/weight_sync_bytes", sum(t.numel() * t.element_size() for t in named.values()),
                                window=1)
+
+    def get_ctor_args_and_kwargs(self):
+        return (), {"config": self.config}
 
     def assert_healthy(self):
         assert self.envs, "LLMEnvRunner has no envs"

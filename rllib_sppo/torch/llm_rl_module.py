@@ -1,7 +1,8 @@
 """The LLM RLModule: a transformers causal-LM policy and a decoupled critic V(prompt).
 
 ``model_config``:
-  policy (str): local Hugging Face model directory of the policy.
+  policy (str): local Hugging Face model directory of the policy, or ``builtin:NAME``
+      (``rllib_sppo.llm.models.BUILTIN_MODELS``: offline models built once and cached).
   critic (str, optional): model directory of the critic's backbone (default: the policy's).
       It may use another tokenizer: prompts are then re-tokenised from their text.
   temperature (float): sampling temperature; log-probs use logits / temperature (default 0.6).
@@ -34,15 +35,18 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
     def setup(self):
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+        from rllib_sppo.llm.models import resolve_model
+
         cfg = {"temperature": 0.6, "dtype": "float32", "gradient_checkpointing": False, **self.model_config}
         if not cfg.get("policy"):
             raise ValueError("SPPOLLMModule needs model_config['policy']: a local Hugging Face model directory")
         self.temperature = float(cfg["temperature"])
         dtype = getattr(torch, cfg["dtype"])
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg["policy"])
-        self.policy = AutoModelForCausalLM.from_pretrained(cfg["policy"], dtype=dtype)
+        policy_dir = resolve_model(cfg["policy"])
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+        self.policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
         if not self.inference_only:
-            critic_dir = cfg.get("critic") or cfg["policy"]
+            critic_dir = resolve_model(cfg.get("critic") or cfg["policy"])
             self.critic_tokenizer = AutoTokenizer.from_pretrained(critic_dir)
             self.critic = AutoModel.from_pretrained(critic_dir, dtype=dtype)
             self.value_head = nn.Linear(self.critic.config.hidden_size, 1, dtype=dtype)
@@ -88,6 +92,10 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
     def get_non_inference_attributes(self):
         return ["critic", "value_head"]
 
-    def policy_state_dict(self) -> dict:
-        """The policy's weights under Hugging Face names (what engines and checkpoints load)."""
-        return {k.removeprefix("policy."): v for k, v in self.state_dict().items() if k.startswith("policy.")}
+    def save_to_path(self, path=None, **kwargs) -> str:
+        """RLlib's checkpoint, plus the policy as a Hugging Face folder ``hf_policy/``
+        that transformers and vLLM load directly."""
+        path = super().save_to_path(path, **kwargs)
+        self.policy.save_pretrained(f"{path}/hf_policy")
+        self.tokenizer.save_pretrained(f"{path}/hf_policy")
+        return path

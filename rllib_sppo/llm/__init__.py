@@ -1,0 +1,1 @@
+"""LLM side of rllib-sppo: offline model assets."""

@@ -1,0 +1,141 @@
+"""The LLM path for real: a tiny Llama the test builds, real transformers, real vLLM, real RLlib."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+import envs  # noqa: F401
+from rllib_sppo import SPPOConfig
+from rllib_sppo.connectors import SequenceAdvantage
+from rllib_sppo.core import ppo_clip_loss
+from rllib_sppo.llm.assets import build_tiny_llama
+from rllib_sppo.llm.connectors import TokenBatch
+from rllib_sppo.llm.evaluation import heldout_accuracy
+from rllib_sppo.llm.runner import LLMEnvRunner
+from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
+
+TEXT = gym.spaces.Text(64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def episode(tok, prompt, response, reward):
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return SingleAgentEpisode(
+        observations=[prompt, prompt], actions=[response], rewards=[reward], terminated=True,
+        len_lookback_buffer=0,
+        extra_model_outputs={"prompt_ids": [np.array(p)], "response_ids": [np.array(r)],
+                             "engine_logp": [np.zeros(len(r), np.float32)]})
+
+
+def module_and_batch(tiny, eps):
+    module = SPPOLLMModule(observation_space=TEXT, action_space=TEXT, model_config={"policy": tiny})
+    rl_module = {DEFAULT_MODULE_ID: module}
+    batch = TokenBatch()(rl_module=rl_module, episodes=eps, batch={})
+    batch = SequenceAdvantage()(rl_module=rl_module, episodes=eps, batch=batch)
+    return module, batch[DEFAULT_MODULE_ID]
+
+
+def test_critic_reads_only_the_prompt(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    eps = [episode(tok, "Q: What is 2+2?\nA: ", r, 1.0) for r in ("\\boxed{4}", "I think it is 5, no, 7")]
+    module, batch = module_and_batch(tiny, eps)
+    torch.nn.init.normal_(module.value_head.weight)  # a critic that is not constant
+    with torch.no_grad():
+        values = module.compute_values(batch)
+    assert values[0] == values[1]  # same prompt, different responses: same value
+    prompt_len = len(tok("Q: What is 2+2?\nA: ", add_special_tokens=False)["input_ids"])
+    assert batch["critic_attention_mask"].sum(-1).tolist() == [prompt_len, prompt_len]
+    other = module_and_batch(tiny, [episode(tok, "Q: What is 9+9?\nA: ", "\\boxed{4}", 0.0)])[1]
+    with torch.no_grad():
+        assert module.compute_values(other)[0] != values[0]
+
+
+def test_advantage_is_broadcast_to_response_tokens(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    eps = [episode(tok, "Q: 1+1?\nA: ", "\\boxed{2}", 1.0), episode(tok, "Q: 3+4?\nA: ", "\\boxed{9}", 0.0)]
+    module, batch = module_and_batch(tiny, eps)
+    # A zero-initialised value head predicts p = 0.5: A = R - 0.5, with no standardisation.
+    assert batch[Columns.ADVANTAGES].tolist() == [0.5, -0.5]
+    assert batch["response_mask"].sum(-1).tolist() == [10, 10]  # "\boxed{x}" + eos
+    # ratio 1 everywhere: the loss is minus the token-mean of the broadcast advantage.
+    loss, _ = ppo_clip_loss(batch["old_logp"], batch["old_logp"], batch[Columns.ADVANTAGES],
+                            batch["response_mask"])
+    assert loss.item() == pytest.approx(-(10 * 0.5 + 10 * -0.5) / 20)
+    # The learner's recomputed old log-probs sit exactly on the response tokens.
+    assert (batch["old_logp"][batch["response_mask"] == 0] == 0).all()
+    assert (batch["old_logp"][batch["response_mask"] == 1] < 0).all()
+
+
+def test_critic_with_another_tokenizer_retokenises_the_prompt(tiny, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<unk>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate("Q: What is 2+2? A:".split())}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>").save_pretrained(tmp_path)
+    LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           vocab_size=len(words))).save_pretrained(tmp_path)
+    module = SPPOLLMModule(observation_space=TEXT, action_space=TEXT,
+                           model_config={"policy": tiny, "critic": str(tmp_path)})
+    assert not module.same_tokenizer
+    ids = module.critic_inputs(["Q: What is 2+2?\nA: "], [[1, 2, 3]])
+    assert ids == [[2, 3, 4, 5, 6]]  # word-level ids of the critic's own tokenizer
+    policy_tok = AutoTokenizer.from_pretrained(tiny)
+    eps = [episode(policy_tok, "Q: What is 2+2?\nA: ", "\\boxed{4}", 1.0)]
+    batch = TokenBatch()(rl_module={DEFAULT_MODULE_ID: module}, episodes=eps, batch={})[DEFAULT_MODULE_ID]
+    assert batch["critic_input_ids"].tolist() == [[2, 3, 4, 5, 6]]
+    assert module.compute_values(batch).shape == (1,)
+
+
+def llm_config(tiny, engine, **training):
+    defaults = dict(lr=1e-3, critic_lr=1e-3, train_batch_size_per_learner=16, minibatch_size=8,
+                    max_response_tokens=12, rollout_engine=engine, engine_kwargs={"max_model_len": 256})
+    return (SPPOConfig()
+            .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
+            .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 300, "heldout_size": 20,
+                                                           "chat_template_model": tiny})
+            .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=0, num_envs_per_env_runner=16)
+            .training(**{**defaults, **training})
+            .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config={"policy": tiny}))
+            .evaluation(evaluation_interval=2,
+                        custom_evaluation_function=heldout_accuracy)
+            .debugging(seed=0))
+
+
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+def test_sppo_iterations_sync_weights_into_the_engine(tiny, engine, ray_session, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    algo = llm_config(tiny, engine).build_algo()
+    results = [algo.train() for _ in range(3)]
+    learner = results[-1]["learners"][DEFAULT_MODULE_ID]
+    runners = results[-1]["env_runners"]
+    assert np.isfinite(learner["policy/loss"]) and np.isfinite(learner["critic/loss"])
+    assert learner["policy/approx_kl"] != 0.0  # the policy moved
+    # Right after each sync the engine's log-probs match the learner's on the same tokens.
+    assert all(r["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3 for r in results)
+    assert runners["rollout/weight_sync_bytes"] > 1e6 and runners["timing_s/weight_sync"] > 0
+    assert runners["rollout/tokens_per_s"] > 0
+    evaluation = results[1]["evaluation"]["env_runners"]
+    assert evaluation["problems"] == 20 and 0.0 <= evaluation["accuracy/avg@4"] <= 1.0
+    # The checkpoint holds the policy as a Hugging Face folder that transformers loads.
+    path = algo.save_to_path(str(tmp_path / "ckpt"))
+    algo.stop()
+    hf = next((tmp_path / "ckpt").rglob("hf_policy"))
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    assert sum(p.numel() for p in model.parameters()) > 1e6 and path
