@@ -23,7 +23,8 @@ EXIT_USAGE = 2
 EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples"}
 # Config keys that AlgorithmConfig.update_from_dict understands without a same-named attribute.
 SPECIAL_CONFIG_KEYS = {"multiagent", "model", "optimizer", "env_config", "callbacks", "model_config",
-                       "rl_module_spec", "lambda", "num_workers", "framework", "input"}
+                       "rl_module_spec", "lambda", "num_workers", "framework", "input", "learner_connector",
+                       "env_to_module_connector", "module_to_env_connector"}
 
 
 # Keys whose values are classes or functions; YAML gives them as dotted strings.
@@ -116,6 +117,12 @@ def build_config(algo_cls, env: str | None, cfg: dict, where: str):
         close = difflib.get_close_matches(key, [k for k in vars(config) if not k.startswith("_")], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(f"{where}: unknown config key {key!r} for {algo_cls.__name__}{hint}")
+    # Connector keys are stored privately; update_from_dict would set unused public attributes.
+    if "learner_connector" in cfg:
+        config.learners(learner_connector=cfg.pop("learner_connector"))
+    for key in ("env_to_module_connector", "module_to_env_connector"):
+        if key in cfg:
+            config.env_runners(**{key: cfg.pop(key)})
     if "model_config" in cfg:
         config.rl_module(model_config=cfg.pop("model_config"))
     if "rl_module_spec" in cfg:

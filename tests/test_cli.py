@@ -64,3 +64,13 @@ def test_yaml_runs_through_tune_and_evaluates(tmp_path, capsys):
     assert report["episodes"] == 3
     # The outcome is steps / 500, so it matches the raw CartPole return exactly.
     assert report["episode_return_mean"] == pytest.approx(report["raw_return_mean"] / 500)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("tuned_examples/*.yaml")))
+def test_every_tuned_example_builds_a_valid_config(path):
+    from rllib_sppo.cli import build_config, load_experiments, resolve_algorithm
+
+    for name, exp in load_experiments(path).items():
+        config = build_config(resolve_algorithm(exp["run"], path), exp.get("env"), exp.get("config"), path)
+        config.validate()
+        assert exp["stop"], f"{path}: a tuned example needs a stop criterion"
