@@ -4,6 +4,9 @@ Not Self-Play Preference Optimization: this SPPO treats a whole episode (an LLM
 response) as one action of a contextual bandit, with a scalar critic V(s_0).
 """
 
+import time
+from contextlib import contextmanager
+
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -137,8 +140,16 @@ class SPPO(Algorithm):
     def get_default_config(cls) -> SPPOConfig:
         return SPPOConfig()
 
+    @contextmanager
+    def _phase(self, name: str, timer: str):
+        """Times one phase: RLlib's timer (EMA) and ``timing_s/<name>`` (this iteration's wall-clock)."""
+        start = time.perf_counter()
+        with self.metrics.log_time((TIMERS, timer)):
+            yield
+        self.metrics.log_value(("timing_s", name), time.perf_counter() - start, window=1)
+
     def training_step(self) -> None:
-        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+        with self._phase("sample", ENV_RUNNER_SAMPLING_TIMER):
             episodes, runner_metrics = synchronous_parallel_sample(
                 worker_set=self.env_runner_group, max_env_steps=self.config.total_train_batch_size,
                 sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True,
@@ -146,8 +157,8 @@ class SPPO(Algorithm):
         if not episodes:
             return
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
-        # Critic values -> advantages (learner connector), then critic and policy updates.
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+        # Learner: old log-probs and critic values -> advantages (connector), then critic and policy updates.
+        with self._phase("update", LEARNER_UPDATE_TIMER):
             learner_results = self.learner_group.update(
                 episodes=episodes,
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
@@ -155,6 +166,6 @@ class SPPO(Algorithm):
                 num_epochs=self.config.num_epochs, minibatch_size=self.config.minibatch_size,
                 shuffle_batch_per_epoch=self.config.shuffle_batch_per_epoch)
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+        with self._phase("weight_sync", SYNCH_WORKER_WEIGHTS_TIMER):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, inference_only=True)

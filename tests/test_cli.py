@@ -74,3 +74,13 @@ def test_every_tuned_example_builds_a_valid_config(path):
         config = build_config(resolve_algorithm(exp["run"], path), exp.get("env"), exp.get("config"), path)
         config.validate()
         assert exp["stop"], f"{path}: a tuned example needs a stop criterion"
+
+
+def test_train_from_flags(tmp_path, capsys):
+    argv = ["train", "--algo", "SPPO", "--env", "OutcomeCartPole-v1", "--stop", '{"training_iteration": 1}',
+            "--config", '{"train_batch_size_per_learner": 300, "minibatch_size": 100, "lr": 0.001}',
+            "--storage-path", str(tmp_path)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["algo"] == "SPPO" and summary["training_iteration"] == 1 and summary["env_steps"] >= 300
+    assert main(argv[:-4] + ["--config", "{not json"]) == 2
