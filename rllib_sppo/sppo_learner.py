@@ -13,7 +13,8 @@ class SPPOLearner(Learner):
         # The advantage is SPPO itself, so it is appended even to a custom pipeline.
         if self._learner_connector is not None:
             self._learner_connector.append(
-                SequenceAdvantage(critic_loss=self.config.critic_loss,
+                SequenceAdvantage(estimator=self.config.advantage_estimator,
+                                  critic_loss=self.config.critic_loss,
                                   normalize=self.config.normalize_advantage))
 
     @classmethod

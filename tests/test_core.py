@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from rllib_sppo.core import (agg_loss, critic_bce_loss, critic_mse_loss, kl_penalty, ppo_clip_loss,
+from rllib_sppo.core import (agg_loss, critic_bce_loss, critic_mse_loss, group_advantage, kl_penalty, ppo_clip_loss,
+                             rloo_advantage,
                              sequence_advantage)
 
 LN3 = math.log(3.0)
@@ -114,3 +115,19 @@ def test_kl_estimators():
     close(kl_penalty(logp, logp, "k3"), 0.0)
     with pytest.raises(ValueError, match="k3"):
         kl_penalty(logp, ref, "k4")
+
+
+def test_grpo_group_of_four():
+    # rewards [1, 0, 0, 1] in one group: mean 0.5, unbiased std sqrt(1/3) = 0.57735
+    groups = torch.tensor([7, 7, 7, 7, 3, 3])
+    a = group_advantage(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), groups)
+    s = math.sqrt(1 / 3)
+    close(a, [0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0.0, 0.0], tol=1e-4)
+    # Dr.GRPO: no std division
+    close(group_advantage(torch.tensor([1.0, 0.0, 0.0, 1.0]), groups[:4], std_normalize=False), [0.5, -0.5, -0.5, 0.5])
+
+
+def test_rloo_group_of_four():
+    # rewards [1, 0, 0, 0]: baselines are the means of the other three: 0, 1/3, 1/3, 1/3
+    a = rloo_advantage(torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0, 0, 0, 0]))
+    close(a, [1.0, -1 / 3, -1 / 3, -1 / 3])

