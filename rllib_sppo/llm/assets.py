@@ -217,17 +217,19 @@ def smollm2_model(cache_dir=None) -> str:
     gguf = smollm2_gguf()
 
     def build(tmp):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        # Reads the GGUF tensors directly: from_pretrained(gguf_file=) would also need `accelerate`.
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        config = loaded.config
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(loaded.state_dict())
-        model.generation_config = loaded.generation_config
+        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+        missing = model.load_state_dict(tensors, strict=False).missing_keys
+        if missing != (["lm_head.weight"] if config.tie_word_embeddings else []):
+            raise RuntimeError(f"{gguf.name} lacks weights {missing}")
         model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
 
     return _cached(cache_root(cache_dir) / SMOLLM2, build)
