@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig

