@@ -119,10 +119,10 @@ class ParquetSource(Source):
 class ReasoningGymSource(Source):
     """Problems of one reasoning-gym task; its metadata goes to ``extra_info["metadata"]``."""
 
-    def __init__(self, task: str, size: int = 1000, seed: int = 0):
+    def __init__(self, task: str, size: int = 1000, seed: int = 0, task_config: dict | None = None):
         import reasoning_gym
 
-        dataset = reasoning_gym.create_dataset(task, size=size, seed=seed)
+        dataset = reasoning_gym.create_dataset(task, size=size, seed=seed, **(task_config or {}))
         super().__init__(
             [
                 {
@@ -184,7 +184,8 @@ def _make_source(cfg: dict) -> Source:
     if kind == "parquet":
         return ParquetSource(cfg["paths"])
     if kind == "reasoning_gym":
-        return ReasoningGymSource(cfg["task"], size=cfg.get("size", 1000), seed=seed)
+        return ReasoningGymSource(cfg["task"], size=cfg.get("size", 1000), seed=seed,
+                                  task_config=cfg.get("task_config"))
     if kind == "arithmetic":
         return ArithmeticSource(
             cfg.get("size", 1000), seed, max_operand=cfg.get("max_operand", 99), ops=cfg.get("ops", "+")
@@ -196,7 +197,8 @@ class ReasoningEnv(gym.Env):
     """A contextual bandit: observation = prompt text, action = the whole response text.
 
     ``env_config`` keys (all optional except the source's own):
-      source: "parquet" (``paths``) | "reasoning_gym" (``task``, ``size``, ``seed``) |
+      source: "parquet" (``paths``) | "reasoning_gym" (``task``, ``size``, ``seed``, ``task_config``:
+        the generator's own options) |
         "arithmetic" (``size``, ``seed``, ``max_operand``, ``ops``); default "arithmetic".
       split: "train" | "heldout"; heldout_size: problems held out (default 0), split with ``seed``.
       reward_fn: registered name or "pkg.module.fn" (default "math"); reward_timeout_s (default 5).
@@ -209,7 +211,7 @@ class ReasoningEnv(gym.Env):
 
     metadata = {"render_modes": []}
     CONFIG_KEYS = {
-        "source", "paths", "task", "size", "seed", "max_operand", "ops", "split", "heldout_size",
+        "source", "paths", "task", "task_config", "size", "seed", "max_operand", "ops", "split", "heldout_size",
         "reward_fn", "reward_timeout_s", "chat_template_model", "max_prompt_chars", "on_long_prompt",
     }  # fmt: skip
 
