@@ -1,0 +1,71 @@
+"""One contract, both engines (vLLM's offline engine and transformers generate), on a tiny model."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rllib_sppo.llm.assets import build_tiny_llama
+from rllib_sppo.llm.engines import GenerationConfig, make_engine
+from rllib_sppo.torch.llm_rl_module import token_logp
+
+PROMPTS = ["Q: What is 1+2?\nA: ", "Q: What is 33+44?\nA: "]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=1)
+
+
+@pytest.fixture(scope="module", params=["transformers", "vllm"])
+def engine(request, tiny):
+    engine = make_engine(request.param, tiny, seed=0, max_model_len=256)
+    yield engine
+    del engine
+
+
+def learner_logp(model, sample, temperature):
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logp = token_logp(model(input_ids=ids).logits, ids, temperature)
+    return logp[0, len(sample.prompt_ids) - 1:]
+
+
+def test_samples_per_prompt_and_token_bookkeeping(engine, tiny):
+    tok = AutoTokenizer.from_pretrained(tiny)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    groups = engine.generate(prompts, GenerationConfig(temperature=0.6, max_tokens=10, n=3))
+    assert [len(g) for g in groups] == [3, 3]
+    for prompt, group in zip(prompts, groups):
+        for s in group:
+            assert s.prompt_ids == prompt
+            assert 1 <= len(s.response_ids) <= 10 and len(s.logp) == len(s.response_ids)
+            assert tok.eos_token_id not in s.response_ids[:-1]  # nothing after the end of sequence
+            assert s.text == tok.decode(s.response_ids, skip_special_tokens=True)
+            assert all(lp <= 0 for lp in s.logp)
+
+
+def test_engine_logp_is_the_learners_at_the_temperature(engine, tiny):
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    for temperature in (0.6, 1.0):
+        for group in engine.generate(prompts, GenerationConfig(temperature=temperature, max_tokens=8)):
+            s = group[0]
+            assert torch.allclose(torch.tensor(s.logp), learner_logp(model, s, temperature), atol=2e-3)
+
+
+def test_weights_update_in_place(engine, tiny):
+    tok = AutoTokenizer.from_pretrained(tiny)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    prompts = [tok(PROMPTS[0], add_special_tokens=False)["input_ids"]]
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    changed = {k: v + 0.05 * torch.randn_like(v) if v.dim() == 2 else v for k, v in original.items()}
+    engine.update_weights(changed)
+    model.load_state_dict(changed)
+    s = engine.generate(prompts, GenerationConfig(max_tokens=8))[0][0]
+    assert torch.allclose(torch.tensor(s.logp), learner_logp(model, s, 0.6), atol=2e-3)
+    engine.update_weights(original)
+    model.load_state_dict(original)
+    s = engine.generate(prompts, GenerationConfig(max_tokens=8))[0][0]
+    assert torch.allclose(torch.tensor(s.logp), learner_logp(model, s, 0.6), atol=2e-3)
