@@ -4,6 +4,7 @@ Not Self-Play Preference Optimization: this SPPO treats a whole episode (an LLM
 response) as one action of a contextual bandit, with a scalar critic V(s_0).
 """
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -18,6 +19,7 @@ from ray.rllib.utils.metrics import (
 
 from rllib_sppo.connectors import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
+from rllib_sppo.sppo_learner import NONFINITE_STREAK
 
 
 class SPPOConfig(AlgorithmConfig):
@@ -77,6 +79,9 @@ class SPPOConfig(AlgorithmConfig):
         self.rollout_engine = "vllm"
         #: Extra engine arguments, e.g. {"max_model_len": 1024, "dtype": "bfloat16"}.
         self.engine_kwargs = {}
+        #: Stop the run (saving a checkpoint of the last good weights) after this many optimizer steps
+        #: in a row were skipped for a non-finite loss or gradient.
+        self.max_nonfinite_updates = 3
         #: k of the held-out evaluation (avg@k, pass@k), run every ``evaluation_interval`` iterations.
         self.eval_samples_per_prompt = 4
 
@@ -142,7 +147,7 @@ class SPPOConfig(AlgorithmConfig):
 _SPPO_KEYS = ("advantage_estimator", "critic_lr", "weight_decay", "critic_weight_decay", "clip_low", "clip_high", "dual_clip",
               "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature", "top_p",
               "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
-              "eval_samples_per_prompt")
+              "eval_samples_per_prompt", "max_nonfinite_updates")
 
 
 class SPPO(Algorithm):
@@ -176,6 +181,15 @@ class SPPO(Algorithm):
                 num_epochs=self.config.num_epochs, minibatch_size=self.config.minibatch_size,
                 shuffle_batch_per_epoch=self.config.shuffle_batch_per_epoch)
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        self._stop_on_nonfinite_streak()
         with self._phase("weight_sync", SYNCH_WORKER_WEIGHTS_TIMER):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+    def _stop_on_nonfinite_streak(self) -> None:
+        streak = self.metrics.peek((LEARNER_RESULTS, NONFINITE_STREAK), default=0)
+        if streak >= self.config.max_nonfinite_updates:
+            path = self.save_to_path(os.path.join(self.logdir, "last_good_checkpoint"))
+            raise RuntimeError(
+                f"{int(streak)} optimizer steps in a row had a non-finite loss or gradient (skipped, weights "
+                f"unchanged); stopping. Last good state saved to {path}. Check the rewards and learning rates.")

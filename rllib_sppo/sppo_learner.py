@@ -7,6 +7,10 @@ from rllib_sppo.apis import TokenLogpAPI
 from rllib_sppo.connectors import SequenceAdvantage
 
 
+NONFINITE_SKIPPED = "numerics/skipped_updates"  # optimizer steps skipped for a non-finite loss/gradient
+NONFINITE_STREAK = "numerics/nonfinite_streak"  # how many of the last steps in a row were skipped
+
+
 class SPPOLearner(Learner):
     def build(self) -> None:
         super().build()

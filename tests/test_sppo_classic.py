@@ -89,3 +89,32 @@ def test_outcome_env_pays_once_at_the_end():
     assert all(r == 0.0 for r in rewards[:-1])
     assert rewards[-1] == info["outcome"] and 0.0 < info["outcome"] < 0.75  # pushing right never reaches the flag
     assert info["raw_return"] == -200.0
+
+
+class NaNReward(__import__("gymnasium").Wrapper):
+    """CartPole whose outcome is NaN: every update's loss is non-finite."""
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, float("nan") if terminated or truncated else 0.0, terminated, truncated, info
+
+
+def test_nonfinite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(ray_session, tmp_path):
+    import gymnasium as gym
+    from ray.rllib.algorithms.algorithm import Algorithm
+    from ray.tune.registry import register_env
+
+    register_env("NaNCartPole", lambda cfg: NaNReward(gym.make("CartPole-v1")))
+    algo = (SPPOConfig().environment("NaNCartPole")
+            .training(lr=1e-3, train_batch_size_per_learner=400, minibatch_size=200, max_nonfinite_updates=2)
+            .env_runners(num_env_runners=0).debugging(seed=0)).build_algo()
+    before = module_state(algo)
+    # >= 400 steps in minibatches of 200: at least 2 skipped steps in a row in the first iteration.
+    with pytest.raises(RuntimeError, match="optimizer steps in a row had a non-finite loss") as e:
+        algo.train()
+    path = str(e.value).split("saved to ")[1].split(". Check")[0]
+    algo.stop()
+    restored = Algorithm.from_checkpoint(path)
+    after = module_state(restored)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # the last good (= initial) weights
+    restored.stop()

@@ -7,10 +7,12 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
 from rllib_sppo.connectors import CRITIC_MASK
 from rllib_sppo.core import critic_bce_loss, critic_mse_loss, ppo_clip_loss, masked_mean
-from rllib_sppo.sppo_learner import SPPOLearner
+from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
 
 
 class SPPOTorchLearner(SPPOLearner, TorchLearner):
+    _nonfinite_streak = 0
+
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         module = self.module[module_id].unwrapped()
         for name, params, lr, wd in (
@@ -43,3 +45,12 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
              **{f"policy/{k}": v for k, v in stats.items()}},
             key=module_id, window=1)
         return total
+
+    def apply_gradients(self, gradients_dict) -> None:
+        """Skips (and counts) an update whose loss or gradient is not finite."""
+        finite = all(torch.isfinite(g).all() for g in gradients_dict.values())
+        if finite:
+            super().apply_gradients(gradients_dict)
+        self._nonfinite_streak = 0 if finite else self._nonfinite_streak + 1
+        self.metrics.log_value(NONFINITE_SKIPPED, int(not finite), reduce="sum")
+        self.metrics.log_value(NONFINITE_STREAK, self._nonfinite_streak, reduce="max", window=1)
