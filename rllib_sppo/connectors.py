@@ -56,11 +56,12 @@ class SequenceAdvantage(ConnectorV2):
             lens = np.array([len(e) for e in eps])
             starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
             outcomes = np.array([e.get_return() for e in eps], dtype=np.float32)
-            if self.critic_loss == "bce" and ((outcomes < 0) | (outcomes > 1)).any():
-                bad = outcomes[(outcomes < 0) | (outcomes > 1)]
+            bad = np.flatnonzero((outcomes < 0) | (outcomes > 1))
+            if self.critic_loss == "bce" and len(bad):
+                sources = sorted({str(eps[i].get_infos(-1).get("data_source", "?")) for i in bad})
                 raise ValueError(
-                    f"the BCE critic needs outcomes in [0, 1], got {bad[:5].tolist()} "
-                    f"(module {mid!r}); normalise the reward into [0, 1] or set critic_loss='mse'.")
+                    f"the BCE critic needs outcomes in [0, 1], got {outcomes[bad][:5].tolist()} (module {mid!r}, "
+                    f"data_source {sources}); normalise the reward into [0, 1] or set critic_loss='mse'.")
             index = torch.as_tensor(starts)
             critic_out = groups = None
             if self.uses_critic:

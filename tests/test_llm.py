@@ -27,12 +27,12 @@ def tiny(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
-def episode(tok, prompt, response, reward):
+def episode(tok, prompt, response, reward, data_source="arithmetic"):
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return SingleAgentEpisode(
         observations=[prompt, prompt], actions=[response], rewards=[reward], terminated=True,
-        len_lookback_buffer=0,
+        infos=[{}, {"data_source": data_source}], len_lookback_buffer=0,
         extra_model_outputs={"prompt_ids": [np.array(p)], "response_ids": [np.array(r)],
                              "engine_logp": [np.zeros(len(r), np.float32)]})
 
@@ -150,3 +150,12 @@ def test_grpo_baseline_runs_on_the_same_runner_and_learner(tiny, ray_session):
     assert result["env_runners"]["num_env_steps_sampled"] == 16  # 4 prompts x 4 samples
     assert learner["critic/loss"] == 0.0 and "critic/prediction_mean" not in learner  # no critic in GRPO
     assert abs(learner["policy/advantage_mean"]) < 1e-5  # group-centred
+
+
+def test_rewards_outside_0_1_name_their_data_source(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    eps = [episode(tok, "Q: 1+1?\nA: ", "\\boxed{2}", -1.0, data_source="my_verifier_pm1")]
+    with pytest.raises(ValueError, match=r"outcomes in \[0, 1\], got \[-1.0\].*data_source \['my_verifier_pm1'\]"):
+        module_and_batch(tiny, eps)
