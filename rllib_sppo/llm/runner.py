@@ -62,8 +62,6 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     @property
     def engine(self):
         if self._engine is None:
-            import envs  # noqa: F401  (the env package registers its reward functions)
-
             kwargs = {"seed": (self.config.seed or 0) + self.worker_index, **self.config.engine_kwargs}
             self._engine = make_engine(self.config.rollout_engine, self.model_dir, **kwargs)
             self.tokenizer = self._engine.tokenizer
