@@ -20,7 +20,7 @@ import sys
 import time
 
 EXIT_USAGE = 2
-EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples"}
+EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples", "wandb"}
 # Config keys that AlgorithmConfig.update_from_dict understands without a same-named attribute.
 SPECIAL_CONFIG_KEYS = {"multiagent", "model", "optimizer", "env_config", "callbacks", "model_config",
                        "rl_module_spec", "lambda", "num_workers", "framework", "input", "learner_connector",
@@ -148,13 +148,14 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
         except ValueError as e:
             raise UsageError(f"{where}: invalid config: {str(e).splitlines()[0]}") from None
     ckpt = {"checkpoint_at_end": True, **exp.get("checkpoint_config", {})}
+    callbacks = [wandb_callback(exp["wandb"])] if exp.get("wandb") is not None else []
     stop = stop_override or exp.get("stop") or {}
     tuner = tune.Tuner(
         algo_cls,
         param_space=config,
         tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1)),
         run_config=tune.RunConfig(
-            name=name, stop=stop, verbose=1,
+            name=name, stop=stop, verbose=1, callbacks=callbacks,
             storage_path=os.path.abspath(os.path.expanduser(storage_path or exp.get("storage_path") or "~/ray_results")),
             checkpoint_config=tune.CheckpointConfig(**ckpt)),
     )
@@ -175,6 +176,17 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             "checkpoint": r.checkpoint.path if r.checkpoint else None,
         }))
     return results
+
+
+def wandb_callback(options: dict):
+    """Tune's wandb logger (same metric names as the console). Without ``WANDB_API_KEY`` it logs
+    offline (``WANDB_MODE=offline``, set before Ray starts); ``wandb sync`` uploads later."""
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    options = {"project": "rllib-sppo", **(options or {})}
+    if not os.environ.get("WANDB_API_KEY") and os.environ.setdefault("WANDB_MODE", "offline") == "offline":
+        print("rllib: wandb logs offline (no WANDB_API_KEY); upload later with `wandb sync`", file=sys.stderr)
+    return WandbLoggerCallback(**options)
 
 
 def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
@@ -228,6 +240,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default="{}", help="config overrides as JSON")
     train.add_argument("--stop", help='stop criteria as JSON, e.g. \'{"training_iteration": 10}\'')
     train.add_argument("--storage-path", help="where Tune writes results and checkpoints")
+    train.add_argument("--wandb", metavar="PROJECT", help="log to wandb (offline without WANDB_API_KEY)")
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint")
     ev.add_argument("checkpoint")
     ev.add_argument("--episodes", type=int, default=10)
@@ -254,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  "config": _json_arg(args.config, "--config")}}
             where = "command line"
         for name, exp in spec.items():
+            if args.wandb:
+                exp["wandb"] = {**(exp.get("wandb") or {}), "project": args.wandb}
             run_experiment(name, exp, where, args.storage_path, stop)
         return 0
     except UsageError as e:

@@ -84,3 +84,19 @@ def test_train_from_flags(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["algo"] == "SPPO" and summary["training_iteration"] == 1 and summary["env_steps"] >= 300
     assert main(argv[:-4] + ["--config", "{not json"]) == 2
+
+
+def test_wandb_logs_offline_with_the_console_metric_names(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    argv = ["train", "--algo", "SPPO", "--env", "OutcomeCartPole-v1", "--stop", '{"training_iteration": 1}',
+            "--config", '{"train_batch_size_per_learner": 300, "minibatch_size": 100}',
+            "--storage-path", str(tmp_path / "results"), "--wandb", "sppo-test"]
+    assert main(argv) == 0
+    assert "wandb logs offline" in capsys.readouterr().err
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = next(runs[0].glob("*.wandb")).read_bytes()  # wandb's own log of the run, synced later
+    for name in (b"env_runners/episode_return_mean", b"timing_s/sample", b"policy/clipfrac"):
+        assert name in records, name
