@@ -159,3 +159,17 @@ def test_rewards_outside_0_1_name_their_data_source(tiny):
     eps = [episode(tok, "Q: 1+1?\nA: ", "\\boxed{2}", -1.0, data_source="my_verifier_pm1")]
     with pytest.raises(ValueError, match=r"outcomes in \[0, 1\], got \[-1.0\].*data_source \['my_verifier_pm1'\]"):
         module_and_batch(tiny, eps)
+
+
+def test_model_directories_are_checked(tiny, tmp_path):
+    from rllib_sppo.llm.models import resolve_model
+
+    assert resolve_model(tiny) == tiny
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(str(tmp_path / "nope"))
+    (tmp_path / "weights_only").mkdir()
+    (tmp_path / "weights_only" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        resolve_model(str(tmp_path / "weights_only"))
+    with pytest.raises(ValueError, match="builtin:tiny-arith"):
+        resolve_model("builtin:gpt5")
