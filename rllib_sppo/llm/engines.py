@@ -8,6 +8,7 @@ policy weights in place (``update_weights``), without a restart.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ class VLLMEngine:
         # In-process engine core: required for in-place weight reloads via collective_rpc.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no INFO lines on every weight sync
         try:
             import vllm
         except ImportError as e:
@@ -91,6 +93,9 @@ class VLLMEngine:
         self.llm = vllm.LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
                             enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        # Rotary embeddings have no checkpoint weights; vLLM keeps their tables and warns on every reload.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            lambda record: "RotaryEmbedding" not in record.getMessage())
 
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[Sample]]:
         params = self._vllm.SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
