@@ -148,7 +148,8 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
         except ValueError as e:
             raise UsageError(f"{where}: invalid config: {str(e).splitlines()[0]}") from None
     ckpt = {"checkpoint_at_end": True, **exp.get("checkpoint_config", {})}
-    callbacks = [wandb_callback(exp["wandb"])] if exp.get("wandb") is not None else []
+    storage = os.path.abspath(os.path.expanduser(storage_path or exp.get("storage_path") or "~/ray_results"))
+    callbacks = [wandb_callback(exp["wandb"], os.path.join(storage, name))] if exp.get("wandb") is not None else []
     stop = stop_override or exp.get("stop") or {}
     tuner = tune.Tuner(
         algo_cls,
@@ -156,7 +157,7 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
         tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1)),
         run_config=tune.RunConfig(
             name=name, stop=stop, verbose=1, callbacks=callbacks,
-            storage_path=os.path.abspath(os.path.expanduser(storage_path or exp.get("storage_path") or "~/ray_results")),
+            storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(**ckpt)),
     )
     start = time.time()
@@ -178,14 +179,18 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
     return results
 
 
-def wandb_callback(options: dict):
-    """Tune's wandb logger (same metric names as the console). Without ``WANDB_API_KEY`` it logs
-    offline (``WANDB_MODE=offline``, set before Ray starts); ``wandb sync`` uploads later."""
+def wandb_callback(options: dict, run_dir: str):
+    """Tune's wandb logger (same metric names as the console), writing under ``run_dir/wandb``.
+    Without ``WANDB_API_KEY`` it logs offline; ``wandb sync`` uploads later."""
     from ray.air.integrations.wandb import WandbLoggerCallback
 
-    options = {"project": "rllib-sppo", **(options or {})}
+    os.makedirs(run_dir, exist_ok=True)
+    options = {"project": "rllib-sppo", "dir": run_dir, **(options or {})}
     if not os.environ.get("WANDB_API_KEY") and os.environ.setdefault("WANDB_MODE", "offline") == "offline":
-        print("rllib: wandb logs offline (no WANDB_API_KEY); upload later with `wandb sync`", file=sys.stderr)
+        # Also explicit: a Ray worker started before this line would not see the variable.
+        options.setdefault("mode", "offline")
+        print(f"rllib: wandb logs offline (no WANDB_API_KEY) into {run_dir}/wandb; upload later with "
+              "`wandb sync`", file=sys.stderr)
     return WandbLoggerCallback(**options)
 
 

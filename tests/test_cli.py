@@ -88,14 +88,14 @@ def test_train_from_flags(tmp_path, capsys):
 
 def test_wandb_logs_offline_with_the_console_metric_names(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     argv = ["train", "--algo", "SPPO", "--env", "OutcomeCartPole-v1", "--stop", '{"training_iteration": 1}',
             "--config", '{"train_batch_size_per_learner": 300, "minibatch_size": 100}',
             "--storage-path", str(tmp_path / "results"), "--wandb", "sppo-test"]
     assert main(argv) == 0
     assert "wandb logs offline" in capsys.readouterr().err
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    runs = list((tmp_path / "results").glob("*/wandb/offline-run-*"))  # inside the experiment's own folder
     assert len(runs) == 1
     records = next(runs[0].glob("*.wandb")).read_bytes()  # wandb's own log of the run, synced later
     for name in (b"env_runners/episode_return_mean", b"timing_s/sample", b"policy/clipfrac"):
