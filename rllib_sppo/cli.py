@@ -1,6 +1,6 @@
 """The ``rllib`` command that Ray 2.60 dropped: ``rllib train`` and ``rllib evaluate``.
 
-    rllib train file tuned_examples/cartpole_sppo.yaml [--stop JSON] [--storage-path DIR]
+    rllib train file tuned_examples/cartpole_sppo.yaml [--stop JSON] [--storage-path DIR] [--resume]
     rllib train --algo SPPO --env OutcomeCartPole-v1 --stop '{"training_iteration": 5}' [--config JSON]
     rllib evaluate CHECKPOINT [--episodes N] [--explore]
 
@@ -137,7 +137,8 @@ def _has_search_space(value) -> bool:
     return False
 
 
-def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, stop_override: dict | None):
+def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, stop_override: dict | None,
+                   resume: bool = False):
     from ray import tune
 
     algo_cls = resolve_algorithm(exp["run"], where)
@@ -151,15 +152,25 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
     storage = os.path.abspath(os.path.expanduser(storage_path or exp.get("storage_path") or "~/ray_results"))
     callbacks = [wandb_callback(exp["wandb"], os.path.join(storage, name))] if exp.get("wandb") is not None else []
     stop = stop_override or exp.get("stop") or {}
-    tuner = tune.Tuner(
-        algo_cls,
-        param_space=config,
-        tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1)),
-        run_config=tune.RunConfig(
-            name=name, stop=stop, verbose=1, callbacks=callbacks,
-            storage_path=storage,
-            checkpoint_config=tune.CheckpointConfig(**ckpt)),
-    )
+    if resume:
+        # Tune's saved experiment (stop, checkpoint_config, callbacks) goes on; unfinished and errored trials
+        # continue from their latest checkpoint, finished ones stay finished.
+        path = os.path.join(storage, name)
+        if stop_override:
+            raise UsageError("--stop cannot change a resumed experiment: it goes on with its saved stop criteria")
+        if not tune.Tuner.can_restore(path):
+            raise UsageError(f"{where}: nothing to resume: no experiment {name!r} in {storage}")
+        tuner = tune.Tuner.restore(path, trainable=algo_cls, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            algo_cls,
+            param_space=config,
+            tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1)),
+            run_config=tune.RunConfig(
+                name=name, stop=stop, verbose=1, callbacks=callbacks,
+                storage_path=storage,
+                checkpoint_config=tune.CheckpointConfig(**ckpt)),
+        )
     start = time.time()
     results = tuner.fit()
     for r in results:
@@ -246,6 +257,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--stop", help='stop criteria as JSON, e.g. \'{"training_iteration": 10}\'')
     train.add_argument("--storage-path", help="where Tune writes results and checkpoints")
     train.add_argument("--wandb", metavar="PROJECT", help="log to wandb (offline without WANDB_API_KEY)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the experiment (same name and storage path) from its latest checkpoints")
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint")
     ev.add_argument("checkpoint")
     ev.add_argument("--episodes", type=int, default=10)
@@ -274,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, exp in spec.items():
             if args.wandb:
                 exp["wandb"] = {**(exp.get("wandb") or {}), "project": args.wandb}
-            run_experiment(name, exp, where, args.storage_path, stop)
+            run_experiment(name, exp, where, args.storage_path, stop, args.resume)
         return 0
     except UsageError as e:
         print(f"rllib: error: {e}", file=sys.stderr)

@@ -4,10 +4,16 @@ Not Self-Play Preference Optimization: this SPPO treats a whole episode (an LLM
 response) as one action of a contextual bandit, with a scalar critic V(s_0).
 """
 
+import json
 import os
+import random
+import tempfile
 import time
 from contextlib import contextmanager
 
+import numpy as np
+import pyarrow.fs
+import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -150,6 +156,16 @@ _SPPO_KEYS = ("advantage_estimator", "critic_lr", "weight_decay", "critic_weight
               "eval_samples_per_prompt", "max_nonfinite_updates")
 
 
+#: Written last into every SPPO checkpoint: its files and their sizes.
+MANIFEST_FILE = "sppo_manifest.json"
+
+
+def _file_sizes(filesystem, path: str) -> dict:
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    return {i.path[len(path) + 1:]: i.size for i in infos
+            if i.type == pyarrow.fs.FileType.File and i.base_name != MANIFEST_FILE}
+
+
 class SPPO(Algorithm):
     @classmethod
     def get_default_config(cls) -> SPPOConfig:
@@ -193,3 +209,50 @@ class SPPO(Algorithm):
             raise RuntimeError(
                 f"{int(streak)} optimizer steps in a row had a non-finite loss or gradient (skipped, weights "
                 f"unchanged); stopping. Last good state saved to {path}. Check the rewards and learning rates.")
+
+    # Checkpoints. RLlib writes files in place and Tune copies them to storage in no fixed order, and RLlib's
+    # restore silently skips a missing component: a checkpoint cut short by a crash could load as fresh weights.
+    # SPPO writes a manifest (every file and its size) last and refuses to restore without a matching one.
+    # The state also holds this process's random generators, so a resumed run with num_env_runners=0 and
+    # num_learners=0 (sampling and learning in this process) continues bit for bit like an uninterrupted one.
+
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if self._check_component("rng", components, not_components):
+            state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                            "torch": torch.get_rng_state().numpy()}
+        return state
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if "rng" in state:
+            random.setstate(state["rng"]["python"])
+            np.random.set_state(state["rng"]["numpy"])
+            torch.set_rng_state(torch.from_numpy(state["rng"]["torch"]))
+
+    def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
+        if filesystem is None:
+            filesystem, path = pyarrow.fs.FileSystem.from_uri(str(path or tempfile.mkdtemp()))
+        manifest = f"{path}/{MANIFEST_FILE}"
+        if filesystem.get_file_info(manifest).type != pyarrow.fs.FileType.NotFound:
+            filesystem.delete_file(manifest)  # overwriting: incomplete until the new manifest is written
+        super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+        with filesystem.open_output_stream(manifest) as f:
+            f.write(json.dumps(_file_sizes(filesystem, path)).encode())
+        return path
+
+    def restore_from_path(self, path, *, component=None, filesystem=None, **kwargs) -> None:
+        if component is None:  # a whole checkpoint (not one component's folder)
+            fs, where = (filesystem, str(path)) if filesystem else pyarrow.fs.FileSystem.from_uri(str(path))
+            found = _file_sizes(fs, where)
+            try:
+                with fs.open_input_stream(f"{where}/{MANIFEST_FILE}") as f:
+                    expected = json.loads(f.read())
+            except FileNotFoundError:
+                raise ValueError(f"{path} is not a complete SPPO checkpoint: it has no {MANIFEST_FILE} "
+                                 "(writing or copying it was cut short)") from None
+            bad = sorted(name for name, size in expected.items() if found.get(name) != size)
+            if bad:
+                raise ValueError(f"{path} is not a complete SPPO checkpoint: {len(bad)} file(s) missing or cut "
+                                 f"short, e.g. {bad[0]}")
+        super().restore_from_path(path, component=component, filesystem=filesystem, **kwargs)
