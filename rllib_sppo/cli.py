@@ -20,7 +20,8 @@ import sys
 import time
 
 EXIT_USAGE = 2
-EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples", "wandb"}
+EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples", "wandb",
+                   "max_failures"}
 # Config keys that AlgorithmConfig.update_from_dict understands without a same-named attribute.
 SPECIAL_CONFIG_KEYS = {"multiagent", "model", "optimizer", "env_config", "callbacks", "model_config",
                        "rl_module_spec", "lambda", "num_workers", "framework", "input", "learner_connector",
@@ -168,7 +169,7 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1)),
             run_config=tune.RunConfig(
                 name=name, stop=stop, verbose=1, callbacks=callbacks,
-                storage_path=storage,
+                storage_path=storage, failure_config=tune.FailureConfig(max_failures=exp.get("max_failures", 0)),
                 checkpoint_config=tune.CheckpointConfig(**ckpt)),
         )
     start = time.time()

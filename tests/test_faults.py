@@ -117,6 +117,7 @@ def write_experiment(tmp_path, stop_iteration):
           stop: {{training_iteration: {stop_iteration}}}
           storage_path: {tmp_path / "results"}
           checkpoint_config: {{checkpoint_frequency: 1, num_to_keep: 2}}
+          max_failures: 1
           config:
             seed: 0
             lr: 0.001
@@ -181,6 +182,39 @@ def test_killed_driver_resumes_from_its_last_checkpoint(tmp_path):
     checkpoints = sorted(d for d in os.listdir(trial_dir) if d.startswith("checkpoint_"))
     assert len(checkpoints) == 2 and summary["checkpoint"].endswith(checkpoints[-1])
     assert all(os.path.exists(os.path.join(trial_dir, c, MANIFEST_FILE)) for c in checkpoints)
+
+
+def trial_processes(session: int) -> list[int]:
+    """Pids of the Tune trial actors (process title ``ray::SPPO...``) started under ``session``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::SPPO") and os.getsid(int(pid)) == session:
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def test_killed_trial_process_restarts_from_its_checkpoint(tmp_path):
+    """With num_env_runners=0 the EnvRunner lives in the trial's process: YAML ``max_failures`` brings it back."""
+    path = write_experiment(tmp_path, stop_iteration=5)
+    experiment = tmp_path / "results" / "resume-me"
+    run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path], start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while not list(experiment.glob("*/checkpoint_000001/" + MANIFEST_FILE)) and time.time() < deadline:
+        time.sleep(0.2)
+    [pid] = trial_processes(run.pid)
+    os.kill(pid, signal.SIGKILL)
+    out, _ = run.communicate(timeout=180)
+    assert run.returncode == 0
+    assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 5
+    results, _ = read_results(experiment)
+    restarts = [r for r in results if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
+    assert restarts, [(r["training_iteration"], r["iterations_since_restore"]) for r in results]
+    assert results[-1]["training_iteration"] == 5
 
 
 def test_resume_without_an_earlier_run_is_a_usage_error(tmp_path, capsys):
