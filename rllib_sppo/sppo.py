@@ -160,7 +160,8 @@ _SPPO_KEYS = ("advantage_estimator", "critic_lr", "weight_decay", "critic_weight
 MANIFEST_FILE = "sppo_manifest.json"
 
 
-def _file_sizes(filesystem, path: str) -> dict:
+def _file_sizes(filesystem, path) -> dict:
+    path = str(path).rstrip("/")
     infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
     return {i.path[len(path) + 1:]: i.size for i in infos
             if i.type == pyarrow.fs.FileType.File and i.base_name != MANIFEST_FILE}
