@@ -26,3 +26,12 @@ class TokenLogpAPI(abc.ABC):
     @abc.abstractmethod
     def critic_parameters(self) -> list:
         """Parameters the critic optimizer updates."""
+
+
+class TokenValueAPI(abc.ABC):
+    """A critic read at every action token, for token-level PPO (``advantage_estimator="ppo"``)."""
+
+    @abc.abstractmethod
+    def compute_token_values(self, batch):
+        """Returns ``(values, mask)``, [B, T], aligned with ``action_logp``: the critic's output (a logit
+        for the bce critic) at each token's state, and 1 on the action tokens."""

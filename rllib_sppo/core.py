@@ -12,7 +12,8 @@ One SPPO update, read top to bottom (arXiv 2604.08865):
     L_p = PPO-clip(ratio_t, A) over tokens      # ppo_clip_loss, A broadcast to every token
 
 Baselines for comparison share the loss: GRPO / Dr.GRPO (``group_advantage``) and
-RLOO (``rloo_advantage``) replace the critic by N > 1 samples per prompt.
+RLOO (``rloo_advantage``) replace the critic by N > 1 samples per prompt; token-level
+PPO (``gae_advantage``) replaces V(prompt) by a critic read at every token.
 """
 
 from __future__ import annotations
@@ -57,6 +58,41 @@ def sequence_advantage(
     return (r - p) / torch.sqrt(p * (1.0 - p))
 
 
+def critic_prediction(critic_out: torch.Tensor, critic_loss: str = "bce") -> torch.Tensor:
+    """The critic's value estimate in fp32: sigmoid(z) for the bce critic, the output itself for mse."""
+    out = critic_out.float()
+    return torch.sigmoid(out) if critic_loss == "bce" else out
+
+
+def outcome_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] token rewards: each sample's outcome R on its last valid token, 0 elsewhere."""
+    mask = mask.float()
+    last = mask * (mask.flip(-1).cumsum(-1).flip(-1) == 1)
+    return rewards.float().unsqueeze(-1) * last
+
+
+def gae_advantage(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                  gamma: float = 1.0, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the valid tokens of each row, right to left; returns (advantages, returns), [B, T].
+
+    delta_t = r_t + gamma V_{t+1} - V_t with V = 0 after the last valid token;
+    A_t = delta_t + gamma lam A_{t+1}; returns = A + V. Masked positions are skipped
+    (the recursion carries over them) and come out 0. With gamma = lam = 1 and the
+    outcome on the last token, A_t = R - V_t. Detached, fp32.
+    """
+    r, v, m = token_rewards.detach().float(), values.detach().float(), mask.detach().float()
+    advantages = torch.zeros_like(v)
+    next_value = torch.zeros_like(v[:, 0])
+    next_adv = torch.zeros_like(v[:, 0])
+    for t in reversed(range(v.shape[1])):
+        adv = r[:, t] + gamma * next_value - v[:, t] + gamma * lam * next_adv
+        valid = m[:, t] > 0
+        advantages[:, t] = torch.where(valid, adv, 0.0)
+        next_value = torch.where(valid, v[:, t], next_value)
+        next_adv = torch.where(valid, adv, next_adv)
+    return advantages, (advantages + v) * m
+
+
 def group_advantage(rewards: torch.Tensor, group_ids: torch.Tensor, std_normalize: bool = True,
                     eps: float = 1e-6) -> torch.Tensor:
     """GRPO: A = (R - mean of its group) / (std of its group + eps); Dr.GRPO: no std division.
@@ -65,7 +101,7 @@ def group_advantage(rewards: torch.Tensor, group_ids: torch.Tensor, std_normaliz
     """
     r = rewards.detach().float()
     _, inverse = torch.unique(group_ids, return_inverse=True)
-    count = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, torch.ones_like(r))
+    count = torch.zeros(int(inverse.max()) + 1, device=r.device).index_add_(0, inverse, torch.ones_like(r))
     mean = torch.zeros_like(count).index_add_(0, inverse, r) / count
     centered = r - mean[inverse]
     if not std_normalize:
@@ -78,19 +114,25 @@ def rloo_advantage(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tens
     """RLOO: A = R - mean of the OTHER rewards of its group (leave-one-out baseline)."""
     r = rewards.detach().float()
     _, inverse = torch.unique(group_ids, return_inverse=True)
-    count = torch.zeros(int(inverse.max()) + 1).index_add_(0, inverse, torch.ones_like(r))
+    count = torch.zeros(int(inverse.max()) + 1, device=r.device).index_add_(0, inverse, torch.ones_like(r))
     total = torch.zeros_like(count).index_add_(0, inverse, r)
     return r - (total[inverse] - r) / (count[inverse] - 1).clamp(min=1)
 
 
-def critic_bce_loss(critic_logits: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits, mean over samples, in fp32 (targets in [0, 1])."""
-    return F.binary_cross_entropy_with_logits(critic_logits.float(), rewards.float())
+def critic_bce_loss(critic_logits: torch.Tensor, targets: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy with logits, mean over entries where ``mask`` is 1 (default all), in fp32.
+
+    Targets in [0, 1]: an outcome, or a GAE return of [0, 1] outcomes and values.
+    """
+    loss = F.binary_cross_entropy_with_logits(critic_logits.float(), targets.float(), reduction="none")
+    return masked_mean(loss, torch.ones_like(loss) if mask is None else mask)
 
 
-def critic_mse_loss(values: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0.5 * mean squared error, in fp32 (for continuous outcomes)."""
-    return 0.5 * (values.float() - targets.float()).pow(2).mean()
+def critic_mse_loss(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """0.5 * squared error, mean over entries where ``mask`` is 1 (default all), in fp32."""
+    loss = 0.5 * (values.float() - targets.float()).pow(2)
+    return masked_mean(loss, torch.ones_like(loss) if mask is None else mask)
 
 
 def agg_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:

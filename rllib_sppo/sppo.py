@@ -23,6 +23,7 @@ from ray.rllib.utils.metrics import (
     NUM_ENV_STEPS_SAMPLED_LIFETIME, SYNCH_WORKER_WEIGHTS_TIMER, TIMERS,
 )
 
+from rllib_sppo.apis import TokenValueAPI
 from rllib_sppo.connectors import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
@@ -64,8 +65,12 @@ class SPPOConfig(AlgorithmConfig):
         #: How per-token losses become one number: token-mean, seq-mean-token-mean, seq-mean-token-sum.
         self.loss_agg_mode = "token-mean"
         #: "sppo" (the critic's baseline, N = 1); baselines for comparison, with N > 1 samples per
-        #: prompt and no critic: "grpo" (group mean/std), "drgrpo" (group mean), "rloo" (leave-one-out).
+        #: prompt and no critic: "grpo" (group mean/std), "drgrpo" (group mean), "rloo" (leave-one-out);
+        #: and "ppo" (N = 1): token-level PPO, GAE with a critic read at every token (LLM module only).
         self.advantage_estimator = "sppo"
+        #: Discount and GAE lambda of token-level PPO ("ppo" only; 1 and 1 suit outcome rewards, A_t = R - V_t).
+        self.gamma = 1.0
+        self.lambda_ = 1.0
         #: "bce": outcome in [0, 1], A = R - sigmoid(z). "mse": continuous outcome, A = R - V.
         self.critic_loss = "bce"
         #: A = (R - p) / sqrt(p (1 - p)) instead of R - p (bce only; not in the reference).
@@ -121,14 +126,29 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(f"dual_clip must be > 1 (reference 3.0) or None, got {self.dual_clip}.")
         if self.advantage_estimator not in ESTIMATORS:
             self._value_error(f"advantage_estimator={self.advantage_estimator!r}; choose one of {sorted(ESTIMATORS)}.")
-        elif self.advantage_estimator == "sppo" and self.samples_per_prompt != 1:
+        critic = self._estimator_critic
+        if critic and self.samples_per_prompt != 1:
             self._value_error(
-                f"SPPO samples one response per prompt (its baseline is the critic), got samples_per_prompt="
-                f"{self.samples_per_prompt}; set it to 1, or advantage_estimator='grpo'/'rloo' for N > 1.")
-        elif self.advantage_estimator != "sppo" and self.samples_per_prompt < 2:
+                f"advantage_estimator={self.advantage_estimator!r} samples one response per prompt (its baseline is "
+                f"the critic), got samples_per_prompt={self.samples_per_prompt}; set it to 1, or "
+                f"advantage_estimator='grpo'/'rloo' for N > 1.")
+        if not critic and self.samples_per_prompt < 2:
             self._value_error(
                 f"advantage_estimator={self.advantage_estimator!r} needs a group of samples per prompt for its "
                 f"baseline, got samples_per_prompt={self.samples_per_prompt}; set it to 2 or more (GRPO uses 8).")
+        if critic == "token":
+            module_class = getattr(self.rl_module_spec, "module_class", None)
+            if not (isinstance(module_class, type) and issubclass(module_class, TokenValueAPI)):
+                self._value_error(
+                    f"advantage_estimator={self.advantage_estimator!r} needs a critic read at every token (an RLModule "
+                    f"with TokenValueAPI, e.g. SPPOLLMModule); {getattr(module_class, '__name__', module_class)} has "
+                    f"none. For classic control, RLlib's own PPO is the token-level baseline.")
+            if not (0 < self.gamma <= 1 and 0 <= self.lambda_ <= 1):
+                self._value_error(f"need 0 < gamma <= 1 and 0 <= lambda_ <= 1, got {self.gamma}, {self.lambda_}.")
+        elif (self.gamma, self.lambda_) != (1.0, 1.0):
+            self._value_error(
+                f"gamma={self.gamma}, lambda_={self.lambda_}: only advantage_estimator='ppo' discounts (per-token "
+                f"GAE); {self.advantage_estimator!r} scores the whole episode by its outcome. Leave both at 1.")
         if self.temperature <= 0:
             self._value_error(f"temperature must be > 0 (log-probs divide by it), got {self.temperature}.")
         if self.critic_lr <= 0 or self.lr <= 0:
@@ -136,8 +156,14 @@ class SPPOConfig(AlgorithmConfig):
 
     @property
     def _model_config_auto_includes(self) -> dict:
-        # The module computes log-probs at the sampling temperature.
-        return super()._model_config_auto_includes | {"temperature": self.temperature}
+        # The module computes log-probs at the sampling temperature, and builds the critic the estimator reads.
+        return super()._model_config_auto_includes | {"temperature": self.temperature,
+                                                      "per_token_critic": self._estimator_critic == "token"}
+
+    @property
+    def _estimator_critic(self) -> str | None:
+        """The critic ``advantage_estimator`` reads: "sequence", "token" or None (see ``ESTIMATORS``)."""
+        return ESTIMATORS.get(self.advantage_estimator, (None,))[0]
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         from rllib_sppo.torch.mlp_rl_module import SPPOMLPModule
@@ -150,9 +176,9 @@ class SPPOConfig(AlgorithmConfig):
         return SPPOTorchLearner
 
 
-_SPPO_KEYS = ("advantage_estimator", "critic_lr", "weight_decay", "critic_weight_decay", "clip_low", "clip_high", "dual_clip",
-              "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature", "top_p",
-              "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
+_SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "weight_decay", "critic_weight_decay", "clip_low",
+              "clip_high", "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff",
+              "temperature", "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
               "eval_samples_per_prompt", "max_nonfinite_updates")
 
 

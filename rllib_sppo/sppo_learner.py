@@ -19,7 +19,8 @@ class SPPOLearner(Learner):
             self._learner_connector.append(
                 SequenceAdvantage(estimator=self.config.advantage_estimator,
                                   critic_loss=self.config.critic_loss,
-                                  normalize=self.config.normalize_advantage))
+                                  normalize=self.config.normalize_advantage,
+                                  gamma=self.config.gamma, lambda_=self.config.lambda_))
 
     @classmethod
     def rl_module_required_apis(cls) -> list[type]:

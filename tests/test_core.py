@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from rllib_sppo.core import (agg_loss, critic_bce_loss, critic_mse_loss, group_advantage, kl_penalty, ppo_clip_loss,
-                             rloo_advantage,
-                             sequence_advantage)
+from rllib_sppo.core import (agg_loss, critic_bce_loss, critic_mse_loss, gae_advantage, group_advantage, kl_penalty,
+                             outcome_token_rewards, ppo_clip_loss, rloo_advantage, sequence_advantage)
 
 LN3 = math.log(3.0)
 
@@ -51,6 +50,10 @@ def test_critic_losses():
     # soft target 0.3 at p = 0.5: -(0.3 log .5 + 0.7 log .5) = log 2
     close(critic_bce_loss(torch.tensor([0.0]), torch.tensor([0.3])), math.log(2))
     close(critic_mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])), 0.5 * (1 + 4) / 2)
+    # masked: only the entries where the mask is 1 count; an empty mask gives 0
+    close(critic_mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 1.0])), 0.5 * 4)
+    close(critic_bce_loss(torch.tensor([0.0, 9.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0])), math.log(2))
+    close(critic_mse_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0])), 0.0)
 
 
 RATIOS = [1.5, 0.5, 1.1, 5.0]
@@ -131,3 +134,40 @@ def test_rloo_group_of_four():
     # rewards [1, 0, 0, 0]: baselines are the means of the other three: 0, 1/3, 1/3, 1/3
     a = rloo_advantage(torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0, 0, 0, 0]))
     close(a, [1.0, -1 / 3, -1 / 3, -1 / 3])
+
+
+# Two responses in the [B, T] next-token layout: position 0 is a prompt position, then 5 and 2 response tokens,
+# then padding. Values at masked positions (9.0) must be ignored.
+GAE_MASK = torch.tensor([[0, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0, 0]], dtype=torch.float32)
+GAE_VALUES = torch.tensor([[9.0, 0.5, 0.4, 0.6, 0.7, 0.9, 9.0], [9.0, 9.0, 0.2, 0.3, 9.0, 9.0, 9.0]])
+GAE_REWARDS = outcome_token_rewards(torch.tensor([1.0, 0.0]), GAE_MASK)
+
+
+def test_outcome_sits_on_the_last_response_token():
+    close(outcome_token_rewards(torch.tensor([1.0, 0.5]), GAE_MASK),
+          [[0, 0, 0, 0, 0, 1, 0], [0, 0, 0, 0.5, 0, 0, 0]])
+
+
+def test_gae_with_gamma_lambda_one_is_outcome_minus_value():
+    adv, ret = gae_advantage(GAE_REWARDS, GAE_VALUES, GAE_MASK)
+    close(adv, [[0, 0.5, 0.6, 0.4, 0.3, 0.1, 0], [0, 0, -0.2, -0.3, 0, 0, 0]])
+    close(ret, [[0, 1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0]])
+
+
+def test_gae_by_hand():
+    # gamma 0.9, lambda 0.8 (gamma lambda = 0.72); row 0: V = .5 .4 .6 .7 .9, R = 1 on the last token
+    # delta = gamma V_next - V (+ R last): -.14, .14, .03, .11, .1
+    # A from the right: .1, .11 + .72 * .1 = .182, .03 + .72 * .182 = .16104, .14 + .72 * .16104 = .2559488,
+    #                   -.14 + .72 * .2559488 = .044283136
+    # row 1: V = .2 .3, R = 0: delta .9 * .3 - .2 = .07, -.3; A = -.3, .07 + .72 * -.3 = -.146
+    adv, ret = gae_advantage(GAE_REWARDS, GAE_VALUES, GAE_MASK, gamma=0.9, lam=0.8)
+    close(adv, [[0, 0.044283136, 0.2559488, 0.16104, 0.182, 0.1, 0], [0, 0, -0.146, -0.3, 0, 0, 0]])
+    close(ret, [[0, 0.544283136, 0.6559488, 0.76104, 0.882, 1.0, 0], [0, 0, 0.054, 0.0, 0, 0, 0]])
+    assert adv.dtype == torch.float32 and not adv.requires_grad
+
+
+def test_token_advantages_feed_the_clip_loss():
+    # ratio 1: the loss is minus the token-mean of the per-token advantages
+    adv, _ = gae_advantage(GAE_REWARDS, GAE_VALUES, GAE_MASK)
+    loss, _ = ppo_clip_loss(torch.zeros(2, 7), torch.zeros(2, 7), adv, GAE_MASK)
+    close(loss, -(0.5 + 0.6 + 0.4 + 0.3 + 0.1 - 0.2 - 0.3) / 7)

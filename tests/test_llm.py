@@ -11,7 +11,7 @@ from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
-from rllib_sppo.connectors import SequenceAdvantage
+from rllib_sppo.connectors import CRITIC_MASK, SequenceAdvantage
 from rllib_sppo.core import ppo_clip_loss
 from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.connectors import TokenBatch
@@ -37,11 +37,11 @@ def episode(tok, prompt, response, reward, data_source="arithmetic"):
                              "engine_logp": [np.zeros(len(r), np.float32)]})
 
 
-def module_and_batch(tiny, eps):
-    module = SPPOLLMModule(observation_space=TEXT, action_space=TEXT, model_config={"policy": tiny})
+def module_and_batch(tiny, eps, estimator="sppo", module=None):
+    module = module or SPPOLLMModule(observation_space=TEXT, action_space=TEXT, model_config={"policy": tiny})
     rl_module = {DEFAULT_MODULE_ID: module}
     batch = TokenBatch()(rl_module=rl_module, episodes=eps, batch={})
-    batch = SequenceAdvantage()(rl_module=rl_module, episodes=eps, batch=batch)
+    batch = SequenceAdvantage(estimator=estimator)(rl_module=rl_module, episodes=eps, batch=batch)
     return module, batch[DEFAULT_MODULE_ID]
 
 
@@ -54,7 +54,7 @@ def test_critic_reads_only_the_prompt(tiny):
     torch.nn.init.normal_(module.value_head.weight)  # a critic that is not constant
     with torch.no_grad():
         values = module.compute_values(batch)
-    assert values[0] == values[1]  # same prompt, different responses: same value
+    assert torch.allclose(values[0], values[1], atol=1e-5)  # same prompt, different responses: same value
     prompt_len = len(tok("Q: What is 2+2?\nA: ", add_special_tokens=False)["input_ids"])
     assert batch["critic_attention_mask"].sum(-1).tolist() == [prompt_len, prompt_len]
     other = module_and_batch(tiny, [episode(tok, "Q: What is 9+9?\nA: ", "\\boxed{4}", 0.0)])[1]
@@ -80,18 +80,25 @@ def test_advantage_is_broadcast_to_response_tokens(tiny):
     assert (batch["old_logp"][batch["response_mask"] == 1] < 0).all()
 
 
-def test_critic_with_another_tokenizer_retokenises_the_prompt(tiny, tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+def word_level_critic(path):
+    """A one-layer Llama critic with a word-level tokenizer of its own."""
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = {"<unk>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate("Q: What is 2+2? A:".split())}}
     backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>").save_pretrained(path)
     LlamaModel(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           vocab_size=len(words))).save_pretrained(tmp_path)
+                           vocab_size=len(words))).save_pretrained(path)
+    return str(path)
+
+
+def test_critic_with_another_tokenizer_retokenises_the_prompt(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
     module = SPPOLLMModule(observation_space=TEXT, action_space=TEXT,
-                           model_config={"policy": tiny, "critic": str(tmp_path)})
+                           model_config={"policy": tiny, "critic": word_level_critic(tmp_path)})
     assert not module.same_tokenizer
     ids = module.critic_inputs(["Q: What is 2+2?\nA: "], [[1, 2, 3]])
     assert ids == [[2, 3, 4, 5, 6]]  # word-level ids of the critic's own tokenizer
@@ -100,6 +107,36 @@ def test_critic_with_another_tokenizer_retokenises_the_prompt(tiny, tmp_path):
     batch = TokenBatch()(rl_module={DEFAULT_MODULE_ID: module}, episodes=eps, batch={})[DEFAULT_MODULE_ID]
     assert batch["critic_input_ids"].tolist() == [[2, 3, 4, 5, 6]]
     assert module.compute_values(batch).shape == (1,)
+
+
+def test_token_level_ppo_refuses_a_critic_with_another_tokenizer(tiny, tmp_path):
+    with pytest.raises(ValueError, match="another tokenizer than the policy.*cannot be aligned"):
+        SPPOLLMModule(observation_space=TEXT, action_space=TEXT,
+                      model_config={"policy": tiny, "critic": word_level_critic(tmp_path), "per_token_critic": True})
+
+
+def test_token_level_ppo_reads_the_critic_at_every_response_token(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    prompts = ["Q: 1+1?\nA: ", "Q: 3+4?\nA: "]
+    eps = [episode(tok, prompts[0], "\\boxed{2}", 1.0), episode(tok, prompts[1], "\\boxed{9}", 0.0)]
+    module = SPPOLLMModule(observation_space=TEXT, action_space=TEXT,
+                           model_config={"policy": tiny, "per_token_critic": True})
+    torch.nn.init.normal_(module.value_head.weight)  # a critic that is not constant
+    module, batch = module_and_batch(tiny, eps, estimator="ppo", module=module)
+    mask = batch["response_mask"]
+    with torch.no_grad():
+        values, token_mask = module.compute_token_values(batch)
+        first = module.compute_values(batch)
+    assert values.shape == mask.shape and torch.equal(token_mask, mask) and torch.equal(batch[CRITIC_MASK], mask)
+    # Causal critic: at the first response position it has read exactly the prompt, like the sequence critic.
+    starts = [len(tok(p, add_special_tokens=False)["input_ids"]) - 1 for p in prompts]
+    assert torch.allclose(values[[0, 1], starts], first, atol=1e-5)
+    # gamma = lambda = 1: A_t = R - sigmoid(V_t) on every response token, 0 elsewhere; targets R.
+    outcome = torch.tensor([[1.0], [0.0]])
+    assert torch.allclose(batch[Columns.ADVANTAGES], (outcome - torch.sigmoid(values)) * mask, atol=1e-6)
+    assert torch.allclose(batch[Columns.VALUE_TARGETS], outcome * mask, atol=1e-6)
 
 
 def llm_config(tiny, engine, **training):
@@ -150,6 +187,38 @@ def test_grpo_baseline_runs_on_the_same_runner_and_learner(tiny, ray_session):
     assert result["env_runners"]["num_env_steps_sampled"] == 16  # 4 prompts x 4 samples
     assert learner["critic/loss"] == 0.0 and "critic/prediction_mean" not in learner  # no critic in GRPO
     assert abs(learner["policy/advantage_mean"]) < 1e-5  # group-centred
+
+
+def test_token_level_ppo_runs_on_the_same_runner_and_learner(tiny, ray_session):
+    from transformers import AutoTokenizer
+
+    algo = llm_config(tiny, "transformers", advantage_estimator="ppo").evaluation(evaluation_interval=None).build_algo()
+    results = [algo.train() for _ in range(2)]
+    learner = results[-1]["learners"][DEFAULT_MODULE_ID]
+    assert np.isfinite(learner["policy/loss"]) and np.isfinite(learner["critic/loss"]) and learner["critic/loss"] > 0
+    assert learner["policy/approx_kl"] != 0.0  # the policy moved
+    # The trained per-token critic gives different advantages to different tokens of one response.
+    [module] = [r.get() for r in algo.learner_group.foreach_learner(lambda l: l.module[DEFAULT_MODULE_ID].unwrapped())]
+    algo.stop()
+    tok = AutoTokenizer.from_pretrained(tiny)
+    _, batch = module_and_batch(tiny, [episode(tok, "Q: 1+1?\nA: ", "\\boxed{2}", 1.0)], "ppo", module)
+    adv = batch[Columns.ADVANTAGES][batch["response_mask"] == 1]
+    assert len(adv) == 10 and adv.std() > 1e-4, adv
+
+
+def test_token_level_ppo_config_is_validated(tiny):
+    config = llm_config(tiny, "transformers", advantage_estimator="ppo")
+    assert config.model_config["per_token_critic"]  # the module is told to build a per-token critic
+    with pytest.raises(ValueError, match="SPPOMLPModule has none. For classic control, RLlib's own PPO"):
+        SPPOConfig().environment("OutcomeCartPole-v1").training(advantage_estimator="ppo").validate()
+    # gamma and lambda_ apply to token-level PPO only
+    with pytest.raises(ValueError, match="only advantage_estimator='ppo' discounts"):
+        llm_config(tiny, "transformers", gamma=0.99).validate()
+    with pytest.raises(ValueError, match="lambda_=0.95: only"):
+        llm_config(tiny, "transformers", advantage_estimator="grpo", samples_per_prompt=4, lambda_=0.95).validate()
+    llm_config(tiny, "transformers", advantage_estimator="ppo", gamma=0.99, lambda_=0.95).validate()
+    with pytest.raises(ValueError, match="need 0 < gamma <= 1"):
+        llm_config(tiny, "transformers", advantage_estimator="ppo", lambda_=1.5).validate()
 
 
 def test_rewards_outside_0_1_name_their_data_source(tiny):

@@ -4,7 +4,10 @@
   policy (str): local Hugging Face model directory of the policy, or ``builtin:NAME``
       (``rllib_sppo.llm.models.BUILTIN_MODELS``: offline models built once and cached).
   critic (str, optional): model directory of the critic's backbone (default: the policy's).
-      It may use another tokenizer: prompts are then re-tokenised from their text.
+      It may use another tokenizer: prompts are then re-tokenised from their text
+      (not with ``per_token_critic``: tokens of two tokenizers cannot be aligned).
+  per_token_critic (bool): the critic is read at every response token (token-level
+      PPO); set by ``SPPOConfig`` from ``advantage_estimator`` (default False).
   temperature (float): sampling temperature; log-probs use logits / temperature (default 0.6).
   dtype (str): torch dtype name for both models (default "float32").
   gradient_checkpointing (bool): trade compute for memory in both models (default False).
@@ -13,7 +16,8 @@ Batch columns (built by ``rllib_sppo.llm.connectors.TokenBatch``): ``input_ids``
 ``attention_mask`` (prompt + response, right-padded), ``response_mask`` and
 ``old_logp`` aligned with next-token positions [B, L-1], ``critic_input_ids``,
 ``critic_attention_mask`` (prompt only). The critic reads only the prompt, at its
-last token. The critic is not part of the inference-only (EnvRunner) weights.
+last token (or, per token, reads prompt + response at every next-token position
+[B, L-1]). The critic is not part of the inference-only (EnvRunner) weights.
 """
 
 import torch
@@ -22,7 +26,7 @@ from torch import nn
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from rllib_sppo.apis import TokenLogpAPI
+from rllib_sppo.apis import TokenLogpAPI, TokenValueAPI
 
 
 def token_logp(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -31,13 +35,14 @@ def token_logp(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI):
+class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI, TokenValueAPI):
     def setup(self):
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
         from rllib_sppo.llm.models import resolve_model
 
-        cfg = {"temperature": 0.6, "dtype": "float32", "gradient_checkpointing": False, **self.model_config}
+        cfg = {"temperature": 0.6, "dtype": "float32", "gradient_checkpointing": False, "per_token_critic": False,
+               **self.model_config}
         if not cfg.get("policy"):
             raise ValueError("SPPOLLMModule needs model_config['policy']: a local Hugging Face model directory")
         self.temperature = float(cfg["temperature"])
@@ -53,6 +58,12 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
             self.same_tokenizer = self.critic_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+            if cfg["per_token_critic"] and not self.same_tokenizer:
+                raise ValueError(
+                    f"token-level PPO (advantage_estimator='ppo') reads the critic at every policy token, but the "
+                    f"critic {cfg.get('critic')!r} has another tokenizer than the policy {cfg['policy']!r}, so its "
+                    f"tokens cannot be aligned with the policy's; use a critic with the policy's tokenizer, or "
+                    f"advantage_estimator='sppo' (its critic reads the re-tokenised prompt).")
         if cfg["gradient_checkpointing"]:
             for model in (self.policy, getattr(self, "critic", None)):
                 if model is not None:
@@ -82,6 +93,11 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         hidden = self.critic(input_ids=batch["critic_input_ids"], attention_mask=mask).last_hidden_state
         last = mask.sum(-1).long() - 1
         return self.value_head(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+
+    # TokenValueAPI: the critic at every next-token position of prompt + response, [B, L-1].
+    def compute_token_values(self, batch):
+        hidden = self.critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.value_head(hidden[:, :-1]).squeeze(-1).float(), batch["response_mask"]
 
     def critic_inputs(self, prompt_texts: list[str], prompt_ids: list[list[int]]) -> list[list[int]]:
         """The critic's token ids of each prompt: the policy's ids, or the text re-tokenised."""

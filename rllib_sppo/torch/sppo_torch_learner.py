@@ -5,7 +5,7 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
-from rllib_sppo.connectors import CRITIC_MASK
+from rllib_sppo.connectors import CRITIC_MASK, ESTIMATORS, critic_output
 from rllib_sppo.core import critic_bce_loss, critic_mse_loss, ppo_clip_loss, masked_mean
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
 
@@ -30,11 +30,9 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
             logp, old_logp, batch[Columns.ADVANTAGES], mask,
             clip_low=config.clip_low, clip_high=config.clip_high,
             dual_clip=config.dual_clip, agg=config.loss_agg_mode)
-        critic_mask = batch[CRITIC_MASK].bool()
-        critic_out = module.compute_values(batch)[critic_mask]
-        targets = batch[Columns.VALUE_TARGETS][critic_mask]
+        critic_out = critic_output(module, batch, ESTIMATORS[config.advantage_estimator][0])
         critic_fn = critic_bce_loss if config.critic_loss == "bce" else critic_mse_loss
-        critic_loss = critic_fn(critic_out, targets) if critic_mask.any() else critic_out.sum() * 0.0
+        critic_loss = critic_fn(critic_out, batch[Columns.VALUE_TARGETS], batch[CRITIC_MASK])
         total = pg_loss + critic_loss
         if config.entropy_coeff:
             entropy = masked_mean(module.entropy(batch, fwd_out), mask)
