@@ -142,6 +142,8 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
                    resume: bool = False):
     from ray import tune
 
+    from rllib_sppo.monitoring import Progress, plot_curves
+
     algo_cls = resolve_algorithm(exp["run"], where)
     config = build_config(algo_cls, exp.get("env"), exp.get("config"), where)
     if not _has_search_space(exp.get("config")):
@@ -152,6 +154,7 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
     ckpt = {"checkpoint_at_end": True, **exp.get("checkpoint_config", {})}
     storage = os.path.abspath(os.path.expanduser(storage_path or exp.get("storage_path") or "~/ray_results"))
     callbacks = [wandb_callback(exp["wandb"], os.path.join(storage, name))] if exp.get("wandb") is not None else []
+    callbacks.append(Progress())
     stop = stop_override or exp.get("stop") or {}
     if resume:
         # Tune's saved experiment (stop, checkpoint_config, callbacks) goes on; unfinished and errored trials
@@ -187,6 +190,7 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             "episode_return_mean": env_runners.get("episode_return_mean"),
             "wall_s": round(time.time() - start, 1),
             "checkpoint": r.checkpoint.path if r.checkpoint else None,
+            "curves": plot_curves(r),
         }))
     return results
 

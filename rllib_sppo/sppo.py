@@ -26,6 +26,7 @@ from ray.rllib.utils.metrics import (
 from rllib_sppo.apis import TokenValueAPI
 from rllib_sppo.connectors import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
+from rllib_sppo.monitoring import export_metrics
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
 
 
@@ -50,6 +51,8 @@ class SPPOConfig(AlgorithmConfig):
         self.grad_clip_by = "global_norm"
         self.batch_mode = "complete_episodes"
         self.num_env_runners = 0
+        # SPPO's metrics as Prometheus series for the Ray dashboard (rllib_sppo/monitoring.py).
+        self.callbacks_on_train_result = export_metrics
         #: Critic learning rate (its own AdamW).
         self.critic_lr = 5e-6
         #: AdamW weight decay of the policy optimizer.
