@@ -47,7 +47,7 @@ def prometheus_name(console_name: str) -> str:
 def export_metrics(algorithm, result: dict, **kwargs) -> None:
     """``on_train_result``: this iteration's SPPO metrics into Ray's metrics agent (dashboard, Prometheus)."""
     info = algorithm._trial_info
-    tags = {"experiment": info.experiment_name if info else "", "trial": algorithm.trial_name}
+    tags = {"experiment": info.experiment_name if info else "default", "trial": algorithm.trial_name}
     for key, value in flatten_dict(result, delimiter="/").items():
         match = _GROUP.match(key)
         source, name = match.groups() if match else ("algorithm", key)
@@ -88,25 +88,21 @@ class Progress(tune.Callback):
 
 def plot_curves(result) -> str | None:
     """``curves.png`` in the trial's folder: return (and held-out accuracy) vs iteration and vs env steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: Agg, no global state
 
     df = result.metrics_dataframe
     if df is None or not {RETURN, ENV_STEPS} <= set(df):
         return None
-    rows = [RETURN] + sorted(c for c in df if c.startswith(ACCURACY))
-    fig, axes = plt.subplots(2, len(rows), figsize=(5 * len(rows), 6.5), squeeze=False)
-    for col, metric in enumerate(rows):
+    metrics = [RETURN] + sorted(c for c in df if c.startswith(ACCURACY))
+    fig = Figure(figsize=(5 * len(metrics), 6.5), layout="tight")
+    axes = fig.subplots(2, len(metrics), squeeze=False)
+    for col, metric in enumerate(metrics):
         data = df[["training_iteration", ENV_STEPS, metric]].dropna()
         for ax, x in zip(axes[:, col], ("training_iteration", ENV_STEPS)):
             ax.plot(data[x], data[metric], marker=".")
             ax.set(xlabel=x, ylabel=_label(metric))
             ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(result.path))
-    fig.tight_layout()
     path = os.path.join(result.path, "curves.png")
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
