@@ -73,10 +73,10 @@ def main():
                 rows.append({"task": task, "algo": algo, "reward": reward, "seed": seed, **r})
                 print(task, algo, reward, seed, r["steps"], round(r["wall_s"], 1), round(r["return"], 3),
                       r["stopped_by"], flush=True)
-    write(rows, args)
+                write(rows)  # after every run: a long benchmark cut short keeps what it measured
 
 
-def write(rows: list, args) -> None:
+def write(rows: list) -> None:
     import matplotlib
     import ray
     import torch
@@ -120,7 +120,6 @@ def write(rows: list, args) -> None:
     axes[0][-1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(f"{OUT}.png", dpi=100)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

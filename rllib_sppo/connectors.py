@@ -74,7 +74,7 @@ class SequenceAdvantage(ConnectorV2):
     def __call__(self, *, rl_module, episodes, batch, metrics=None, **kwargs) -> Any:
         sa_episodes = list(self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False))
         for mid, module_batch in batch.items():
-            module = rl_module[mid]
+            module = rl_module[mid].unwrapped()  # the module itself, also under DDP (TorchDDPRLModule)
             if not isinstance(module, ValueFunctionAPI):
                 continue
             eps = [e for e in sa_episodes if e.module_id in (None, mid)]

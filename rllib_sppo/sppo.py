@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pyarrow.fs
+import ray
 import torch
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
@@ -26,6 +27,7 @@ from ray.rllib.utils.metrics import (
 from rllib_sppo.apis import TokenValueAPI
 from rllib_sppo.connectors import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
+from rllib_sppo.env_runner import EpisodeEnvRunner
 from rllib_sppo.monitoring import export_metrics
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
 
@@ -50,6 +52,7 @@ class SPPOConfig(AlgorithmConfig):
         self.grad_clip = 1.0
         self.grad_clip_by = "global_norm"
         self.batch_mode = "complete_episodes"
+        self.env_runner_cls = EpisodeEnvRunner  # fresh start states in every batch (RLlib re-seeds them)
         self.num_env_runners = 0
         # SPPO's metrics as Prometheus series for the Ray dashboard (rllib_sppo/monitoring.py).
         self.callbacks_on_train_result = export_metrics
@@ -221,7 +224,7 @@ class SPPO(Algorithm):
         # Learner: old log-probs and critic values -> advantages (connector), then critic and policy updates.
         with self._phase("update", LEARNER_UPDATE_TIMER):
             learner_results = self.learner_group.update(
-                episodes=episodes,
+                **self._learner_data(episodes),
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
                     (ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME))},
                 num_epochs=self.config.num_epochs, minibatch_size=self.config.minibatch_size,
@@ -231,6 +234,25 @@ class SPPO(Algorithm):
         with self._phase("weight_sync", SYNCH_WORKER_WEIGHTS_TIMER):
             self.env_runner_group.sync_weights(
                 from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+    def _learner_data(self, episodes) -> dict:
+        """The sampled episodes as ``LearnerGroup.update`` takes them.
+
+        With several learners, RLlib's own sharding cuts episodes to give each learner the same number of steps;
+        SPPO scores whole episodes (R and V(s_0)), so each learner gets whole ones here (longest first, to the
+        learner with the fewest steps), and all take the same number of minibatch steps, as DDP (which averages
+        their gradients at every step) needs.
+        """
+        n = self.config.num_learners
+        if n < 2:
+            return {"episodes": episodes}
+        shards = [[] for _ in range(n)]
+        for episode in sorted(episodes, key=len, reverse=True):
+            min(shards, key=lambda shard: sum(map(len, shard))).append(episode)
+        steps = sum(map(len, episodes))
+        minibatch = self.config.minibatch_size or max(1, steps // n)
+        return {"episodes_refs": [ray.put(shard) for shard in shards],
+                "num_total_minibatches": max(1, self.config.num_epochs * steps // (n * minibatch))}
 
     def _stop_on_nonfinite_streak(self) -> None:
         streak = self.metrics.peek((LEARNER_RESULTS, NONFINITE_STREAK), default=0)

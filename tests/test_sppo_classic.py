@@ -29,6 +29,20 @@ def test_cartpole_outcome_rises(ray_session):
     assert learner["policy/clipfrac_lower"] >= 0.0 and np.isfinite(learner["critic/loss"])
 
 
+def test_each_batch_starts_from_new_states_reproducibly(ray_session):
+    def first_states(seed):
+        algo = cartpole_config(train_batch_size_per_learner=100, minibatch_size=100).debugging(seed=seed).build_algo()
+        starts = [e.get_observations(0) for _ in range(4) for e in algo.env_runner.sample()]
+        algo.stop()
+        return np.array(starts)
+
+    starts = first_states(0)
+    # RLlib alone re-seeds every sample() of whole episodes with config.seed: every episode would start here.
+    assert len(np.unique(starts.round(6), axis=0)) == len(starts) >= 4
+    assert np.array_equal(starts, first_states(0))  # same seed, same start states
+    assert not np.array_equal(starts, first_states(1))
+
+
 def module_state(algo, inference_only=False):
     state = algo.learner_group.get_state(components="learner/rl_module", inference_only=inference_only)
     return state["learner"]["rl_module"]["default_policy"]

