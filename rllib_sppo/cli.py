@@ -132,10 +132,19 @@ def build_config(algo_cls, env: str | None, cfg: dict, where: str):
     return config
 
 
-def _has_search_space(value) -> bool:
-    if isinstance(value, dict):
-        return "grid_search" in value or any(_has_search_space(v) for v in value.values())
-    return False
+def _search_keys(value, prefix: tuple = ()) -> list[tuple]:
+    """The key paths of a config dict that hold a Tune ``grid_search``."""
+    if not isinstance(value, dict):
+        return []
+    if "grid_search" in value:
+        return [prefix]
+    return [path for k, v in value.items() for path in _search_keys(v, (*prefix, k))]
+
+
+def _lookup(config: dict, path: tuple):
+    for key in path:  # AlgorithmConfig.to_dict() keeps some keys private: model_config -> _model_config
+        config = config.get(key, config.get(f"_{key}")) if isinstance(config, dict) else None
+    return config
 
 
 def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, stop_override: dict | None,
@@ -146,7 +155,8 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
 
     algo_cls = resolve_algorithm(exp["run"], where)
     config = build_config(algo_cls, exp.get("env"), exp.get("config"), where)
-    if not _has_search_space(exp.get("config")):
+    swept = _search_keys(exp.get("config"))
+    if not swept:
         try:
             config.validate()
         except ValueError as e:
@@ -185,6 +195,7 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
         env_runners = m.get("env_runners", {})
         print(json.dumps({
             "experiment": name, "algo": exp["run"], "env": exp.get("env"),
+            **({"swept": {"/".join(k): _lookup(r.config, k) for k in swept}} if swept else {}),
             "training_iteration": m.get("training_iteration"),
             "env_steps": env_runners.get("num_env_steps_sampled_lifetime"),
             "episode_return_mean": env_runners.get("episode_return_mean"),
@@ -221,7 +232,10 @@ def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
 
     if not os.path.isdir(checkpoint):
         raise UsageError(f"checkpoint {checkpoint!r} is not a directory")
-    algo = Algorithm.from_checkpoint(os.path.abspath(checkpoint))
+    try:
+        algo = Algorithm.from_checkpoint(os.path.abspath(checkpoint))
+    except (ValueError, FileNotFoundError) as e:  # cut short (SPPO's manifest) or not an RLlib checkpoint
+        raise UsageError(f"cannot restore {checkpoint!r}: {str(e).splitlines()[0]}") from None
     runner_cls = algo.config.env_runner_cls or SingleAgentEnvRunner
     runner = runner_cls(config=algo.config)
     runner.set_state({"rl_module": algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[

@@ -68,10 +68,16 @@ def test_yaml_runs_through_tune_and_evaluates(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("tuned_examples/*.yaml")))
 def test_every_tuned_example_builds_a_valid_config(path):
-    from rllib_sppo.cli import build_config, load_experiments, resolve_algorithm
+    from rllib_sppo.cli import _search_keys, build_config, load_experiments, resolve_algorithm
 
     for name, exp in load_experiments(path).items():
-        config = build_config(resolve_algorithm(exp["run"], path), exp.get("env"), exp.get("config"), path)
+        cfg = exp.get("config")
+        for keys in _search_keys(cfg):  # a sweep: check its first grid point
+            parent = cfg
+            for key in keys[:-1]:
+                parent = parent[key]
+            parent[keys[-1]] = parent[keys[-1]]["grid_search"][0]
+        config = build_config(resolve_algorithm(exp["run"], path), exp.get("env"), cfg, path)
         config.validate()
         assert exp["stop"], f"{path}: a tuned example needs a stop criterion"
 

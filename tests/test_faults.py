@@ -102,6 +102,10 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
     for name, path in partial.items():
         with pytest.raises(ValueError, match="not a complete SPPO checkpoint"):
             algo.restore_from_path(path)
+    out = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "evaluate", partial["no_weights"]],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "is not a complete SPPO checkpoint: 1 file(s) missing" in out.stderr
     algo.restore_from_path(copy("d", files))  # a complete copy restores
     after = weights(algo)
     assert all(np.array_equal(before[k], after[k]) for k in before)

@@ -2,6 +2,7 @@
 learner's weights; a grid-search sweep runs through `rllib train file`."""
 
 import json
+import pickle
 import textwrap
 
 import numpy as np
@@ -97,3 +98,27 @@ def test_two_learners_and_two_env_runners_train_and_sync(ray_session):
     for state in runners.foreach_env_runner(lambda r: r.module.get_state(), local_env_runner=False):
         assert state.keys() == synced.keys() and all(np.array_equal(state[k], synced[k]) for k in synced)
     algo.stop()
+
+
+def test_grid_search_sweep_runs_from_a_yaml_file(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent("""
+        sweep:
+          run: SPPO
+          env: OutcomeCartPole-v1
+          stop: {training_iteration: 2}
+          config:
+            seed: 0
+            lr: {grid_search: [0.0001, 0.01]}
+            train_batch_size_per_learner: 200
+            minibatch_size: 100
+            model_config: {pi_hiddens: [16], vf_hiddens: {grid_search: [[8]]}}
+    """))
+    assert main(["train", "file", str(path), "--storage-path", str(tmp_path / "results")]) == 0
+    trials = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"experiment"')]
+    assert sorted(t["swept"]["lr"] for t in trials) == [0.0001, 0.01]
+    assert all(t["swept"]["model_config/vf_hiddens"] == [8] and t["training_iteration"] == 2 for t in trials)
+    assert len({t["checkpoint"] for t in trials}) == 2
+    for t in trials:  # the swept critic size is the trained critic's (default: [64, 64])
+        with open(f"{t['checkpoint']}/learner_group/learner/rl_module/{MODULE}/module_state.pkl", "rb") as f:
+            assert pickle.load(f)["vf.0.weight"].shape == (8, 4)
