@@ -79,6 +79,10 @@ class SPPOConfig(AlgorithmConfig):
         self.lambda_ = 1.0
         #: "bce": outcome in [0, 1], A = R - sigmoid(z). "mse": continuous outcome, A = R - V.
         self.critic_loss = "bce"
+        #: The critic's estimate before any update, e.g. the policy's starting accuracy: P(R = 1) for the bce
+        #: critic (its head's bias = logit(p)), V for mse. None: the head starts at 0 (p = 0.5), as the reference.
+        #: A fresh head moves slowly; far from the truth, A = R - 0.5 pushes down most samples for many steps.
+        self.critic_init = None
         #: A = (R - p) / sqrt(p (1 - p)) instead of R - p (bce only; not in the reference).
         self.normalize_advantage = False
         #: Entropy bonus coefficient (reference: 0).
@@ -157,13 +161,18 @@ class SPPOConfig(AlgorithmConfig):
                 f"GAE); {self.advantage_estimator!r} scores the whole episode by its outcome. Leave both at 1.")
         if self.temperature <= 0:
             self._value_error(f"temperature must be > 0 (log-probs divide by it), got {self.temperature}.")
+        if self.critic_init is not None and self.critic_loss == "bce" and not 0 < self.critic_init < 1:
+            self._value_error(f"critic_init={self.critic_init} is a probability for the bce critic: pick it in (0, 1).")
         if self.critic_lr <= 0 or self.lr <= 0:
             self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
 
     @property
     def _model_config_auto_includes(self) -> dict:
         # The module computes log-probs at the sampling temperature, and builds the critic the estimator reads.
-        return super()._model_config_auto_includes | {"temperature": self.temperature,
+        bias = self.critic_init
+        if bias is not None and self.critic_loss == "bce":
+            bias = float(np.log(bias / (1 - bias)))
+        return super()._model_config_auto_includes | {"temperature": self.temperature, "critic_bias": bias,
                                                       "per_token_critic": self._estimator_critic == "token"}
 
     @property
@@ -182,7 +191,7 @@ class SPPOConfig(AlgorithmConfig):
         return SPPOTorchLearner
 
 
-_SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "weight_decay", "critic_weight_decay", "clip_low",
+_SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "weight_decay", "critic_weight_decay", "clip_low",
               "clip_high", "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff",
               "temperature", "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
               "eval_samples_per_prompt", "max_nonfinite_updates")

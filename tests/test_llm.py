@@ -80,6 +80,21 @@ def test_advantage_is_broadcast_to_response_tokens(tiny):
     assert (batch["old_logp"][batch["response_mask"] == 1] < 0).all()
 
 
+def test_critic_init_sets_the_first_baseline(tiny):
+    from transformers import AutoTokenizer
+
+    from rllib_sppo import SPPOConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    eps = [episode(tok, "Q: 1+1?\nA: ", "\\boxed{2}", 1.0), episode(tok, "Q: 3+4?\nA: ", "\\boxed{9}", 0.0)]
+    config = SPPOConfig().training(critic_init=0.2).rl_module(model_config={"policy": tiny})
+    module = SPPOLLMModule(observation_space=TEXT, action_space=TEXT, model_config=config.model_config)
+    module, batch = module_and_batch(tiny, eps, module=module)
+    assert batch[Columns.ADVANTAGES].tolist() == pytest.approx([0.8, -0.2])  # A = R - 0.2, not R - 0.5
+    with pytest.raises(ValueError, match="critic_init=1.5 is a probability"):
+        SPPOConfig().training(critic_init=1.5).validate()
+
+
 def word_level_critic(path):
     """A one-layer Llama critic with a word-level tokenizer of its own."""
     from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast

@@ -11,6 +11,7 @@
   temperature (float): sampling temperature; log-probs use logits / temperature (default 0.6).
   dtype (str): torch dtype name for both models (default "float32").
   gradient_checkpointing (bool): trade compute for memory in both models (default False).
+  critic_bias (float, optional): the value head's initial bias (set by ``SPPOConfig.critic_init``).
 
 Batch columns (built by ``rllib_sppo.llm.connectors.TokenBatch``): ``input_ids``,
 ``attention_mask`` (prompt + response, right-padded), ``response_mask`` and
@@ -56,7 +57,7 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
             self.critic = AutoModel.from_pretrained(critic_dir, dtype=dtype)
             self.value_head = nn.Linear(self.critic.config.hidden_size, 1, dtype=dtype)
             nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
+            nn.init.constant_(self.value_head.bias, cfg.get("critic_bias") or 0.0)
             self.same_tokenizer = self.critic_tokenizer.get_vocab() == self.tokenizer.get_vocab()
             if cfg["per_token_critic"] and not self.same_tokenizer:
                 raise ValueError(

@@ -37,6 +37,8 @@ class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
             self.log_std = nn.Parameter(torch.full((out_dim,), float(cfg.get("init_log_std", 0.0))))
         if not self.inference_only:
             self.vf = mlp(obs_dim, cfg["vf_hiddens"], 1)
+            if cfg.get("critic_bias") is not None:  # SPPOConfig.critic_init
+                nn.init.constant_(self.vf[-1].bias, cfg["critic_bias"])
 
     def _forward(self, batch, **kwargs):
         out = self.pi(batch[Columns.OBS].flatten(1).float())
