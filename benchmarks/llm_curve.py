@@ -59,7 +59,13 @@ def main():
     args = p.parse_args()
     out = Path(args.out or f"benchmarks/results/{Path(args.yaml).stem}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs = [run_seed(args.yaml, s, args.minutes, args.eval_every, json.loads(args.config)) for s in args.seeds]
+    runs = []
+    for seed in args.seeds:  # tables after every seed: a long benchmark cut short keeps what it measured
+        runs.append(run_seed(args.yaml, seed, args.minutes, args.eval_every, json.loads(args.config)))
+        write(runs, args, out)
+
+
+def write(runs: list, args, out: Path) -> None:
     key = runs[0]["key"]
     with open(f"{out}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["seed", "iteration", "train_s", key])
@@ -77,7 +83,7 @@ def main():
              f"{platform.python_version()}; machine: {platform.machine()}, {subprocess.getoutput('nproc')} cores, "
              f"no GPU; {time.strftime('%Y-%m-%d')}", "",
              f"| seed | before | after | gain (points) | iterations | train s | rollout tokens/s | "
-             f"weight sync s/iter | iteration s |", "|---|---|---|---|---|---|---|---|---|"]
+             "weight sync s/iter | iteration s |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s} | {a:.3f} | {b:.3f} | {g:+.1f} | {n} | {t:.0f} | {tps:.0f} | {sync:.3f} | {its:.2f} |"
               for (s, a, b, n, t, tps, sync, its), g in zip(rows, gains)]
     lines += ["", f"Mean gain {np.mean(gains):+.1f} points (min {min(gains):+.1f}) over {len(rows)} seeds."]
@@ -94,6 +100,7 @@ def main():
     ax.legend()
     fig.tight_layout()
     fig.savefig(f"{out}.png", dpi=100)
+    plt.close(fig)
     print("\n".join(lines))
 
 
