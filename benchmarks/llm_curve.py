@@ -82,7 +82,7 @@ def write(runs: list, args, out: Path) -> None:
              f"Command: `{cmd}`  ", f"Versions: ray {ray.__version__}, torch {torch.__version__}, python "
              f"{platform.python_version()}; machine: {platform.machine()}, {subprocess.getoutput('nproc')} cores, "
              f"no GPU; {time.strftime('%Y-%m-%d')}", "",
-             f"| seed | before | after | gain (points) | iterations | train s | rollout tokens/s | "
+             "| seed | before | after | gain (points) | iterations | train s | rollout tokens/s | "
              "weight sync s/iter | iteration s |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s} | {a:.3f} | {b:.3f} | {g:+.1f} | {n} | {t:.0f} | {tps:.0f} | {sync:.3f} | {its:.2f} |"
               for (s, a, b, n, t, tps, sync, its), g in zip(rows, gains)]
