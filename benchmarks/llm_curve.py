@@ -3,8 +3,8 @@
     python benchmarks/llm_curve.py tuned_examples/arith_tiny_sppo.yaml --seeds 0 1 2 --minutes 10
 
 Evaluates (avg@k at the training temperature, the example's held-out split) before any update,
-then trains for the given wall-clock minutes, evaluating every ``--eval-every`` iterations and at
-the end. Writes ``<out>.csv`` (the curve), ``<out>.md`` (the summary table) and ``<out>.png``.
+then trains for the given wall-clock minutes (evaluations not counted), evaluating every
+``--eval-every`` iterations and at the end. Writes ``<out>.csv`` (the curve), ``<out>.md`` (the summary table) and ``<out>.png``.
 """
 
 import argparse
@@ -28,21 +28,28 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
     algo = build_config(resolve_algorithm(exp["run"], path), exp["env"], cfg, path).build_algo()
     k = algo.config.eval_samples_per_prompt
     key = f"accuracy/avg@{k}"
-    curve = [{"seed": seed, "iteration": 0, "train_s": 0.0, key: heldout_accuracy(algo, None)[0][key]}]
-    stats, start, it = [], time.perf_counter(), 0
-    while time.perf_counter() - start < minutes * 60:
+    evaluating = {"s": 0.0}
+
+    def point(iteration: int, tokens: int) -> dict:  # an evaluation, its time left out of the training time
+        train_s, t0 = time.perf_counter() - start - evaluating["s"], time.perf_counter()
+        accuracy = heldout_accuracy(algo, None)[0][key]
+        evaluating["s"] += time.perf_counter() - t0
+        return {"seed": seed, "iteration": iteration, "train_s": train_s, "tokens": tokens, key: accuracy}
+
+    stats, start, it, tokens = [], time.perf_counter(), 0, 0
+    curve = [point(0, 0)]
+    while time.perf_counter() - start - evaluating["s"] < minutes * 60:
         result = algo.train()
         it += 1
         runners = result["env_runners"]
         stats.append({"tokens_per_s": runners["rollout/tokens_per_s"], "sync_s": result["timing_s"]["weight_sync"],
                       "engine_sync_s": runners.get("timing_s/weight_sync", np.nan),
                       "iter_s": sum(result["timing_s"].values())})
+        tokens = int(runners.get("rollout/response_tokens_lifetime", 0))  # generated in training so far
         if it % eval_every == 0:
-            curve.append({"seed": seed, "iteration": it, "train_s": time.perf_counter() - start,
-                          key: heldout_accuracy(algo, None)[0][key]})
+            curve.append(point(it, tokens))
     if curve[-1]["iteration"] != it:
-        curve.append({"seed": seed, "iteration": it, "train_s": time.perf_counter() - start,
-                      key: heldout_accuracy(algo, None)[0][key]})
+        curve.append(point(it, tokens))
     algo.stop()
     mean = {k2: float(np.nanmean([s[k2] for s in stats])) for k2 in stats[0]}
     return {"seed": seed, "key": key, "curve": curve, "iterations": it, **mean}
@@ -68,7 +75,7 @@ def main():
 def write(runs: list, args, out: Path) -> None:
     key = runs[0]["key"]
     with open(f"{out}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["seed", "iteration", "train_s", key])
+        w = csv.DictWriter(f, fieldnames=["seed", "iteration", "train_s", "tokens", key])
         w.writeheader()
         for r in runs:
             w.writerows(r["curve"])

@@ -138,6 +138,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             m.log_value("rollout/parse_failure_rate", float(not info.get("parsed", True)), window=n)
             m.log_value("rollout/reward_error_rate", float(bool(info.get("reward_error"))), window=n)
         m.log_value("rollout/tokens_per_s", tokens / max(gen_s, 1e-9), window=1)
+        m.log_value("rollout/response_tokens_lifetime", tokens, reduce="lifetime_sum")
         m.log_value("timing_s/generate", gen_s, window=1)
         m.log_value(NUM_ENV_STEPS_SAMPLED, n, reduce="sum")
         m.log_value(NUM_EPISODES, n, reduce="sum")
