@@ -35,3 +35,18 @@ class TokenValueAPI(abc.ABC):
     def compute_token_values(self, batch):
         """Returns ``(values, mask)``, [B, T], aligned with ``action_logp``: the critic's output (a logit
         for the bce critic) at each token's state, and 1 on the action tokens."""
+
+
+class SeparateNetworksAPI(abc.ABC):
+    """The policy and the critic as two ``nn.Module`` s, for a learner that wraps each one in an engine with its
+    own optimizer (DeepSpeed)."""
+
+    @abc.abstractmethod
+    def networks(self) -> dict:
+        """``{"policy": nn.Module, "critic": nn.Module}``, holding ``policy_parameters()`` and
+        ``critic_parameters()``; each one's forward is the whole of what the module runs of it."""
+
+    @abc.abstractmethod
+    def run_networks_with(self, **wrappers) -> None:
+        """Runs the module's forward passes through these wrappers (by network name), each calling the network
+        it wraps (e.g. a DeepSpeed engine, whose forward also does ZeRO's bookkeeping)."""

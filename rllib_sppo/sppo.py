@@ -4,6 +4,7 @@ Not Self-Play Preference Optimization: this SPPO treats a whole episode (an LLM
 response) as one action of a contextual bandit, with a scalar critic V(s_0).
 """
 
+import importlib.util
 import json
 import os
 import random
@@ -105,6 +106,10 @@ class SPPOConfig(AlgorithmConfig):
         self.max_nonfinite_updates = 3
         #: k of the held-out evaluation (avg@k, pass@k), run every ``evaluation_interval`` iterations.
         self.eval_samples_per_prompt = 4
+        #: DeepSpeed learner for the LLM module instead of plain torch (None): {"zero_stage": 2 or 3,
+        #: "offload_optimizer": bool, "offload_param": bool (stage 3)}, defaults 2, False, False; one learner
+        #: process (num_learners 0 or 1). Needs ``pip install 'rllib-sppo[deepspeed]'``.
+        self.deepspeed = None
 
     def training(self, **kwargs) -> "SPPOConfig":
         """Sets SPPO's keys (see ``SPPOConfig.__init__``) and RLlib's training keys."""
@@ -165,6 +170,47 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(f"critic_init={self.critic_init} is a probability for the bce critic: pick it in (0, 1).")
         if self.critic_lr <= 0 or self.lr <= 0:
             self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
+        if self.deepspeed is not None:
+            self._validate_deepspeed()
+
+    def _validate_deepspeed(self) -> None:
+        from rllib_sppo.apis import SeparateNetworksAPI
+        from rllib_sppo.torch.deepspeed_learner import DEEPSPEED_DEFAULTS, INSTALL, MissingExtraError
+
+        ds = self.deepspeed
+        if not isinstance(ds, dict):
+            self._value_error(f"deepspeed must be a dict such as {{'zero_stage': 3}} (or None), got {ds!r}.")
+        unknown = sorted(set(ds) - set(DEEPSPEED_DEFAULTS))
+        if unknown:
+            self._value_error(f"deepspeed has unknown key(s) {unknown}; its keys are zero_stage (2 or 3), "
+                              f"offload_optimizer and offload_param (True/False).")
+        ds = {**DEEPSPEED_DEFAULTS, **ds}
+        if ds["zero_stage"] not in (2, 3):
+            self._value_error(f"deepspeed zero_stage={ds['zero_stage']!r}: set 2 (gradients and optimizer state "
+                              f"partitioned) or 3 (parameters too).")
+        for key in ("offload_optimizer", "offload_param"):
+            if not isinstance(ds[key], bool):
+                self._value_error(f"deepspeed {key} must be True or False, got {ds[key]!r}.")
+        if ds["offload_param"] and ds["zero_stage"] != 3:
+            self._value_error("deepspeed offload_param=True needs zero_stage 3 (ZeRO-2 keeps whole parameters on "
+                              "the device); set zero_stage: 3, or drop offload_param.")
+        module_class = getattr(self.rl_module_spec, "module_class", None)
+        if not (isinstance(module_class, type) and issubclass(module_class, SeparateNetworksAPI)):
+            self._value_error(
+                f"deepspeed trains a module whose policy and critic are separate networks (SeparateNetworksAPI, "
+                f"e.g. SPPOLLMModule); {getattr(module_class, '__name__', module_class)} is not one. Classic-control "
+                f"networks are small: leave deepspeed unset (the torch learner).")
+        if self.num_learners > 1:
+            self._value_error(
+                f"deepspeed runs one learner process, got num_learners={self.num_learners}: RLlib reads weights and "
+                f"checkpoints from the first learner only, and ZeRO would spread them over all. Set num_learners to "
+                f"0 or 1 (ZeRO-3 with offload_param/offload_optimizer fits larger models on one device).")
+        if self.grad_clip_by != "global_norm":
+            self._value_error(f"deepspeed clips gradients by their global norm (grad_clip), not by "
+                              f"{self.grad_clip_by!r}: set grad_clip_by='global_norm'.")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise MissingExtraError(f"deepspeed={self.deepspeed} needs DeepSpeed, which is not installed: {INSTALL}",
+                                    name="deepspeed")
 
     @property
     def _model_config_auto_includes(self) -> dict:
@@ -186,6 +232,10 @@ class SPPOConfig(AlgorithmConfig):
         return RLModuleSpec(module_class=SPPOMLPModule)
 
     def get_default_learner_class(self):
+        if self.deepspeed is not None:
+            from rllib_sppo.torch.deepspeed_learner import SPPODeepSpeedLearner
+
+            return SPPODeepSpeedLearner
         from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
 
         return SPPOTorchLearner
@@ -194,7 +244,7 @@ class SPPOConfig(AlgorithmConfig):
 _SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "weight_decay", "critic_weight_decay", "clip_low",
               "clip_high", "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff",
               "temperature", "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
-              "eval_samples_per_prompt", "max_nonfinite_updates")
+              "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed")
 
 
 #: Written last into every SPPO checkpoint: its files and their sizes.

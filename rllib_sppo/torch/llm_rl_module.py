@@ -27,7 +27,7 @@ from torch import nn
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from rllib_sppo.apis import TokenLogpAPI, TokenValueAPI
+from rllib_sppo.apis import SeparateNetworksAPI, TokenLogpAPI, TokenValueAPI
 
 
 def token_logp(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -36,7 +36,20 @@ def token_logp(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
-class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI, TokenValueAPI):
+class ValueModel(nn.Module):
+    """The critic as one network: a backbone and a one-output head, a value logit at every position [B, L]."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI, TokenValueAPI,
+                    SeparateNetworksAPI):
     def setup(self):
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -69,9 +82,15 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
             for model in (self.policy, getattr(self, "critic", None)):
                 if model is not None:
                     model.gradient_checkpointing_enable()
+        # The two networks (in a plain dict, so not registered twice: the state-dict keys stay policy.*, critic.*,
+        # value_head.*), and what runs each one: itself, or a learner's wrapper of it (run_networks_with).
+        self._networks = {"policy": self.policy}
+        if not self.inference_only:
+            self._networks["critic"] = ValueModel(self.critic, self.value_head)
+        self._runners = dict(self._networks)
 
     def _forward(self, batch, **kwargs):
-        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self._runners["policy"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return {"logits": logits, "logp": token_logp(logits, batch["input_ids"], self.temperature)}
 
     # TokenLogpAPI
@@ -88,17 +107,23 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
     def critic_parameters(self):
         return list(self.critic.parameters()) + list(self.value_head.parameters())
 
+    # SeparateNetworksAPI
+    def networks(self):
+        return dict(self._networks)
+
+    def run_networks_with(self, **wrappers):
+        self._runners.update(wrappers)
+
     # ValueFunctionAPI: one logit per prompt, read at its last token.
     def compute_values(self, batch, embeddings=None):
         mask = batch["critic_attention_mask"]
-        hidden = self.critic(input_ids=batch["critic_input_ids"], attention_mask=mask).last_hidden_state
-        last = mask.sum(-1).long() - 1
-        return self.value_head(hidden[torch.arange(hidden.shape[0]), last]).squeeze(-1).float()
+        values = self._runners["critic"](batch["critic_input_ids"], mask)
+        return values[torch.arange(values.shape[0]), mask.sum(-1).long() - 1]
 
     # TokenValueAPI: the critic at every next-token position of prompt + response, [B, L-1].
     def compute_token_values(self, batch):
-        hidden = self.critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return self.value_head(hidden[:, :-1]).squeeze(-1).float(), batch["response_mask"]
+        values = self._runners["critic"](batch["input_ids"], batch["attention_mask"])
+        return values[:, :-1], batch["response_mask"]
 
     def critic_inputs(self, prompt_texts: list[str], prompt_ids: list[list[int]]) -> list[list[int]]:
         """The critic's token ids of each prompt: the policy's ids, or the text re-tokenised."""

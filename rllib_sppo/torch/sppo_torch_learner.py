@@ -49,6 +49,10 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
         finite = all(torch.isfinite(g).all() for g in gradients_dict.values())
         if finite:
             super().apply_gradients(gradients_dict)
-        self._nonfinite_streak = 0 if finite else self._nonfinite_streak + 1
-        self.metrics.log_value(NONFINITE_SKIPPED, int(not finite), reduce="sum")
+        self._count_update(applied=finite)
+
+    def _count_update(self, applied: bool) -> None:
+        """Counts an optimizer step skipped for a non-finite loss or gradient, and the streak of them."""
+        self._nonfinite_streak = 0 if applied else self._nonfinite_streak + 1
+        self.metrics.log_value(NONFINITE_SKIPPED, int(not applied), reduce="sum")
         self.metrics.log_value(NONFINITE_STREAK, self._nonfinite_streak, reduce="max", window=1)

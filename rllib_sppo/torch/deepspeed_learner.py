@@ -1,0 +1,211 @@
+"""SPPO's DeepSpeed learner: the policy and the critic each in a ZeRO-2/3 engine with its own AdamW.
+
+``SPPOConfig.deepspeed = {"zero_stage": 2 | 3, "offload_optimizer": bool, "offload_param": bool}`` selects it.
+The loss is ``SPPOTorchLearner``'s; only the update's plumbing changes: one backward of the loss, through each
+engine's hooks (the policy loss reaches only policy parameters and the critic loss only critic ones), then a step
+per engine, DeepSpeed clipping each network's gradient to ``grad_clip``. RLlib keeps the learning rates on the
+torch optimizers DeepSpeed steps. Under ZeRO-3 the parameters are partitioned: state (weight sync, checkpoints)
+is read and written with them gathered whole, and a written state refreshes the engines' fp32 master weights.
+"""
+
+import os
+import tempfile
+from contextlib import ExitStack, contextmanager
+
+import numpy as np
+import torch
+import tree
+
+from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
+
+INSTALL = "pip install 'rllib-sppo[deepspeed]'"
+#: ``SPPOConfig.deepspeed``'s keys and their defaults.
+DEEPSPEED_DEFAULTS = {"zero_stage": 2, "offload_optimizer": False, "offload_param": False}
+
+
+class MissingExtraError(ImportError, ValueError):
+    """An optional dependency is not installed (also a ValueError: config validation reports it like the others)."""
+
+
+def import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise MissingExtraError(f"config.deepspeed needs DeepSpeed, which is not installed: {INSTALL}",
+                                name="deepspeed") from e
+    return deepspeed
+
+
+def _init_distributed(deepspeed) -> None:
+    """DeepSpeed's communication backend over a one-process group (RLlib's, or a new one in this process)."""
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
+    if deepspeed.get_accelerator().device_name() == "cpu":
+        # DeepSpeed compiles a shared-memory all-reduce for CPU ranks at its first init (a C++ build, ~70 s on
+        # 2 cores); one process has no peer to share memory with, so gloo alone does.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():  # num_learners=0: the learner lives in this process
+        torch.distributed.init_process_group(deepspeed.get_accelerator().communication_backend_name(),
+                                             init_method=f"file://{tempfile.mkdtemp(prefix='sppo_ds_')}/store",
+                                             rank=0, world_size=1)
+    deepspeed.init_distributed()
+
+
+def engine_config(config, params: list) -> dict:
+    """One engine's DeepSpeed config from the SPPO config (RLlib makes the minibatches: one micro-batch a step)."""
+    ds = {**DEEPSPEED_DEFAULTS, **config.deepspeed}
+    dtype = params[0].dtype
+    if dtype == torch.float16:
+        raise ValueError("the DeepSpeed learner trains float32 or bfloat16 models (float16 needs loss scaling); "
+                         "set model_config dtype to 'bfloat16'.")
+    # Communication buckets no larger than the network (ZeRO-3 allocates its 5e8-element default up front).
+    bucket = min(int(5e8), -(-sum(p.numel() for p in params) // 64) * 64)  # a multiple of the alignment
+    zero = {"stage": ds["zero_stage"], "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if ds["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds["offload_param"]:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": config.minibatch_size or config.train_batch_size_per_learner,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},  # then DeepSpeed keeps fp32 master weights and Adam moments
+        "zero_allow_untested_optimizer": True,  # torch's AdamW, as the torch learner steps
+        "zero_force_ds_cpu_optimizer": False,  # ... also when offloading (DeepSpeedCPUAdam is a compiled op)
+        "steps_per_print": 2 ** 31,
+    }
+
+
+class SPPODeepSpeedLearner(SPPOTorchLearner):
+    def build(self) -> None:
+        self._engines = {}  # module id -> {"policy": engine, "critic": engine}
+        self._gathered = 0  # depth of _whole_parameters contexts
+        self._pending_optimizer_state = None
+        _init_distributed(import_deepspeed())
+        super().build()
+
+    def configure_optimizers_for_module(self, module_id, config=None) -> None:
+        deepspeed = import_deepspeed()
+        module = self.module[module_id].unwrapped()
+        engines = {}
+        for name, lr, weight_decay in (("policy", config.lr, config.weight_decay),
+                                       ("critic", config.critic_lr, config.critic_weight_decay)):
+            network = module.networks()[name]
+            params = list(network.parameters())
+            engine, zero_optimizer, _, _ = deepspeed.initialize(
+                model=network, optimizer=torch.optim.AdamW(params, weight_decay=weight_decay),
+                config=engine_config(config, params))
+            # RLlib sets the learning rate (and its schedule) on the torch optimizer inside DeepSpeed's, and
+            # checkpoints its state (ZeRO's flat fp32 partitions: here, one process, the whole of them).
+            self.register_optimizer(module_id=module_id, optimizer_name=name, optimizer=zero_optimizer.optimizer,
+                                    params=params, lr_or_lr_schedule=lr)
+            engines[name] = engine
+        module.run_networks_with(**engines)
+        self._engines[module_id] = engines
+
+    def _make_modules_ddp_if_necessary(self) -> None:
+        """DeepSpeed's engines, not DDP, hold the networks."""
+
+    def compute_gradients(self, loss_per_module, **kwargs):
+        """One backward of the summed losses: each engine's hooks reduce (ZeRO: and partition) its network's
+        gradients. A non-finite loss is not propagated, and ``apply_gradients`` skips the step."""
+        total = sum(loss_per_module.values())
+        self._loss_finite = bool(torch.isfinite(total))
+        if self._loss_finite:
+            total.backward()
+        return {}
+
+    def postprocess_gradients(self, gradients_dict):
+        """DeepSpeed clips each engine's gradient (``gradient_clipping = grad_clip``) in its step."""
+        return gradients_dict
+
+    def apply_gradients(self, gradients_dict) -> None:
+        """Steps every engine; skipped (and counted) if the loss was not finite, or if DeepSpeed skipped an
+        engine's step for a non-finite gradient norm."""
+        applied = self._loss_finite
+        for module_id, engines in self._engines.items():
+            for name, engine in engines.items():
+                if self._loss_finite:
+                    engine.step()
+                    applied = applied and engine.was_step_applied()
+                    norm = engine.get_global_grad_norm()  # before clipping, as the torch learner logs it
+                    if norm is not None:
+                        self.metrics.log_value((module_id, f"gradients_{name}_global_norm"), float(norm), window=1)
+        self._count_update(applied=applied)
+
+    # State: under ZeRO-3 a parameter holds only its partition; it is gathered whole to be read or written. The
+    # optimizers' state is DeepSpeed's own (ZeRO's flat fp32 master weights, AdamW moments and step; one process
+    # holds all of it), loaded after the weights, whose fp32 master copy it then replaces exactly.
+
+    def _partitioned(self) -> bool:
+        return any(e.zero_optimization_partition_weights() for es in self._engines.values() for e in es.values())
+
+    @contextmanager
+    def _whole_parameters(self, write: bool = False, networks=("policy", "critic")):
+        """Gathers the ZeRO-3-partitioned parameters of ``networks`` for the duration. After a write, partitions
+        the new values, copies them into the engines' fp32 master weights, then loads a pending optimizer state."""
+        import deepspeed
+
+        self._gathered += 1
+        try:
+            with ExitStack() as stack:
+                if self._gathered == 1 and self._partitioned():
+                    for engines in self._engines.values():
+                        for name in networks:
+                            stack.enter_context(deepspeed.zero.GatheredParameters(
+                                list(engines[name].module.parameters()), modifier_rank=0 if write else None))
+                yield
+            if write and self._gathered == 1:
+                for engines in self._engines.values():
+                    for engine in engines.values():
+                        engine.optimizer.refresh_fp32_params()
+                state, self._pending_optimizer_state = self._pending_optimizer_state, None
+                if state is not None:
+                    self._load_optimizer_state(state)
+        finally:
+            self._gathered -= 1
+
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        networks = ("policy",) if kwargs.get("inference_only") else ("policy", "critic")
+        with self._whole_parameters(networks=networks):
+            state = super().get_state(components, not_components=not_components, **kwargs)
+            if "rl_module" in state and self._partitioned():  # copies: the gathered tensors are freed on exit
+                state["rl_module"] = tree.map_structure(
+                    lambda x: x.copy() if isinstance(x, np.ndarray) else x, state["rl_module"])
+        return state
+
+    def set_state(self, state) -> None:
+        with self._whole_parameters(write=True):
+            super().set_state(state)
+
+    def save_to_path(self, *args, **kwargs):
+        with self._whole_parameters():  # the module writes its own files (and the Hugging Face folder)
+            return super().save_to_path(*args, **kwargs)
+
+    def restore_from_path(self, *args, **kwargs) -> None:
+        with self._whole_parameters(write=True):
+            super().restore_from_path(*args, **kwargs)
+
+    def _get_optimizer_state(self):
+        # (Detached: ZeRO-2 hands out views of its fp32 partitions, which carry autograd history.)
+        return {f"{module_id}_{name}": {"module_id": module_id, "state": tree.map_structure(
+                    lambda x: x.detach() if torch.is_tensor(x) else x, engine.optimizer.state_dict())}
+                for module_id, engines in self._engines.items() for name, engine in engines.items()}
+
+    def _set_optimizer_state(self, state) -> None:
+        if self._gathered:  # written with the weights: loaded once they are in place (see _whole_parameters)
+            self._pending_optimizer_state = state
+        else:
+            self._load_optimizer_state(state)
+
+    def _load_optimizer_state(self, state) -> None:
+        for key, saved in state.items():
+            module_id = saved["module_id"]
+            if module_id not in self._engines:
+                continue
+            if "zero_stage" not in saved["state"]:
+                raise ValueError(f"optimizer state {key!r} is not DeepSpeed's (a checkpoint of the torch learner?): "
+                                 f"restore it with the learner that wrote it, or load only its weights "
+                                 f"(components='learner/rl_module').")
+            engine = self._engines[module_id][key[len(module_id) + 1:]]
+            engine.optimizer.load_state_dict([saved["state"]], load_from_fp32_weights=True)
