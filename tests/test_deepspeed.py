@@ -129,8 +129,68 @@ def test_state_round_trips_and_nonfinite_updates_are_skipped(tiny, episodes, tmp
         assert all(np.array_equal(weights(second)[k], saved[k]) for k in saved)
         update(second, episodes, epochs=1)
         assert relative_error(weights(second), expected, saved) < 1e-5
-    # A non-finite loss (NaN rewards) skips the step, counted, and leaves the weights as they were.
+    # A non-finite loss (NaN rewards) skips the step, counted, and leaves the weights (and optimizer) as they were.
     before = weights(second)
     results = second.update(episodes=make_episodes(tiny, reward=float("nan")), num_epochs=1, minibatch_size=8)
     assert results[NONFINITE_SKIPPED] == 1 and results[NONFINITE_STREAK] == 1
     assert all(np.array_equal(weights(second)[k], before[k]) for k in before)
+    for learner in (first, second):
+        update(learner, episodes, epochs=1)
+    assert relative_error(weights(second), weights(first), expected) < 1e-5
+
+
+def test_zero3_offload_trains_syncs_the_env_runner_and_checkpoints(tiny, ray_session, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    algo = (config(tiny, {"zero_stage": 3, "offload_optimizer": True, "offload_param": True},
+                   max_response_tokens=12, rollout_engine="transformers")
+            .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 100, "heldout_size": 0,
+                                                           "chat_template_model": tiny})
+            .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=0, num_envs_per_env_runner=8)
+            .build_algo())
+    initial = weights(algo.learner_group._learner)
+    results = [algo.train() for _ in range(2)]
+    learner = results[-1]["learners"][MODULE]
+    assert np.isfinite(learner["policy/loss"]) and learner["policy/approx_kl"] != 0.0
+    # The engine sampled the second batch with the weights the learner had after the first update.
+    assert learner["rollout/engine_logp_gap"] < 1e-3
+    synced = algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
+        "learner"]["rl_module"][MODULE]
+    engine = {f"policy.{k}": v.numpy() for k, v in algo.env_runner._engine.model.state_dict().items()}
+    assert engine.keys() == synced.keys()  # the policy only: the critic stays on the learner
+    assert all(np.array_equal(engine[k], synced[k]) for k in synced)
+    assert max(np.abs(synced[k] - initial[k]).max() for k in synced) > 1e-3
+    algo.save_to_path(tmp_path / "ckpt")
+    algo.stop()
+    hf = AutoModelForCausalLM.from_pretrained(next((tmp_path / "ckpt").rglob("hf_policy")))
+    assert all(np.array_equal(p.detach().numpy(), synced[f"policy.{n}"]) for n, p in hf.named_parameters())
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"zero_stage": 1}, "zero_stage=1: set 2 .* or 3"),
+    ({"zero_stage": 2, "offload_param": True}, "offload_param=True needs zero_stage 3"),
+    ({"zero_stage": 3, "offload": True}, r"unknown key\(s\) \['offload'\]; its keys are zero_stage"),
+    ({"offload_optimizer": "yes"}, "offload_optimizer must be True or False"),
+    ("zero3", "deepspeed must be a dict"),
+])
+def test_deepspeed_config_says_how_to_fix(tiny, ds, message):
+    with pytest.raises(ValueError, match=message):
+        config(tiny, ds).validate()
+
+
+def test_deepspeed_refuses_the_mlp_module_and_several_learners(tiny):
+    with pytest.raises(ValueError, match="SPPOMLPModule is not one. Classic-control networks are small"):
+        SPPOConfig().environment("OutcomeCartPole-v1").training(deepspeed={"zero_stage": 2}).validate()
+    with pytest.raises(ValueError, match="one learner process, got num_learners=2"):
+        config(tiny, {"zero_stage": 3}).learners(num_learners=2).validate()
+    config(tiny, {"zero_stage": 3}).learners(num_learners=1).validate()
+    assert config(tiny, {}).get_default_learner_class().__name__ == "SPPODeepSpeedLearner"
+    assert config(tiny).get_default_learner_class().__name__ == "SPPOTorchLearner"
+
+
+def test_without_deepspeed_installed_asking_for_it_says_what_to_install(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
+    for ask in (config(tiny, {"zero_stage": 2}).validate, import_deepspeed):
+        with pytest.raises(ImportError, match=r"pip install 'rllib-sppo\[deepspeed\]'") as error:
+            ask()
+        assert isinstance(error.value, MissingExtraError)  # also a ValueError: the CLI reports it in one line

@@ -8,6 +8,7 @@ torch optimizers DeepSpeed steps. Under ZeRO-3 the parameters are partitioned: s
 is read and written with them gathered whole, and a written state refreshes the engines' fp32 master weights.
 """
 
+import math
 import os
 import tempfile
 from contextlib import ExitStack, contextmanager
@@ -15,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 import torch
 import tree
+from ray.rllib.core import COMPONENT_RL_MODULE
 
 from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
 
@@ -58,7 +60,7 @@ def engine_config(config, params: list) -> dict:
         raise ValueError("the DeepSpeed learner trains float32 or bfloat16 models (float16 needs loss scaling); "
                          "set model_config dtype to 'bfloat16'.")
     # Communication buckets no larger than the network (ZeRO-3 allocates its 5e8-element default up front).
-    bucket = min(int(5e8), -(-sum(p.numel() for p in params) // 64) * 64)  # a multiple of the alignment
+    bucket = min(int(5e8), math.ceil(sum(p.numel() for p in params) / 64) * 64)  # a multiple of the alignment
     zero = {"stage": ds["zero_stage"], "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if ds["offload_optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -95,8 +97,7 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
             engine, zero_optimizer, _, _ = deepspeed.initialize(
                 model=network, optimizer=torch.optim.AdamW(params, weight_decay=weight_decay),
                 config=engine_config(config, params))
-            # RLlib sets the learning rate (and its schedule) on the torch optimizer inside DeepSpeed's, and
-            # checkpoints its state (ZeRO's flat fp32 partitions: here, one process, the whole of them).
+            # RLlib sets the learning rate (and its schedule) on the torch optimizer inside DeepSpeed's.
             self.register_optimizer(module_id=module_id, optimizer_name=name, optimizer=zero_optimizer.optimizer,
                                     params=params, lr_or_lr_schedule=lr)
             engines[name] = engine
@@ -166,12 +167,14 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
             self._gathered -= 1
 
     def get_state(self, components=None, *, not_components=None, **kwargs):
-        networks = ("policy",) if kwargs.get("inference_only") else ("policy", "critic")
+        networks = ()
+        if self._check_component(COMPONENT_RL_MODULE, components, not_components):
+            networks = ("policy",) if kwargs.get("inference_only") else ("policy", "critic")
         with self._whole_parameters(networks=networks):
             state = super().get_state(components, not_components=not_components, **kwargs)
-            if "rl_module" in state and self._partitioned():  # copies: the gathered tensors are freed on exit
-                state["rl_module"] = tree.map_structure(
-                    lambda x: x.copy() if isinstance(x, np.ndarray) else x, state["rl_module"])
+            if networks and self._partitioned():  # copies: the gathered tensors are freed on exit
+                state[COMPONENT_RL_MODULE] = tree.map_structure(
+                    lambda x: x.copy() if isinstance(x, np.ndarray) else x, state[COMPONENT_RL_MODULE])
         return state
 
     def set_state(self, state) -> None:
