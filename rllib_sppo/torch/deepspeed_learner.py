@@ -174,7 +174,8 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
             state = super().get_state(components, not_components=not_components, **kwargs)
             if networks and self._partitioned():  # copies: the gathered tensors are freed on exit
                 state[COMPONENT_RL_MODULE] = tree.map_structure(
-                    lambda x: x.copy() if isinstance(x, np.ndarray) else x, state[COMPONENT_RL_MODULE])
+                    lambda x: x.copy() if isinstance(x, np.ndarray) else x.clone() if torch.is_tensor(x) else x,
+                    state[COMPONENT_RL_MODULE])
         return state
 
     def set_state(self, state) -> None:

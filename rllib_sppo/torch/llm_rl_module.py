@@ -134,6 +134,13 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
     def get_non_inference_attributes(self):
         return ["critic", "value_head"]
 
+    def get_state(self, components=None, *, not_components=None, inference_only=False, **kwargs):
+        """RLlib's state (numpy arrays; the critic left out if ``inference_only``), except that bfloat16 tensors,
+        which numpy has no type for, stay (CPU) torch tensors: RLlib's ``set_state`` and the EnvRunners take both."""
+        skip = self.get_non_inference_attributes() if inference_only and not self.inference_only else []
+        return {k: v.detach().cpu() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy()
+                for k, v in self.state_dict().items() if k.split(".")[0] not in skip}
+
     def save_to_path(self, path=None, **kwargs) -> str:
         """RLlib's checkpoint, plus the policy as a Hugging Face folder ``hf_policy/``
         that transformers and vLLM load directly."""
