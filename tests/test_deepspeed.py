@@ -74,13 +74,14 @@ def update(learner, episodes, epochs=2):
 
 
 def weights(learner):
-    return learner.get_state(components="rl_module")["rl_module"][MODULE]
+    """A copy of the learner's module weights (RLlib's state may be views of the live tensors)."""
+    return copy.deepcopy(learner.get_state(components="rl_module")["rl_module"][MODULE])
 
 
 @pytest.fixture(scope="module")
 def torch_run(tiny, episodes):
     learner = build_learner(tiny)
-    initial = {k: v.copy() for k, v in weights(learner).items()}
+    initial = weights(learner)
     update(learner, episodes)
     return initial, weights(learner)
 
@@ -146,7 +147,7 @@ def test_bfloat16_trains_with_fp32_master_weights(tiny, episodes):
     bf16 = RLModuleSpec(module_class=SPPOLLMModule, model_config={"policy": tiny, "dtype": "bfloat16"})
     for ds in (None, {"zero_stage": 3}):  # numpy has no bfloat16: the module's state keeps such torch tensors
         learner = config(tiny, ds).rl_module(rl_module_spec=bf16).build_learner(env=None, spaces={MODULE: (TEXT, TEXT)})
-        initial = copy.deepcopy(weights(learner))
+        initial = weights(learner)
         results = update(learner, episodes)
         got = weights(learner)
         assert results[NONFINITE_SKIPPED] == 0 and all(v.dtype == torch.bfloat16 for v in got.values())
@@ -166,15 +167,20 @@ def test_zero3_offload_trains_syncs_the_env_runner_and_checkpoints(tiny, ray_ses
             .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 100, "heldout_size": 0,
                                                            "chat_template_model": tiny})
             .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=0, num_envs_per_env_runner=8)
+            .learners(num_learners=1, num_cpus_per_learner=1)  # a learner actor, in Ray Train's process group
             .build_algo())
-    initial = weights(algo.learner_group._learner)
+
+    def learner_weights():
+        return algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
+            "learner"]["rl_module"][MODULE]
+
+    initial = learner_weights()
     results = [algo.train() for _ in range(2)]
     learner = results[-1]["learners"][MODULE]
     assert np.isfinite(learner["policy/loss"]) and learner["policy/approx_kl"] != 0.0
     # The engine sampled the second batch with the weights the learner had after the first update.
     assert learner["rollout/engine_logp_gap"] < 1e-3
-    synced = algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
-        "learner"]["rl_module"][MODULE]
+    synced = learner_weights()
     engine = {f"policy.{k}": v.numpy() for k, v in algo.env_runner._engine.model.state_dict().items()}
     assert engine.keys() == synced.keys()  # the policy only: the critic stays on the learner
     assert all(np.array_equal(engine[k], synced[k]) for k in synced)
