@@ -58,8 +58,9 @@ def episodes(tiny):
 def config(tiny, deepspeed=None, **training):
     return (SPPOConfig()
             .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
-            .training(**{"lr": 1e-3, "critic_lr": 1e-3, "grad_clip": 0.5, "train_batch_size_per_learner": 8,
-                         "minibatch_size": 4, "deepspeed": deepspeed, **training})
+            .training(**{"lr": 5e-4, "critic_lr": 2e-3,  # not AdamW's default (1e-3): RLlib must set them
+                         "grad_clip": 0.5, "train_batch_size_per_learner": 8, "minibatch_size": 4,
+                         "deepspeed": deepspeed, **training})
             .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config={"policy": tiny}))
             .debugging(seed=0))
 
@@ -105,7 +106,7 @@ def test_updates_equal_the_torch_learner(tiny, episodes, torch_run, ds):
     results = update(learner, episodes)
     error = relative_error(weights(learner), expected, initial)
     print(ds, "relative distance to the torch learner's weights:", error)
-    assert error < 1e-3  # float32 summation order only (measured: ZeRO-2 6e-6, ZeRO-3 4e-5)
+    assert error < 1e-3  # float32 summation order only (measured: ZeRO-2 8e-6, ZeRO-3 4e-5 to 6e-5)
     assert results[MODULE]["gradients_policy_global_norm"] > 0.5  # clipped to grad_clip (0.5) by DeepSpeed
     assert results[NONFINITE_SKIPPED] == 0
 

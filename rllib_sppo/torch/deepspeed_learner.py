@@ -42,8 +42,8 @@ def _init_distributed(deepspeed) -> None:
     """DeepSpeed's communication backend over a one-process group (RLlib's, or a new one in this process)."""
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
     if deepspeed.get_accelerator().device_name() == "cpu":
-        # DeepSpeed compiles a shared-memory all-reduce for CPU ranks at its first init (a C++ build, ~70 s on
-        # 2 cores); one process has no peer to share memory with, so gloo alone does.
+        # DeepSpeed compiles a shared-memory all-reduce for CPU ranks at its first init (a C++ build, about a
+        # minute on 2 cores); one process has no peer to share memory with, so gloo alone does.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():  # num_learners=0: the learner lives in this process
         torch.distributed.init_process_group(deepspeed.get_accelerator().communication_backend_name(),
