@@ -222,7 +222,8 @@ def wandb_callback(options: dict, run_dir: str):
 
 
 def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
-    """Runs ``episodes`` episodes with the checkpoint's policy on its own env."""
+    """Runs ``episodes`` episodes with the checkpoint's policy on its own env; for LLM bandits, scores the
+    held-out split instead (avg@k and pass@k, k = the config's ``eval_samples_per_prompt``)."""
     import numpy as np
     from ray.rllib.algorithms.algorithm import Algorithm
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
@@ -240,6 +241,12 @@ def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
     runner = runner_cls(config=algo.config)
     runner.set_state({"rl_module": algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
         "learner"]["rl_module"]})
+    if hasattr(runner, "evaluate_heldout"):  # LLM bandits: the held-out split, k samples each (avg@k, pass@k)
+        report = {"checkpoint": checkpoint, "env": algo.config.env,
+                  **runner.evaluate_heldout(algo.config.eval_samples_per_prompt)}
+        runner.stop()
+        algo.stop()
+        return report
     done = []
     while len(done) < episodes:
         done += [e for e in runner.sample(num_episodes=episodes - len(done), explore=explore) if e.is_done]

@@ -71,7 +71,12 @@ def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys):
     assert progress, err[-2000:]
     assert re.search(r"iter 1/2 \| return [\d.e-]+ \| accuracy/avg@2 [\d.]+ \| accuracy/pass@2 [\d.]+ \| "
                      r"tokens/s \d+ \| ETA \d+:\d\d:\d\d$", progress[0]), progress[0]
-    curves = json.loads(out.strip().splitlines()[-1])["curves"]
+    summary = json.loads(out.strip().splitlines()[-1])
+    curves = summary["curves"]
+    # rllib evaluate on the LLM checkpoint: the held-out split, 2 samples each
+    assert main(["evaluate", summary["checkpoint"]]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["problems"] == 8 and 0 <= report["accuracy/avg@2"] <= report["accuracy/pass@2"] <= 1
     assert curves.startswith(str(tmp_path / "results" / "tiny-arith"))
     with open(curves, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
