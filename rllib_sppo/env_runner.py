@@ -3,6 +3,8 @@
 import numpy as np
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
+import envs  # noqa: F401  (registers the Outcome* ids in this process: a remote EnvRunner's too)
+
 
 class EpisodeEnvRunner(SingleAgentEnvRunner):
     """RLlib's SingleAgentEnvRunner, with new start states in every ``sample()`` of whole episodes.

@@ -132,3 +132,13 @@ def test_nonfinite_updates_are_skipped_then_the_run_stops_with_a_checkpoint(ray_
     after = module_state(restored)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # the last good (= initial) weights
     restored.stop()
+
+
+def test_periodic_evaluation_reports_the_outcome(ray_session):
+    algo = (cartpole_config(train_batch_size_per_learner=200, minibatch_size=100)
+            .evaluation(evaluation_interval=1, evaluation_duration=3, evaluation_duration_unit="episodes")
+            .build_algo())
+    result = algo.train()
+    algo.stop()
+    evaluation = result["evaluation"]["env_runners"]
+    assert evaluation["num_episodes"] == 3 and 0 < evaluation["episode_return_mean"] <= 1.0

@@ -30,6 +30,7 @@ from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 from ray.tune.registry import ENV_CREATOR, _global_registry
 
+import envs  # noqa: F401  (registers ReasoningBandit-v0 in this process: a remote EnvRunner's too)
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
 from rllib_sppo.llm.models import resolve_model
