@@ -5,7 +5,7 @@
 Policy: SmolLM2-135M-Instruct (``builtin:smollm2-135m-instruct``). Critics: the same model ("= policy"),
 and a small Llama with the same tokenizer (2 layers, hidden 128; randomly initialised: only its cost is
 measured, as the reference pairs a 7B policy with a 1.5B critic). Each critic runs in its own process
-(for a clean peak RSS); per response length one learner step of each part is timed: the critic's
+(for a clean peak RSS); per response length the median of 3 learner steps of each part is timed: the critic's
 (values at the last prompt token, BCE loss, backward, AdamW) and the policy's (log-probs, PPO-clip loss,
 backward, AdamW). The critic reads the prompt only, so its cost must stay flat as responses grow.
 Writes ``benchmarks/results/critic_cost.{md,csv,png}``.
@@ -39,7 +39,7 @@ def small_critic(out_dir: str, policy_dir: str) -> str:
 
 
 def measure(critic: str | None, batch: int, prompt_len: int, response_lens: list[int]) -> list[dict]:
-    """One process: builds the module, times one critic step and one policy step per response length."""
+    """One process: builds the module, times the median of 3 critic steps and of 3 policy steps per response length."""
     import gymnasium as gym
     import torch
 
@@ -60,18 +60,21 @@ def measure(critic: str | None, batch: int, prompt_len: int, response_lens: list
         mask[:, prompt_len - 1:] = 1.0
         b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "critic_input_ids": ids[:, :prompt_len],
              "critic_attention_mask": torch.ones(batch, prompt_len, dtype=torch.long)}
-        start = time.perf_counter()
-        critic_opt.zero_grad()
-        critic_bce_loss(module.compute_values(b), torch.rand(batch)).backward()
-        critic_opt.step()
-        critic_s = time.perf_counter() - start
-        start = time.perf_counter()
-        policy_opt.zero_grad()
-        logp = module._forward(b)["logp"]
-        loss, _ = ppo_clip_loss(logp, logp.detach(), torch.randn(batch), mask)
-        loss.backward()
-        policy_opt.step()
-        policy_s = time.perf_counter() - start
+        critic_s, policy_s = [], []
+        for _ in range(3):  # the median of 3 steps
+            start = time.perf_counter()
+            critic_opt.zero_grad()
+            critic_bce_loss(module.compute_values(b), torch.rand(batch)).backward()
+            critic_opt.step()
+            critic_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            policy_opt.zero_grad()
+            logp = module._forward(b)["logp"]
+            loss, _ = ppo_clip_loss(logp, logp.detach(), torch.randn(batch), mask)
+            loss.backward()
+            policy_opt.step()
+            policy_s.append(time.perf_counter() - start)
+        critic_s, policy_s = sorted(critic_s)[1], sorted(policy_s)[1]
         if i:
             rows.append({"critic": "= policy" if critic is None else "small", "response_len": length,
                          "critic_params_m": sum(p.numel() for p in module.critic_parameters()) / 1e6,
