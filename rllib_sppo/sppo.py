@@ -151,6 +151,12 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(
                 f"advantage_estimator={self.advantage_estimator!r} needs a group of samples per prompt for its "
                 f"baseline, got samples_per_prompt={self.samples_per_prompt}; set it to 2 or more (GRPO uses 8).")
+        n = self.samples_per_prompt
+        if n > 1 and batch is not None and batch % n:
+            self._value_error(
+                f"train_batch_size_per_learner ({batch}) is not a multiple of samples_per_prompt ({n}): {batch} / {n} "
+                f"= {batch / n:g} prompts per learner, so a group would be cut; use {batch // n * n or n} or "
+                f"{(batch // n + 1) * n}.")
         if critic == "token":
             module_class = getattr(self.rl_module_spec, "module_class", None)
             if not (isinstance(module_class, type) and issubclass(module_class, TokenValueAPI)):

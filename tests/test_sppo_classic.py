@@ -75,6 +75,9 @@ def test_critic_is_learner_only_and_checkpoint_is_bit_identical(ray_session, tmp
     ({"samples_per_prompt": 4}, "samples_per_prompt=4; set it to 1"),
     ({"advantage_estimator": "grpo"}, "needs a group of samples per prompt"),
     ({"advantage_estimator": "rloo", "samples_per_prompt": 1}, "set it to 2 or more"),
+    ({"advantage_estimator": "grpo", "samples_per_prompt": 8, "train_batch_size_per_learner": 100,
+      "minibatch_size": 50}, "(100) is not a multiple of samples_per_prompt (8): 100 / 8 = 12.5 prompts per learner, so a group would "
+      "be cut; use 96 or 104"),
     ({"advantage_estimator": "ppo"}, "advantage_estimator='ppo'"),
     ({"temperature": 0.0}, "temperature must be > 0"),
 ])
