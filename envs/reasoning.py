@@ -257,9 +257,22 @@ class ReasoningEnv(gym.Env):
 
         worker = (getattr(env_config, "worker_index", 0), getattr(env_config, "vector_index", 0))
         self.np_random = np.random.default_rng([cfg.get("seed", 0), *worker])
-        self._order = self.np_random.permutation(len(self.records))
-        self._pos = 0
+        self._shuffle()
         self._current: int | None = None
+
+    def _shuffle(self) -> None:
+        """A new pass over the data in a new order; the generator's state before it redraws it (checkpoints)."""
+        self._shuffled_from = self.np_random.bit_generator.state
+        self._order, self._pos = self.np_random.permutation(len(self.records)), 0
+
+    def get_data_state(self) -> dict:
+        """Where this env is in its pass over the data (small: the order is redrawn, not stored)."""
+        return {"shuffled_from": self._shuffled_from, "pos": self._pos}
+
+    def set_data_state(self, state: dict) -> None:
+        self.np_random.bit_generator.state = state["shuffled_from"]
+        self._shuffle()
+        self._pos = state["pos"]
 
     @staticmethod
     def _renderer(model_dir: str | None):
@@ -278,7 +291,7 @@ class ReasoningEnv(gym.Env):
             self._current = int(options["index"])
         else:
             if seed is not None or self._pos == len(self._order):  # reseeded, or a new epoch
-                self._order, self._pos = self.np_random.permutation(len(self.records)), 0
+                self._shuffle()
             self._current = int(self._order[self._pos])
             self._pos += 1
         record = self.records[self._current]

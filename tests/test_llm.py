@@ -1,5 +1,8 @@
 """The LLM path for real: a tiny Llama the test builds, real transformers, real vLLM, real RLlib."""
 
+import os
+import signal
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -257,3 +260,48 @@ def test_model_directories_are_checked(tiny, tmp_path):
         resolve_model(str(tmp_path / "weights_only"))
     with pytest.raises(ValueError, match="builtin:tiny-arith"):
         resolve_model("builtin:gpt5")
+
+
+def test_killed_llm_env_runner_and_its_engine_are_restarted(tiny, ray_session):
+    algo = (llm_config(tiny, "vllm").env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5)
+            .evaluation(evaluation_interval=None).build_algo())
+    steps = algo.train()["env_runners"]["num_env_steps_sampled_lifetime"]
+    pids = lambda: algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)  # noqa
+    [pid] = pids()
+    os.kill(pid, signal.SIGKILL)  # the runner's process, and the vLLM engine inside it
+    results = []
+    while len(results) < 20 and (not results or results[-1]["env_runners"].get(
+            "num_env_steps_sampled_lifetime", 0) < steps + 2 * 16):  # two batches from the restarted runner
+        results.append(algo.train())
+    last = results[-1]
+    assert last["env_runners"]["num_env_steps_sampled_lifetime"] >= steps + 2 * 16
+    assert last["fault_tolerance"]["num_remote_worker_restarts"] == 1 and pids() != [pid]
+    # The new engine generates with the learner's weights: its log-probs match the learner's after the sync.
+    assert last["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
+    algo.stop()
+
+
+def test_resume_continues_the_data_order_across_an_epoch(tiny, ray_session, tmp_path):
+    """2 + 2 iterations straight and 2, save, restore, 2 draw the same prompts; 20 problems, 2 envs drawing 8
+    each per iteration: every env starts a new shuffled epoch in iteration 3, after the checkpoint."""
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    def place(algo):  # each env's order and position in it
+        return [(e.unwrapped._order.tolist(), e.unwrapped._pos) for e in algo.env_runner.envs]
+
+    config = (llm_config(tiny, "transformers").evaluation(evaluation_interval=None)
+              .environment(env_config={"source": "arithmetic", "size": 24, "heldout_size": 4,
+                                       "chat_template_model": tiny})
+              .env_runners(num_envs_per_env_runner=2))
+    algo = config.build_algo()
+    for _ in range(2):
+        algo.train()
+    path, before = algo.save_to_path(str(tmp_path / "ckpt")), place(algo)
+    straight = [(algo.train(), place(algo))[1] for _ in range(2)]
+    algo.stop()
+    resumed = Algorithm.from_checkpoint(path)
+    assert place(resumed) == before
+    assert [(resumed.train(), place(resumed))[1] for _ in range(2)] == straight
+    resumed.stop()
+    assert all(pos == 16 for _, pos in before) and all(pos == 12 for _, pos in straight[-1])  # 32 = 20 + 12
+    assert all(old != new for (old, _), (new, _) in zip(before, straight[-1]))  # a new epoch, a new order

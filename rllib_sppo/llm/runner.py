@@ -155,7 +155,11 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         return {INPUT_ENV_SPACES: spaces, DEFAULT_MODULE_ID: spaces}
 
     def get_state(self, components=None, *, not_components=None, **kwargs):
-        return {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
+        state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
+        if self._check_component("data", components, not_components):  # each env's place in its pass over the data
+            state["data"] = {"envs": [env.unwrapped.get_data_state() for env in self.envs],
+                             "num_prompts": self._num_prompts}
+        return state
 
     def set_state(self, state) -> None:
         if COMPONENT_RL_MODULE in state:
@@ -171,6 +175,10 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             self._weights_seq_no = max(self._weights_seq_no, seq_no)
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
+        if "data" in state:  # a resumed run draws the prompts the uninterrupted one would have
+            for env, env_state in zip(self.envs, state["data"]["envs"]):
+                env.unwrapped.set_data_state(env_state)
+            self._num_prompts = state["data"]["num_prompts"]
 
     def _push_weights(self, module_state: dict) -> None:
         start = time.perf_counter()
