@@ -60,6 +60,17 @@ def test_math_reward(completion, gold, expected):
     assert math_reward([completion], ground_truth=[gold], data_source=["math"]) == [expected]
 
 
+def test_model_output_is_parsed_never_executed(tmp_path):
+    marker = tmp_path / "executed"
+    payloads = [f"\\boxed{{__import__('os').system('touch {marker}')}}", f"\\boxed{{open('{marker}', 'w')}}",
+                f"\\boxed{{exec(\"open('{marker}', 'w')\")}}"]
+    item = reasoning_gym.create_dataset("basic_arithmetic", size=1, seed=0)[0]  # reasoning-gym's own scorer too
+    for rewards in (math_reward(payloads, ground_truth=["0"] * 3),
+                    reasoning_gym_reward(payloads, ground_truth=[item["answer"]] * 3, metadata=[item["metadata"]] * 3)):
+        assert all(r in (0.0, None) for r in rewards), rewards
+    assert not marker.exists()
+
+
 def test_math_reward_boxed_gold_and_batch():
     rewards = math_reward([r"\boxed{5}", r"\boxed{6}", "?"], ground_truth=[r"\boxed{5}", "$5$", "5"])
     assert rewards == [1.0, 0.0, None]
