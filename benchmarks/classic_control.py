@@ -10,13 +10,12 @@ steps, wall time and the final return to ``benchmarks/results/classic_control.{m
 
 import argparse
 import csv
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from provenance import provenance
 
 # dense env, the raw return matching the outcome target, and the return that maps to outcome 1 (for the plot)
 DENSE = {"cartpole": ("CartPole-v1", 450.0, 500.0)}
@@ -78,8 +77,6 @@ def main():
 
 def write(rows: list) -> None:
     import matplotlib
-    import ray
-    import torch
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{OUT}.csv", "w", newline="") as f:
@@ -89,9 +86,7 @@ def write(rows: list) -> None:
             w.writerow([r["task"], r["algo"], r["reward"], r["seed"], r["steps"], f"{r['wall_s']:.1f}",
                         f"{r['return']:.3f}", r["target"], r["stopped_by"]])
     lines = ["# Classic control: SPPO vs RLlib PPO, env steps and wall time to the stop criterion", "",
-             f"Command: `{' '.join(['python'] + sys.argv)}`  ",
-             f"Versions: ray {ray.__version__}, torch {torch.__version__}, python {platform.python_version()}; "
-             f"{platform.machine()}, {subprocess.getoutput('nproc')} cores, no GPU; {time.strftime('%Y-%m-%d')}", "",
+             *provenance(),
              "| task | algorithm | reward | target | seeds reaching it | median env steps | median wall s | "
              "median final return |", "|---|---|---|---|---|---|---|---|"]
     keys = dict.fromkeys((r["task"], r["algo"], r["reward"]) for r in rows)

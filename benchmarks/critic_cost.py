@@ -14,13 +14,14 @@ Writes ``benchmarks/results/critic_cost.{md,csv,png}``.
 import argparse
 import csv
 import json
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import provenance
 
 OUT = Path("benchmarks/results/critic_cost")
 
@@ -109,8 +110,6 @@ def main():
 
 def write(rows: list, args) -> None:
     import matplotlib
-    import ray
-    import torch
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{OUT}.csv", "w", newline="") as f:
@@ -118,9 +117,7 @@ def write(rows: list, args) -> None:
         w.writeheader()
         w.writerows(rows)
     lines = ["# Critic cost: a critic the policy's size vs a small one, as responses grow", "",
-             f"Command: `{' '.join(['python'] + sys.argv)}`  ",
-             f"Versions: ray {ray.__version__}, torch {torch.__version__}, python {platform.python_version()}; "
-             f"{platform.machine()}, {subprocess.getoutput('nproc')} cores, no GPU; {time.strftime('%Y-%m-%d')}", "",
+             *provenance(),
              f"Policy SmolLM2-135M-Instruct, batch {args.batch}, prompt {args.prompt_len} tokens, fp32.", "",
              "| critic | critic params (M) | response tokens | critic step s | policy step s | critic share | "
              "process peak RSS GB |", "|---|---|---|---|---|---|---|"]

@@ -10,15 +10,12 @@ training time each needs to reach GRPO's final accuracy, to ``benchmarks/results
 
 import argparse
 import csv
-import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from llm_curve import run_seed
+from provenance import provenance
 
 OUT = Path("benchmarks/results/llm_compare")
 
@@ -58,8 +55,6 @@ def time_to_reach(curve: list, key: str, target: float) -> float:
 
 def write(runs: list, args) -> None:
     import matplotlib
-    import ray
-    import torch
 
     key = runs[0]["key"]
     with open(f"{OUT}.csv", "w", newline="") as f:
@@ -70,9 +65,7 @@ def write(runs: list, args) -> None:
     grpo = [r["curve"][-1][key] for r in runs if r["label"].startswith("GRPO")]
     target = float(np.mean(grpo)) if grpo else np.nan
     lines = [f"# {Path(args.yaml).name}: SPPO vs GRPO vs RLOO vs token-level PPO, held-out {key}", "",
-             f"Command: `{' '.join(['python'] + sys.argv)}`  ",
-             f"Versions: ray {ray.__version__}, torch {torch.__version__}, python {platform.python_version()}; "
-             f"{platform.machine()}, {subprocess.getoutput('nproc')} cores, no GPU; {time.strftime('%Y-%m-%d')}", "",
+             *provenance(),
              f"Same prompts per iteration for all; {args.minutes:g} min of training each (evaluations not counted). "
              f"Target = GRPO's final accuracy ({target:.3f}).", "",
              "| estimator | seed | before | after | iterations | generated tokens | training s | s to reach GRPO's final |",

@@ -10,13 +10,12 @@ then trains for the given wall-clock minutes (evaluations not counted), evaluati
 import argparse
 import csv
 import json
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from provenance import provenance
 
 
 def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: dict) -> dict:
@@ -82,13 +81,8 @@ def write(runs: list, args, out: Path) -> None:
     rows = [(r["seed"], r["curve"][0][key], r["curve"][-1][key], r["iterations"], r["curve"][-1]["train_s"],
              r["tokens_per_s"], r["engine_sync_s"], r["iter_s"]) for r in runs]
     gains = [(b - a) * 100 for _, a, b, *_ in rows]
-    cmd = " ".join(["python"] + sys.argv)
-    import ray
-    import torch
     lines = [f"# {Path(args.yaml).name}: held-out {key}, before and after {args.minutes:g} min of training", "",
-             f"Command: `{cmd}`  ", f"Versions: ray {ray.__version__}, torch {torch.__version__}, python "
-             f"{platform.python_version()}; machine: {platform.machine()}, {subprocess.getoutput('nproc')} cores, "
-             f"no GPU; {time.strftime('%Y-%m-%d')}", "",
+             *provenance(),
              "| seed | before | after | gain (points) | iterations | train s | rollout tokens/s | "
              "weight sync s/iter | iteration s |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s} | {a:.3f} | {b:.3f} | {g:+.1f} | {n} | {t:.0f} | {tps:.0f} | {sync:.3f} | {its:.2f} |"

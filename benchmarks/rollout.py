@@ -10,13 +10,12 @@ calls the runner's own ``vllm.LLM`` with the same prompt ids and sampling parame
 
 import argparse
 import csv
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from provenance import provenance
 
 OUT = Path("benchmarks/results/rollout")
 
@@ -28,7 +27,6 @@ def main():
     args = p.parse_args()
 
     import envs  # noqa: F401  (registers ReasoningBandit-v0)
-    import torch
     import vllm
     from transformers import AutoModelForCausalLM
 
@@ -79,12 +77,11 @@ def main():
         runner._push_weights(state)
         sync_s.append(time.perf_counter() - start)
     sync_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    write(rows, float(np.median(sync_s)), sync_bytes, args, torch.__version__, vllm.__version__)
+    write(rows, float(np.median(sync_s)), sync_bytes)
 
 
-def write(rows, sync_s, sync_bytes, args, torch_version, vllm_version) -> None:
+def write(rows, sync_s, sync_bytes) -> None:
     import matplotlib
-    import ray
 
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{OUT}.csv", "w", newline="") as f:
@@ -93,10 +90,7 @@ def write(rows, sync_s, sync_bytes, args, torch_version, vllm_version) -> None:
         w.writerows(rows)
     limit = rows[1]["tokens_per_s"]
     lines = ["# Rollout throughput and weight sync", "",
-             f"Command: `{' '.join(['python'] + sys.argv)}`  ",
-             f"Versions: ray {ray.__version__}, torch {torch_version}, vllm {vllm_version}, python "
-             f"{platform.python_version()}; {platform.machine()}, {subprocess.getoutput('nproc')} cores, no GPU; "
-             f"{time.strftime('%Y-%m-%d')}", "",
+             *provenance(("ray", "torch", "vllm")),
              "| path | prompts per round | rounds | response tokens | wall s | tokens/s | share of bare vLLM |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['path']} | {r['prompts_per_round']} | {r['rounds']} | {r['tokens']} | {r['wall_s']:.1f} | "
