@@ -158,12 +158,12 @@ class SPPOConfig(AlgorithmConfig):
                 f"= {batch / n:g} prompts per learner, so a group would be cut; use {batch // n * n or n} or "
                 f"{(batch // n + 1) * n}.")
         if critic == "token":
-            module_class = getattr(self.rl_module_spec, "module_class", None)
-            if not (isinstance(module_class, type) and issubclass(module_class, TokenValueAPI)):
+            offers, module_name = self._module_offers(TokenValueAPI)
+            if not offers:
                 self._value_error(
                     f"advantage_estimator={self.advantage_estimator!r} needs a critic read at every token (an RLModule "
-                    f"with TokenValueAPI, e.g. SPPOLLMModule); {getattr(module_class, '__name__', module_class)} has "
-                    f"none. For classic control, RLlib's own PPO is the token-level baseline.")
+                    f"with TokenValueAPI, e.g. SPPOLLMModule); {module_name} has none. For classic control, RLlib's "
+                    f"own PPO is the token-level baseline.")
             if not (0 < self.gamma <= 1 and 0 <= self.lambda_ <= 1):
                 self._value_error(f"need 0 < gamma <= 1 and 0 <= lambda_ <= 1, got {self.gamma}, {self.lambda_}.")
         elif (self.gamma, self.lambda_) != (1.0, 1.0):
@@ -178,6 +178,12 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
         if self.deepspeed is not None:
             self._validate_deepspeed()
+
+    def _module_offers(self, api: type) -> tuple[bool, str]:
+        """Whether the configured RLModule class implements ``api``, and the class's name (for messages)."""
+        module_class = getattr(self.rl_module_spec, "module_class", None)
+        offers = isinstance(module_class, type) and issubclass(module_class, api)
+        return offers, getattr(module_class, "__name__", str(module_class))
 
     def _validate_deepspeed(self) -> None:
         from rllib_sppo.apis import SeparateNetworksAPI
@@ -200,11 +206,11 @@ class SPPOConfig(AlgorithmConfig):
         if ds["offload_param"] and ds["zero_stage"] != 3:
             self._value_error("deepspeed offload_param=True needs zero_stage 3 (ZeRO-2 keeps whole parameters on "
                               "the device); set zero_stage: 3, or drop offload_param.")
-        module_class = getattr(self.rl_module_spec, "module_class", None)
-        if not (isinstance(module_class, type) and issubclass(module_class, SeparateNetworksAPI)):
+        offers, module_name = self._module_offers(SeparateNetworksAPI)
+        if not offers:
             self._value_error(
                 f"deepspeed trains a module whose policy and critic are separate networks (SeparateNetworksAPI, "
-                f"e.g. SPPOLLMModule); {getattr(module_class, '__name__', module_class)} is not one. Classic-control "
+                f"e.g. SPPOLLMModule); {module_name} is not one. Classic-control "
                 f"networks are small: leave deepspeed unset (the torch learner).")
         if self.num_learners > 1:
             self._value_error(
