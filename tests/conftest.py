@@ -13,3 +13,35 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def tiny_llm_experiment(tmp_path):
+    """``write(name, **config)``: a 2-iteration SPPO tuned-example YAML on a tiny Llama the test builds (arithmetic
+    prompts, transformers engine), ``config`` overriding its config keys; returns the file's path."""
+    import yaml
+
+    from rllib_sppo.llm.assets import build_tiny_llama
+
+    tiny = str(build_tiny_llama(tmp_path / "tiny", seed=0))
+
+    def write(name: str, **config) -> str:
+        experiment = {name: {"run": "SPPO", "env": "ReasoningBandit-v0", "stop": {"training_iteration": 2}, "config": {
+            "seed": 0,
+            "env_config": {"source": "arithmetic", "size": 100, "heldout_size": 8, "chat_template_model": tiny},
+            "env_runner_cls": "rllib_sppo.llm.runner.LLMEnvRunner",
+            "num_envs_per_env_runner": 8,
+            "rl_module_spec": {"module_class": "rllib_sppo.torch.llm_rl_module.SPPOLLMModule",
+                               "model_config": {"policy": tiny}},
+            "learner_connector": "rllib_sppo.llm.connectors.TokenBatch",
+            "add_default_connectors_to_learner_pipeline": False,
+            "rollout_engine": "transformers",
+            "max_response_tokens": 8,
+            "train_batch_size_per_learner": 8,
+            "minibatch_size": 8,
+            **config}}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+        return str(path)
+
+    return write

@@ -7,7 +7,6 @@ import re
 import shutil
 import socket
 import subprocess
-import textwrap
 import time
 import urllib.request
 
@@ -17,7 +16,6 @@ import ray
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.cli import main
-from rllib_sppo.llm.assets import build_tiny_llama
 
 SERIES = re.compile(r"^ray_(sppo_\w+)\{(.*)\} (\S+)$", re.M)
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
@@ -39,32 +37,9 @@ def ray_with_dashboard():
     return f"http://{context.dashboard_url}", f"http://127.0.0.1:{metrics_port}/metrics"
 
 
-def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys):
-    tiny = build_tiny_llama(tmp_path / "tiny", seed=0)
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(f"""
-        tiny-arith:
-          run: SPPO
-          env: ReasoningBandit-v0
-          stop: {{training_iteration: 2}}
-          config:
-            seed: 0
-            env_config: {{source: arithmetic, size: 100, heldout_size: 8, chat_template_model: {tiny}}}
-            env_runner_cls: rllib_sppo.llm.runner.LLMEnvRunner
-            num_envs_per_env_runner: 8
-            rl_module_spec:
-              module_class: rllib_sppo.torch.llm_rl_module.SPPOLLMModule
-              model_config: {{policy: {tiny}}}
-            learner_connector: rllib_sppo.llm.connectors.TokenBatch
-            add_default_connectors_to_learner_pipeline: false
-            rollout_engine: transformers
-            max_response_tokens: 8
-            train_batch_size_per_learner: 8
-            minibatch_size: 8
-            evaluation_interval: 1
-            custom_evaluation_function: rllib_sppo.llm.evaluation.heldout_accuracy
-            eval_samples_per_prompt: 2
-    """))
+def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys, tiny_llm_experiment):
+    path = tiny_llm_experiment("tiny-arith", evaluation_interval=1, eval_samples_per_prompt=2,
+                               custom_evaluation_function="rllib_sppo.llm.evaluation.heldout_accuracy")
     assert main(["train", "file", str(path), "--storage-path", str(tmp_path / "results")]) == 0
     out, err = capsys.readouterr()
     progress = [line for line in err.splitlines() if line.startswith("rllib: SPPO_")]

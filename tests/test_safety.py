@@ -4,9 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-
-from rllib_sppo.llm.assets import build_tiny_llama
 
 # Loaded into every Python process of the run (driver and Ray workers) through PYTHONPATH: resolving any host name
 # other than this machine's own is refused and recorded, so a download attempt fails and shows in the record.
@@ -32,36 +29,16 @@ def files_under(root):
     return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
 
 
-def test_llm_run_needs_no_network_and_writes_only_its_output_dir(tmp_path):
-    tiny = build_tiny_llama(tmp_path / "tiny", seed=0)
+def test_llm_run_needs_no_network_and_writes_only_its_output_dir(tmp_path, tiny_llm_experiment):
+    experiment = tiny_llm_experiment("offline")
     guard, home, work, results = (tmp_path / d for d in ("guard", "home", "work", "results"))
     for d in (guard, home, work):
         d.mkdir()
     (guard / "sitecustomize.py").write_text(GUARD)
-    (tmp_path / "exp.yaml").write_text(textwrap.dedent(f"""
-        offline:
-          run: SPPO
-          env: ReasoningBandit-v0
-          stop: {{training_iteration: 2}}
-          config:
-            seed: 0
-            env_config: {{source: arithmetic, size: 50, heldout_size: 4, chat_template_model: {tiny}}}
-            env_runner_cls: rllib_sppo.llm.runner.LLMEnvRunner
-            num_envs_per_env_runner: 8
-            rl_module_spec:
-              module_class: rllib_sppo.torch.llm_rl_module.SPPOLLMModule
-              model_config: {{policy: {tiny}}}
-            learner_connector: rllib_sppo.llm.connectors.TokenBatch
-            add_default_connectors_to_learner_pipeline: false
-            rollout_engine: transformers
-            max_response_tokens: 8
-            train_batch_size_per_learner: 8
-            minibatch_size: 8
-    """))
     attempts = tmp_path / "network_attempts.txt"
     env = {**os.environ, "HOME": str(home), "NETWORK_ATTEMPTS": str(attempts), "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(guard), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "train", "file", str(tmp_path / "exp.yaml"),
+    out = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "train", "file", experiment,
                           "--storage-path", str(results)], cwd=work, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
