@@ -107,8 +107,8 @@ class SPPOConfig(AlgorithmConfig):
         #: k of the held-out evaluation (avg@k, pass@k), run every ``evaluation_interval`` iterations.
         self.eval_samples_per_prompt = 4
         #: DeepSpeed learner for the LLM module instead of plain torch (None): {"zero_stage": 2 or 3,
-        #: "offload_optimizer": bool, "offload_param": bool (stage 3)}, defaults 2, False, False; one learner
-        #: process (num_learners 0 or 1). Needs ``pip install 'rllib-sppo[deepspeed]'``.
+        #: "offload_optimizer": bool, "offload_param": bool (stage 3)}, defaults 2, False, False; with
+        #: num_learners > 1 the learners form one ZeRO group. Needs ``pip install 'rllib-sppo[deepspeed]'``.
         self.deepspeed = None
 
     def training(self, **kwargs) -> "SPPOConfig":
@@ -212,11 +212,6 @@ class SPPOConfig(AlgorithmConfig):
                 f"deepspeed trains a module whose policy and critic are separate networks (SeparateNetworksAPI, "
                 f"e.g. SPPOLLMModule); {module_name} is not one. Classic-control "
                 f"networks are small: leave deepspeed unset (the torch learner).")
-        if self.num_learners > 1:
-            self._value_error(
-                f"deepspeed runs one learner process, got num_learners={self.num_learners}: RLlib reads weights and "
-                f"checkpoints from the first learner only, and ZeRO would spread them over all. Set num_learners to "
-                f"0 or 1 (ZeRO-3 with offload_param/offload_optimizer fits larger models on one device).")
         if self.grad_clip_by != "global_norm":
             self._value_error(f"deepspeed clips gradients by their global norm (grad_clip), not by "
                               f"{self.grad_clip_by!r}: set grad_clip_by='global_norm'.")
@@ -242,6 +237,15 @@ class SPPOConfig(AlgorithmConfig):
         from rllib_sppo.torch.mlp_rl_module import SPPOMLPModule
 
         return RLModuleSpec(module_class=SPPOMLPModule)
+
+    def build_learner_group(self, *, env=None, spaces=None, rl_module_spec=None, placement_group=None):
+        if self.deepspeed is None:
+            return super().build_learner_group(env=env, spaces=spaces, rl_module_spec=rl_module_spec,
+                                               placement_group=placement_group)
+        from rllib_sppo.torch.deepspeed_learner import DeepSpeedLearnerGroup
+
+        return DeepSpeedLearnerGroup(config=self.copy(), placement_group=placement_group,
+                                     module_spec=rl_module_spec or self.get_multi_rl_module_spec(env=env, spaces=spaces))
 
     def get_default_learner_class(self):
         if self.deepspeed is not None:

@@ -6,6 +6,9 @@ engine's hooks (the policy loss reaches only policy parameters and the critic lo
 per engine, DeepSpeed clipping each network's gradient to ``grad_clip``. RLlib keeps the learning rates on the
 torch optimizers DeepSpeed steps. Under ZeRO-3 the parameters are partitioned: state (weight sync, checkpoints)
 is read and written with them gathered whole, and a written state refreshes the engines' fp32 master weights.
+With several learners (data-parallel, one ZeRO group), gathering is collective: ``DeepSpeedLearnerGroup`` reads the
+state on every learner at once where RLlib would ask the first alone, and checkpoints hold every learner's
+optimizer partition.
 """
 
 import math
@@ -16,7 +19,8 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 import torch
 import tree
-from ray.rllib.core import COMPONENT_RL_MODULE
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+from ray.rllib.core.learner.learner_group import LearnerGroup
 
 from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
 
@@ -107,6 +111,15 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
     def _make_modules_ddp_if_necessary(self) -> None:
         """DeepSpeed's engines, not DDP, hold the networks."""
 
+    def _uncompiled_update(self, batch, **kwargs):
+        """TorchLearner's update without its DDP ``no_sync`` context (with several learners): DeepSpeed's engines
+        hold the networks and reduce the gradients across learners in their backward hooks."""
+        self._compute_off_policyness(batch)
+        fwd_out = self.module.forward_train(batch)
+        loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=batch)
+        self.apply_gradients(self.postprocess_gradients(self.compute_gradients(loss_per_module)))
+        return fwd_out, loss_per_module, {}
+
     def compute_gradients(self, loss_per_module, **kwargs):
         """One backward of the summed losses: each engine's hooks reduce (ZeRO: and partition) its network's
         gradients. A non-finite loss is not propagated, and ``apply_gradients`` skips the step."""
@@ -182,19 +195,30 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
         with self._whole_parameters(write=True):
             super().set_state(state)
 
-    def save_to_path(self, *args, **kwargs):
-        with self._whole_parameters():  # the module writes its own files (and the Hugging Face folder)
-            return super().save_to_path(*args, **kwargs)
+    def get_state_collectively(self, *args, **kwargs):
+        """``get_state`` run by every learner at once (ZeRO gathers across all of them); the first returns it."""
+        state = self.get_state(*args, **kwargs)
+        return state if torch.distributed.get_rank() == 0 else None
+
+    def save_to_path(self, path=None, *, state=None, **kwargs):
+        """Writes ``state`` (by default, this learner's gathered state); the module writes its Hugging Face folder
+        from it too, so writing reads no partitioned parameter."""
+        return super().save_to_path(path, state=self.get_state() if state is None else state, **kwargs)
 
     def restore_from_path(self, *args, **kwargs) -> None:
         with self._whole_parameters(write=True):
             super().restore_from_path(*args, **kwargs)
 
     def _get_optimizer_state(self):
+        """Every learner's partition of each engine's optimizer state, in learner (ZeRO rank) order."""
         # (Detached: ZeRO-2 hands out views of its fp32 partitions, which carry autograd history.)
-        return {f"{module_id}_{name}": {"module_id": module_id, "state": tree.map_structure(
-                    lambda x: x.detach() if torch.is_tensor(x) else x, engine.optimizer.state_dict())}
-                for module_id, engines in self._engines.items() for name, engine in engines.items()}
+        local = {f"{module_id}_{name}": tree.map_structure(lambda x: x.detach().cpu() if torch.is_tensor(x) else x,
+                                                           engine.optimizer.state_dict())
+                 for module_id, engines in self._engines.items() for name, engine in engines.items()}
+        partitions = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(partitions, local)
+        return {key: {"module_id": module_id, "partitions": [p[key] for p in partitions]}
+                for module_id, engines in self._engines.items() for key in (f"{module_id}_{n}" for n in engines)}
 
     def _set_optimizer_state(self, state) -> None:
         if self._gathered:  # written with the weights: loaded once they are in place (see _whole_parameters)
@@ -207,9 +231,32 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
             module_id = saved["module_id"]
             if module_id not in self._engines:
                 continue
-            if "zero_stage" not in saved["state"]:
+            if "partitions" not in saved:
                 raise ValueError(f"optimizer state {key!r} is not DeepSpeed's (a checkpoint of the torch learner?): "
                                  f"restore it with the learner that wrote it, or load only its weights "
                                  f"(components='learner/rl_module').")
+            written, learners = len(saved["partitions"]), torch.distributed.get_world_size()
+            if written != learners:
+                raise ValueError(f"optimizer state {key!r} holds the ZeRO partitions of {written} learner(s), this "
+                                 f"run has {learners}: resume with num_learners={written if written > 1 else 1}, or "
+                                 f"load only its weights (components='learner/rl_module').")
             engine = self._engines[module_id][key[len(module_id) + 1:]]
-            engine.optimizer.load_state_dict([saved["state"]], load_from_fp32_weights=True)
+            engine.optimizer.load_state_dict(saved["partitions"], load_from_fp32_weights=True)  # takes its rank's
+
+
+class DeepSpeedLearnerGroup(LearnerGroup):
+    """RLlib's LearnerGroup, except that the learners' state is read on all of them at once: ZeRO gathers the
+    partitions collectively, where RLlib asks the first learner alone. (Writing a state already reaches all.)"""
+
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        if self.is_local or not self._check_component(COMPONENT_LEARNER, components, not_components):
+            return super().get_state(components, not_components=not_components, **kwargs)
+        comps = self._get_subcomponents(COMPONENT_LEARNER, components)
+        not_comps = self._get_subcomponents(COMPONENT_LEARNER, not_components)
+        states = self._get_results(self.foreach_learner(
+            lambda learner: learner.get_state_collectively(comps, not_components=not_comps, **kwargs)))
+        return {COMPONENT_LEARNER: next(state for state in states if state is not None)}
+
+    def save_to_path(self, path=None, *, state=None, **kwargs):
+        """Writes the state read from all learners (RLlib would have the first one read and write it alone)."""
+        return super().save_to_path(path, state=self.get_state() if state is None else state, **kwargs)

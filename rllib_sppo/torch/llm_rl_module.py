@@ -141,10 +141,12 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         return {k: v.detach().cpu() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy()
                 for k, v in self.state_dict().items() if k.split(".")[0] not in skip}
 
-    def save_to_path(self, path=None, **kwargs) -> str:
-        """RLlib's checkpoint, plus the policy as a Hugging Face folder ``hf_policy/``
-        that transformers and vLLM load directly."""
-        path = super().save_to_path(path, **kwargs)
-        self.policy.save_pretrained(f"{path}/hf_policy")
+    def save_to_path(self, path=None, *, state=None, **kwargs) -> str:
+        """RLlib's checkpoint, plus the policy as a Hugging Face folder ``hf_policy/`` that transformers and vLLM load
+        directly, both written from one state (a DeepSpeed learner's is gathered from its ZeRO partitions)."""
+        state = self.get_state() if state is None else state
+        path = super().save_to_path(path, state=state, **kwargs)
+        policy = {k.removeprefix("policy."): torch.as_tensor(v) for k, v in state.items() if k.startswith("policy.")}
+        self.policy.save_pretrained(f"{path}/hf_policy", state_dict=policy)
         self.tokenizer.save_pretrained(f"{path}/hf_policy")
         return path
