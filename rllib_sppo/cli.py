@@ -299,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(evaluate(args.checkpoint, args.episodes, args.explore)))
             return 0
         stop = _json_arg(args.stop, "--stop") if args.stop else None
+        overrides = _json_arg(args.config, "--config")
         if args.file_kw == "file":
             if not args.path:
                 raise UsageError("usage: rllib train file PATH.yaml")
@@ -308,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             if not (args.algo and args.env):
                 raise UsageError("rllib train needs 'file PATH.yaml' or both --algo and --env")
             spec = {f"{args.algo}_{args.env}": {"run": args.algo, "env": args.env,
-                                                 "config": _json_arg(args.config, "--config")}}
+                                                 "config": {}}}
             where = "command line"
         for name, exp in spec.items():
+            exp["config"] = {**(exp.get("config") or {}), **overrides}  # --config's top-level keys win
             if args.wandb:
                 exp["wandb"] = {**(exp.get("wandb") or {}), "project": args.wandb}
             run_experiment(name, exp, where, args.storage_path, stop, args.resume)

@@ -66,6 +66,20 @@ def test_yaml_runs_through_tune_and_evaluates(tmp_path, capsys):
     assert report["episode_return_mean"] == pytest.approx(report["raw_return_mean"] / 500)
 
 
+def test_config_flag_overrides_the_yaml(tmp_path, capsys):
+    path = write(tmp_path, """
+        tiny-cartpole:
+          run: SPPO
+          env: OutcomeCartPole-v1
+          stop: {training_iteration: 5}
+          config: {train_batch_size_per_learner: 1000, minibatch_size: 500, model_config: {pi_hiddens: [8]}}
+    """)
+    assert main(["train", "file", path, "--config", '{"train_batch_size_per_learner": 200, "minibatch_size": 100}',
+                 "--stop", '{"training_iteration": 1}', "--storage-path", str(tmp_path / "results")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["training_iteration"] == 1 and 200 <= summary["env_steps"] < 1000  # the flag's batch, not the file's
+
+
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("tuned_examples/*.yaml")))
 def test_every_tuned_example_builds_a_valid_config(path):
     from rllib_sppo.cli import _search_keys, build_config, load_experiments, resolve_algorithm
