@@ -244,8 +244,8 @@ class SPPOConfig(AlgorithmConfig):
                                                placement_group=placement_group)
         from rllib_sppo.torch.deepspeed_learner import DeepSpeedLearnerGroup
 
-        return DeepSpeedLearnerGroup(config=self.copy(), placement_group=placement_group,
-                                     module_spec=rl_module_spec or self.get_multi_rl_module_spec(env=env, spaces=spaces))
+        spec = rl_module_spec or self.get_multi_rl_module_spec(env=env, spaces=spaces)
+        return DeepSpeedLearnerGroup(config=self.copy(), module_spec=spec, placement_group=placement_group)
 
     def get_default_learner_class(self):
         if self.deepspeed is not None:

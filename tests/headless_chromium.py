@@ -3,7 +3,7 @@
     QT_QPA_PLATFORM=offscreen python tests/headless_chromium.py URL UNTIL TIMEOUT_S
 
 Polls the live DOM every half second until the text UNTIL appears inside ``#root`` (or TIMEOUT_S passes), then
-prints one JSON line: the browser's user agent, the page title and the DOM, like ``chromium --dump-dom``.
+prints one JSON line: the browser's user agent, the page title and the text rendered in ``#root``.
 A separate process, because a Qt application owns its thread's event loop.
 """
 
@@ -15,7 +15,7 @@ from PyQt6.QtWebEngineWidgets import QWebEngineView
 from PyQt6.QtWidgets import QApplication
 
 SNAPSHOT = """JSON.stringify({user_agent: navigator.userAgent, title: document.title,
-    root: (document.getElementById('root') || {}).innerText || '', dom: document.documentElement.outerHTML})"""
+    root: (document.getElementById('root') || {}).innerText || ''})"""
 
 
 def main(url: str, until: str, timeout_s: float) -> None:

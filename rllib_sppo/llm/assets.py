@@ -55,14 +55,15 @@ def build_char_tokenizer(out_dir=None):
 
 
 def build_tiny_llama(out_dir, seed=0, intermediate_size=512) -> str:
-    """A randomly initialised 1.8M-parameter Llama with the char tokenizer, saved as a HF model folder."""
+    """A randomly initialised Llama with the char tokenizer (1.8M parameters at the default MLP width), saved as a
+    HF model folder."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tok = build_char_tokenizer(out_dir)
-    config = LlamaConfig(hidden_size=192, intermediate_size=intermediate_size, num_hidden_layers=4, num_attention_heads=6,
-                         num_key_value_heads=6, tie_word_embeddings=True, max_position_embeddings=256,
-                         vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(hidden_size=192, intermediate_size=intermediate_size, num_hidden_layers=4,
+                         num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=True,
+                         max_position_embeddings=256, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

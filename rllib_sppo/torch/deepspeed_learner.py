@@ -238,7 +238,7 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
             written, learners = len(saved["partitions"]), torch.distributed.get_world_size()
             if written != learners:
                 raise ValueError(f"optimizer state {key!r} holds the ZeRO partitions of {written} learner(s), this "
-                                 f"run has {learners}: resume with num_learners={written if written > 1 else 1}, or "
+                                 f"run has {learners}: resume with num_learners={written}, or "
                                  f"load only its weights (components='learner/rl_module').")
             engine = self._engines[module_id][key[len(module_id) + 1:]]
             engine.optimizer.load_state_dict(saved["partitions"], load_from_fp32_weights=True)  # takes its rank's
