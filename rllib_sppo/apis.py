@@ -8,12 +8,24 @@ class TokenLogpAPI(abc.ABC):
 
     Classic control: one step per row, mask = 1. LLMs: [B, T] response tokens with
     the response mask. ``policy_parameters``/``critic_parameters`` split the module
-    for the learner's two optimizers (the critic is a separate network).
+    for the learner's two optimizers (the critic is a separate network, or none).
+    ``micro_batches`` splits a batch into the pieces one forward/backward takes
+    (``max_tokens_per_micro_batch``); the learner and the connectors run every
+    forward pass through it.
     """
 
     @abc.abstractmethod
     def action_logp(self, batch, fwd_out):
         """Returns ``(logp, old_logp, mask)``, all the same shape."""
+
+    @abc.abstractmethod
+    def action_mask(self, batch):
+        """1 on the action steps (tokens) of ``batch``, the shape of ``logp``."""
+
+    @abc.abstractmethod
+    def micro_batches(self, batch) -> list:
+        """``[(rows, micro_batch), ...]``: the row indices (a LongTensor) of ``batch`` in each micro-batch, and the
+        micro-batch (the batch itself when there is one)."""
 
     @abc.abstractmethod
     def entropy(self, batch, fwd_out):

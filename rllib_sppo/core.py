@@ -26,10 +26,21 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 CRITIC_LOSSES = ("bce", "mse")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over entries where ``mask`` is 1 (0 if the mask is empty)."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, denominator: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean of ``x`` over entries where ``mask`` is 1 (0 if the mask is empty); ``denominator`` replaces the count of
+    those entries (a micro-batch's share of its minibatch's mean)."""
     mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum() / (mask.sum().clamp(min=1.0) if denominator is None else denominator)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the entries where ``mask`` is 1 (unbiased variance, as verl's ``masked_whiten``);
+    0 elsewhere."""
+    mask = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean).pow(2), mask) * n / (n - 1).clamp(min=1.0)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def sequence_advantage(
@@ -119,38 +130,53 @@ def rloo_advantage(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tens
     return r - (total[inverse] - r) / (count[inverse] - 1).clamp(min=1)
 
 
-def critic_bce_loss(critic_logits: torch.Tensor, targets: torch.Tensor,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
+def critic_bce_loss(critic_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+                    denominator: torch.Tensor | float | None = None) -> torch.Tensor:
     """Binary cross-entropy with logits, mean over entries where ``mask`` is 1 (default all), in fp32.
 
     Targets in [0, 1]: an outcome, or a GAE return of [0, 1] outcomes and values.
     """
     loss = F.binary_cross_entropy_with_logits(critic_logits.float(), targets.float(), reduction="none")
-    return masked_mean(loss, torch.ones_like(loss) if mask is None else mask)
+    return masked_mean(loss, torch.ones_like(loss) if mask is None else mask, denominator)
 
 
-def critic_mse_loss(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """0.5 * squared error, mean over entries where ``mask`` is 1 (default all), in fp32."""
-    loss = 0.5 * (values.float() - targets.float()).pow(2)
-    return masked_mean(loss, torch.ones_like(loss) if mask is None else mask)
+def critic_mse_loss(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+                    denominator: torch.Tensor | float | None = None, old_values: torch.Tensor | None = None,
+                    clip: float | None = None) -> torch.Tensor:
+    """0.5 * squared error, mean over entries where ``mask`` is 1 (default all), in fp32.
+
+    With ``clip`` (verl's ``cliprange_value``), PPO's clipped value loss: the prediction may move at most ``clip``
+    from ``old_values`` (the critic before this update) before the larger of the two errors counts.
+    """
+    values, targets = values.float(), targets.float()
+    loss = (values - targets).pow(2)
+    if clip is not None:
+        clipped = old_values.float() + (values - old_values.float()).clamp(-clip, clip)
+        loss = torch.maximum(loss, (clipped - targets).pow(2))
+    return masked_mean(0.5 * loss, torch.ones_like(loss) if mask is None else mask, denominator)
 
 
-def agg_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+def agg_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+             denominator: torch.Tensor | float | None = None) -> torch.Tensor:
     """Reduce a [B, T] per-token loss to a scalar.
 
     token-mean: every valid token weighs the same (long responses weigh more).
     seq-mean-token-mean: mean per sequence, then mean over sequences.
     seq-mean-token-sum: sum per sequence, then mean over sequences.
+    ``denominator`` replaces the count the mode divides by (valid tokens, or sequences): a micro-batch passes its
+    minibatch's count, so that the micro-batches' losses add up to the minibatch's (gradient accumulation).
     """
     mask = mask.to(loss.dtype)
     if mode == "token-mean":
-        return masked_mean(loss, mask)
-    seq_sum = (loss * mask).sum(-1)
-    if mode == "seq-mean-token-sum":
-        return seq_sum.mean()
-    if mode == "seq-mean-token-mean":
-        return (seq_sum / mask.sum(-1).clamp(min=1.0)).mean()
-    raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGG_MODES}")
+        total, count = (loss * mask).sum(), mask.sum().clamp(min=1.0)
+    elif mode in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        per_seq = (loss * mask).sum(-1)
+        if mode == "seq-mean-token-mean":
+            per_seq = per_seq / mask.sum(-1).clamp(min=1.0)
+        total, count = per_seq.sum(), max(per_seq.numel(), 1)
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {LOSS_AGG_MODES}")
+    return total / (count if denominator is None else denominator)
 
 
 def ppo_clip_loss(
@@ -162,13 +188,18 @@ def ppo_clip_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = 3.0,
     agg: str = "token-mean",
+    counts: tuple | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level PPO clipped surrogate with dual clip, as the reference runs it.
 
     ``advantages`` is [B, T] or [B] (broadcast over tokens). Returns the loss and
     detached diagnostics: clip fractions, approx KL (mean of old - new log-prob)
-    and ratio statistics.
+    and ratio statistics. ``counts`` = (valid tokens, sequences) of the minibatch this
+    batch is a micro-batch of: the loss and the means are then this micro-batch's share
+    (they add up over the micro-batches; ``ratio_max``/``ratio_min`` take the max/min).
     """
+    tokens, sequences = counts if counts is not None else (None, None)
+    denominator = tokens if agg == "token-mean" else sequences
     if advantages.dim() == logp.dim() - 1:
         advantages = advantages.unsqueeze(-1)
     advantages = advantages.expand_as(logp)
@@ -183,14 +214,14 @@ def ppo_clip_loss(
         surr3 = -advantages * dual_clip
         negative = advantages < 0
         losses = torch.where(negative, torch.minimum(clipped, surr3), clipped)
-        lower_clipfrac = masked_mean(((clipped > surr3) & negative).float(), mask)
-    loss = agg_loss(losses, mask, agg)
+        lower_clipfrac = masked_mean(((clipped > surr3) & negative).float(), mask, tokens)
+    loss = agg_loss(losses, mask, agg, denominator)
     m = mask.bool()
     stats = {
-        "clipfrac": masked_mean((surr2 > surr1).float(), mask),
+        "clipfrac": masked_mean((surr2 > surr1).float(), mask, tokens),
         "clipfrac_lower": lower_clipfrac,
-        "approx_kl": masked_mean(-log_ratio, mask),
-        "ratio_mean": masked_mean(ratio, mask),
+        "approx_kl": masked_mean(-log_ratio, mask, tokens),
+        "ratio_mean": masked_mean(ratio, mask, tokens),
         "ratio_max": ratio[m].max() if m.any() else ratio.new_ones(()),
         "ratio_min": ratio[m].min() if m.any() else ratio.new_ones(()),
     }
@@ -207,3 +238,19 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     if estimator == "k3":
         return (torch.exp(-log_ratio) + log_ratio - 1.0).clamp(-10.0, 10.0)
     raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def token_budget_micro_batches(lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """Row indices of the micro-batches of a minibatch, verl's dynamic batch size: rows sorted by length, longest
+    first, packed greedily while the padded size (rows x the longest row) stays within ``max_tokens``; a row longer
+    than the budget is a micro-batch of its own. ``None``: one micro-batch, every row in order."""
+    if max_tokens is None:
+        return [list(range(len(lengths)))]
+    out, width = [], 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if out and (len(out[-1]) + 1) * width <= max_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+            width = lengths[i]
+    return out

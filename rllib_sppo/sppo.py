@@ -26,7 +26,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from rllib_sppo.apis import TokenValueAPI
-from rllib_sppo.connectors import ESTIMATORS
+from rllib_sppo.estimators import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 from rllib_sppo.env_runner import EpisodeEnvRunner
 from rllib_sppo.monitoring import export_metrics
@@ -72,14 +72,20 @@ class SPPOConfig(AlgorithmConfig):
         #: How per-token losses become one number: token-mean, seq-mean-token-mean, seq-mean-token-sum.
         self.loss_agg_mode = "token-mean"
         #: "sppo" (the critic's baseline, N = 1); baselines for comparison, with N > 1 samples per
-        #: prompt and no critic: "grpo" (group mean/std), "drgrpo" (group mean), "rloo" (leave-one-out);
-        #: and "ppo" (N = 1): token-level PPO, GAE with a critic read at every token (LLM module only).
+        #: prompt and no critic (none is built or run): "grpo" (group mean/std), "drgrpo" (group mean),
+        #: "rloo" (leave-one-out); and "ppo" (N = 1): token-level PPO as verl runs it, whitened GAE with a
+        #: critic read at every token and a clipped MSE value loss (LLM module only). See rllib_sppo.estimators.
         self.advantage_estimator = "sppo"
-        #: Discount and GAE lambda of token-level PPO ("ppo" only; 1 and 1 suit outcome rewards, A_t = R - V_t).
+        #: Discount and GAE lambda of token-level PPO ("ppo" only; 1 and 1 suit outcome rewards, as verl's defaults).
         self.gamma = 1.0
         self.lambda_ = 1.0
-        #: "bce": outcome in [0, 1], A = R - sigmoid(z). "mse": continuous outcome, A = R - V.
-        self.critic_loss = "bce"
+        #: The critic's loss; None: the estimator's own ("sppo": bce, "ppo": mse). "bce": outcomes in [0, 1], the
+        #: critic outputs a logit, A = R - sigmoid(z). "mse": the critic outputs the value, A = R - V (continuous
+        #: outcomes; token-level PPO's value loss). "ppo" with "bce": our variant, a BCE per-token value.
+        self.critic_loss = None
+        #: Clip range of an mse critic's loss around its value before the update (verl's cliprange_value); None:
+        #: the estimator's own (0.5 for "ppo", unclipped for "sppo", as the reference).
+        self.value_clip = None
         #: The critic's estimate before any update, e.g. the policy's starting accuracy: P(R = 1) for the bce
         #: critic (its head's bias = logit(p)), V for mse. None: the head starts at 0 (p = 0.5), as the reference.
         #: A fresh head moves slowly; far from the truth, A = R - 0.5 pushes down most samples for many steps.
@@ -104,6 +110,10 @@ class SPPOConfig(AlgorithmConfig):
         #: Stop the run (saving a checkpoint of the last good weights) after this many optimizer steps
         #: in a row were skipped for a non-finite loss or gradient.
         self.max_nonfinite_updates = 3
+        #: Token budget of one forward/backward pass (prompt + response tokens, padded, per micro-batch; classic
+        #: control: steps): a minibatch is split into micro-batches packed by length (verl's dynamic batch size) and
+        #: their gradients accumulated into one optimizer step, as the unsplit minibatch's. None: no split.
+        self.max_tokens_per_micro_batch = None
         #: k of the held-out evaluation (avg@k, pass@k), run every ``evaluation_interval`` iterations.
         self.eval_samples_per_prompt = 4
         #: DeepSpeed learner for the LLM module instead of plain torch (None): {"zero_stage": 2 or 3,
@@ -129,25 +139,42 @@ class SPPOConfig(AlgorithmConfig):
         if self.batch_mode != "complete_episodes":
             self._value_error(
                 f"SPPO scores whole episodes: batch_mode must be 'complete_episodes', not {self.batch_mode!r}.")
-        if self.critic_loss not in CRITIC_LOSSES:
+        if self.advantage_estimator not in ESTIMATORS:
+            self._value_error(f"advantage_estimator={self.advantage_estimator!r}; choose one of {sorted(ESTIMATORS)}.")
+        estimator = ESTIMATORS[self.advantage_estimator]
+        critic = estimator.critic
+        if critic is None and (self.critic_loss, self.value_clip, self.critic_init) != (None, None, None):
+            self._value_error(
+                f"advantage_estimator={self.advantage_estimator!r} has no critic (its baseline is the group of "
+                f"samples), so critic_loss, value_clip and critic_init do not apply; leave them unset.")
+        if critic is not None and self.resolved_critic_loss not in CRITIC_LOSSES:
             self._value_error(f"critic_loss={self.critic_loss!r}; choose one of {CRITIC_LOSSES}.")
-        if self.normalize_advantage and self.critic_loss != "bce":
-            self._value_error("normalize_advantage=True needs critic_loss='bce' (p must be a probability).")
+        if self.value_clip is not None and (self.resolved_critic_loss != "mse" or self.value_clip <= 0):
+            self._value_error(f"value_clip={self.value_clip} clips an mse critic's loss and must be > 0 "
+                              f"(critic_loss is {self.resolved_critic_loss!r}); unset it or set critic_loss='mse'.")
+        if self.normalize_advantage and (self.advantage_estimator != "sppo" or self.resolved_critic_loss != "bce"):
+            self._value_error("normalize_advantage=True needs critic_loss='bce' and advantage_estimator='sppo': it is "
+                              "SPPO's A = (R - p) / sqrt(p (1 - p)), with p a probability.")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             self._value_error(f"loss_agg_mode={self.loss_agg_mode!r}; choose one of {LOSS_AGG_MODES}.")
         if not (0 < self.clip_low < 1 and self.clip_high > 0):
             self._value_error(f"need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}.")
         if self.dual_clip is not None and self.dual_clip <= 1:
             self._value_error(f"dual_clip must be > 1 (reference 3.0) or None, got {self.dual_clip}.")
-        if self.advantage_estimator not in ESTIMATORS:
-            self._value_error(f"advantage_estimator={self.advantage_estimator!r}; choose one of {sorted(ESTIMATORS)}.")
-        critic = self._estimator_critic
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            self._value_error(f"max_tokens_per_micro_batch must be a positive token budget (or None: no split), got "
+                              f"{self.max_tokens_per_micro_batch}.")
+        spec_model_config = getattr(self.rl_module_spec, "model_config", None) or {}
+        dtype = {**self.model_config, **spec_model_config}.get("dtype", "float32")  # RLlib: the spec's keys win
+        if dtype == "float16":
+            self._value_error("model_config dtype='float16' would need loss scaling, which SPPO's learners do not do; "
+                              "use 'bfloat16' (fp32 master weights, bf16 compute) or 'float32'.")
         if critic and self.samples_per_prompt != 1:
             self._value_error(
                 f"advantage_estimator={self.advantage_estimator!r} samples one response per prompt (its baseline is "
                 f"the critic), got samples_per_prompt={self.samples_per_prompt}; set it to 1, or "
                 f"advantage_estimator='grpo'/'rloo' for N > 1.")
-        if not critic and self.samples_per_prompt < 2:
+        if estimator.needs_groups and self.samples_per_prompt < 2:
             self._value_error(
                 f"advantage_estimator={self.advantage_estimator!r} needs a group of samples per prompt for its "
                 f"baseline, got samples_per_prompt={self.samples_per_prompt}; set it to 2 or more (GRPO uses 8).")
@@ -172,7 +199,7 @@ class SPPOConfig(AlgorithmConfig):
                 f"GAE); {self.advantage_estimator!r} scores the whole episode by its outcome. Leave both at 1.")
         if self.temperature <= 0:
             self._value_error(f"temperature must be > 0 (log-probs divide by it), got {self.temperature}.")
-        if self.critic_init is not None and self.critic_loss == "bce" and not 0 < self.critic_init < 1:
+        if self.critic_init is not None and self.resolved_critic_loss == "bce" and not 0 < self.critic_init < 1:
             self._value_error(f"critic_init={self.critic_init} is a probability for the bce critic: pick it in (0, 1).")
         if self.critic_lr <= 0 or self.lr <= 0:
             self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
@@ -221,17 +248,29 @@ class SPPOConfig(AlgorithmConfig):
 
     @property
     def _model_config_auto_includes(self) -> dict:
-        # The module computes log-probs at the sampling temperature, and builds the critic the estimator reads.
+        # The module computes log-probs at the sampling temperature, builds the critic the estimator reads (or
+        # none), and splits its batches into micro-batches of the token budget.
         bias = self.critic_init
-        if bias is not None and self.critic_loss == "bce":
+        if bias is not None and self.resolved_critic_loss == "bce" and 0 < bias < 1:
             bias = float(np.log(bias / (1 - bias)))
-        return super()._model_config_auto_includes | {"temperature": self.temperature, "critic_bias": bias,
-                                                      "per_token_critic": self._estimator_critic == "token"}
+        estimator = ESTIMATORS.get(self.advantage_estimator)
+        return super()._model_config_auto_includes | {
+            "temperature": self.temperature, "critic_bias": bias, "critic_kind": estimator and estimator.critic,
+            "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch}
 
     @property
-    def _estimator_critic(self) -> str | None:
-        """The critic ``advantage_estimator`` reads: "sequence", "token" or None (see ``ESTIMATORS``)."""
-        return ESTIMATORS.get(self.advantage_estimator, (None,))[0]
+    def resolved_critic_loss(self) -> str | None:
+        """``critic_loss``, or the estimator's own when unset (None for a critic-free estimator)."""
+        estimator = ESTIMATORS.get(self.advantage_estimator)
+        return self.critic_loss or (estimator and estimator.default_critic_loss)
+
+    @property
+    def resolved_value_clip(self) -> float | None:
+        """``value_clip``, or the estimator's own for its mse critic (see ``rllib_sppo.estimators``)."""
+        estimator = ESTIMATORS.get(self.advantage_estimator)
+        if self.value_clip is not None or self.resolved_critic_loss != "mse":
+            return self.value_clip
+        return estimator and estimator.default_value_clip
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
         from rllib_sppo.torch.mlp_rl_module import SPPOMLPModule
@@ -257,9 +296,10 @@ class SPPOConfig(AlgorithmConfig):
         return SPPOTorchLearner
 
 
-_SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "weight_decay", "critic_weight_decay", "clip_low",
-              "clip_high", "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff",
-              "temperature", "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
+_SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "value_clip",
+              "max_tokens_per_micro_batch", "weight_decay", "critic_weight_decay", "clip_low", "clip_high",
+              "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature",
+              "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
               "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed")
 
 

@@ -18,7 +18,7 @@ class SPPOLearner(Learner):
         if self._learner_connector is not None:
             self._learner_connector.append(
                 SequenceAdvantage(estimator=self.config.advantage_estimator,
-                                  critic_loss=self.config.critic_loss,
+                                  critic_loss=self.config.resolved_critic_loss,
                                   normalize=self.config.normalize_advantage,
                                   gamma=self.config.gamma, lambda_=self.config.lambda_))
 

@@ -192,22 +192,25 @@ def test_two_learners_form_one_zero3_group_and_checkpoint_every_partition(tmp_pa
 
 
 def test_bfloat16_trains_with_fp32_master_weights(tiny, episodes):
+    """DeepSpeed's bf16 mode: the engines cast the networks to bfloat16 and keep fp32 master weights (the torch
+    learner's mixed precision is tested in test_reference_scale.py)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     bf16 = RLModuleSpec(module_class=SPPOLLMModule, model_config={"policy": tiny, "dtype": "bfloat16"})
-    for ds in (None, {"zero_stage": 3}):  # numpy has no bfloat16: the module's state keeps such torch tensors
-        learner = config(tiny, ds).rl_module(rl_module_spec=bf16).build_learner(env=None, spaces={MODULE: (TEXT, TEXT)})
-        initial = weights(learner)
-        results = update(learner, episodes)
-        got = weights(learner)
-        assert results[NONFINITE_SKIPPED] == 0 and all(v.dtype == torch.bfloat16 for v in got.values())
-        assert max((got[k].float() - initial[k].float()).abs().max() for k in got) > 1e-3
+    learner = config(tiny, {"zero_stage": 3}).rl_module(rl_module_spec=bf16).build_learner(
+        env=None, spaces={MODULE: (TEXT, TEXT)})
+    initial = weights(learner)
+    results = update(learner, episodes)
+    got = weights(learner)
+    assert results[NONFINITE_SKIPPED] == 0 and all(v.dtype == torch.bfloat16 for v in got.values())
+    assert max((got[k].float() - initial[k].float()).abs().max() for k in got) > 1e-3
     param = next(learner.module[MODULE].policy.parameters())
-    assert safe_get_full_fp32_param(param).dtype == torch.float32  # DeepSpeed's bf16 mode: fp32 masters
-    with pytest.raises(ValueError, match="float16 needs loss scaling"):
+    assert safe_get_full_fp32_param(param).dtype == torch.float32  # fp32 masters
+    with pytest.raises(ValueError, match="float16 would need loss scaling"):
         config(tiny, {"zero_stage": 2}).rl_module(rl_module_spec=RLModuleSpec(
             module_class=SPPOLLMModule, model_config={"policy": tiny, "dtype": "float16"})).build_learner(
             env=None, spaces={MODULE: (TEXT, TEXT)})
+
 
 def test_two_zero3_offload_learners_train_sync_the_env_runner_and_checkpoint(tiny, ray_session, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
-from rllib_sppo.torch.llm_rl_module import token_logp
+from rllib_sppo.torch.llm_rl_module import PolicyModel
 
 PROMPTS = ["Q: What is 1+2?\nA: ", "Q: What is 33+44?\nA: "]
 
@@ -24,9 +24,12 @@ def engine(request, tiny):
 
 
 def learner_logp(model, sample, temperature):
+    """The learner's log-probs of the response tokens (its LM head on the response positions, 3 at a time)."""
     ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    scored = torch.zeros(1, ids.shape[1] - 1)
+    scored[0, len(sample.prompt_ids) - 1:] = 1
     with torch.no_grad():
-        logp = token_logp(model(input_ids=ids).logits, ids, temperature)
+        logp, _ = PolicyModel(model, temperature, chunk=3, dtype=torch.float32)(ids, torch.ones_like(ids), scored)
     return logp[0, len(sample.prompt_ids) - 1:]
 
 

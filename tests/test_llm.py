@@ -14,7 +14,7 @@ from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
-from rllib_sppo.connectors import CRITIC_MASK, SequenceAdvantage
+from rllib_sppo.connectors import CRITIC_MASK, VALUES_OLD, SequenceAdvantage
 from rllib_sppo.core import ppo_clip_loss
 from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.connectors import TokenBatch
@@ -40,11 +40,12 @@ def episode(tok, prompt, response, reward, data_source="arithmetic"):
                              "engine_logp": [np.zeros(len(r), np.float32)]})
 
 
-def module_and_batch(tiny, eps, estimator="sppo", module=None):
+def module_and_batch(tiny, eps, estimator="sppo", module=None, critic_loss="bce"):
     module = module or SPPOLLMModule(observation_space=TEXT, action_space=TEXT, model_config={"policy": tiny})
     rl_module = {DEFAULT_MODULE_ID: module}
     batch = TokenBatch()(rl_module=rl_module, episodes=eps, batch={})
-    batch = SequenceAdvantage(estimator=estimator)(rl_module=rl_module, episodes=eps, batch=batch)
+    batch = SequenceAdvantage(estimator=estimator, critic_loss=critic_loss)(rl_module=rl_module, episodes=eps,
+                                                                              batch=batch)
     return module, batch[DEFAULT_MODULE_ID]
 
 
@@ -130,7 +131,7 @@ def test_critic_with_another_tokenizer_retokenises_the_prompt(tiny, tmp_path):
 def test_token_level_ppo_refuses_a_critic_with_another_tokenizer(tiny, tmp_path):
     with pytest.raises(ValueError, match="another tokenizer than the policy.*cannot be aligned"):
         SPPOLLMModule(observation_space=TEXT, action_space=TEXT,
-                      model_config={"policy": tiny, "critic": word_level_critic(tmp_path), "per_token_critic": True})
+                      model_config={"policy": tiny, "critic": word_level_critic(tmp_path), "critic_kind": "token"})
 
 
 def test_token_level_ppo_reads_the_critic_at_every_response_token(tiny):
@@ -140,20 +141,28 @@ def test_token_level_ppo_reads_the_critic_at_every_response_token(tiny):
     prompts = ["Q: 1+1?\nA: ", "Q: 3+4?\nA: "]
     eps = [episode(tok, prompts[0], "\\boxed{2}", 1.0), episode(tok, prompts[1], "\\boxed{9}", 0.0)]
     module = SPPOLLMModule(observation_space=TEXT, action_space=TEXT,
-                           model_config={"policy": tiny, "per_token_critic": True})
+                           model_config={"policy": tiny, "critic_kind": "token"})
     torch.nn.init.normal_(module.value_head.weight)  # a critic that is not constant
-    module, batch = module_and_batch(tiny, eps, estimator="ppo", module=module)
+    module, batch = module_and_batch(tiny, eps, estimator="ppo", module=module, critic_loss="mse")
     mask = batch["response_mask"]
     with torch.no_grad():
-        values, token_mask = module.compute_token_values(batch)
-        first = module.compute_values(batch)
-    assert values.shape == mask.shape and torch.equal(token_mask, mask) and torch.equal(batch[CRITIC_MASK], mask)
-    # Causal critic: at the first response position it has read exactly the prompt, like the sequence critic.
+        values = module.compute_token_values(batch)
+    assert values.shape == mask.shape and torch.equal(batch[CRITIC_MASK], mask)
+    assert torch.equal(batch[VALUES_OLD], values * mask)  # the critic before the update, for the clipped loss
+    # Causal critic: at the first response position it has read exactly the prompt (as a sequence critic would).
     starts = [len(tok(p, add_special_tokens=False)["input_ids"]) - 1 for p in prompts]
-    assert torch.allclose(values[[0, 1], starts], first, atol=1e-5)
-    # gamma = lambda = 1: A_t = R - sigmoid(V_t) on every response token, 0 elsewhere; targets R.
+    seq_module = SPPOLLMModule(observation_space=TEXT, action_space=TEXT, model_config={"policy": tiny})
+    seq_module.load_state_dict(module.state_dict())
+    _, seq_batch = module_and_batch(tiny, eps, module=seq_module)
+    with torch.no_grad():
+        assert torch.allclose(values[[0, 1], starts], seq_module.compute_values(seq_batch), atol=1e-5)
+    # As verl: gamma = lambda = 1, so the GAE advantage is R - V_t on every response token, then whitened over the
+    # batch's tokens (mean 0, unbiased std 1), 0 elsewhere; the critic's targets are the returns, R.
     outcome = torch.tensor([[1.0], [0.0]])
-    assert torch.allclose(batch[Columns.ADVANTAGES], (outcome - torch.sigmoid(values)) * mask, atol=1e-6)
+    raw = (outcome - values) * mask
+    mean = raw.sum() / mask.sum()
+    std = (((raw - mean) ** 2 * mask).sum() / (mask.sum() - 1)).sqrt()
+    assert torch.allclose(batch[Columns.ADVANTAGES], (raw - mean) / std * mask, atol=1e-5)
     assert torch.allclose(batch[Columns.VALUE_TARGETS], outcome * mask, atol=1e-6)
 
 
@@ -196,21 +205,33 @@ def test_sppo_iterations_sync_weights_into_the_engine(tiny, engine, ray_session,
     assert sum(p.numel() for p in model.parameters()) > 1e6 and path
 
 
-def test_grpo_baseline_runs_on_the_same_runner_and_learner(tiny, ray_session):
+def test_grpo_builds_and_runs_no_critic(tiny, ray_session):
+    """A critic-free estimator's module has no critic (no parameters, no network, no optimizer), so an update cannot
+    run one; the learner logs no critic metric. The group baseline centres each prompt's samples."""
     algo = llm_config(tiny, "transformers", advantage_estimator="grpo", samples_per_prompt=4,
                       train_batch_size_per_learner=16).build_algo()
+    learner_obj = algo.learner_group._learner
+    module = learner_obj.module[DEFAULT_MODULE_ID].unwrapped()
+    names = [n for n, _ in module.named_parameters()]
+    assert names and all(n.startswith("policy.") for n in names)
+    assert module.critic_parameters() == [] and set(module.networks()) == {"policy"}
+    assert list(learner_obj._module_optimizers[DEFAULT_MODULE_ID]) == [f"{DEFAULT_MODULE_ID}_policy"]
     result = algo.train()
     algo.stop()
     learner = result["learners"][DEFAULT_MODULE_ID]
     assert result["env_runners"]["num_env_steps_sampled"] == 16  # 4 prompts x 4 samples
-    assert learner["critic/loss"] == 0.0 and "critic/prediction_mean" not in learner  # no critic in GRPO
+    assert not [k for k in learner if k.startswith("critic/")] and learner["policy/approx_kl"] != 0.0
     assert abs(learner["policy/advantage_mean"]) < 1e-5  # group-centred
 
 
 def test_token_level_ppo_runs_on_the_same_runner_and_learner(tiny, ray_session):
     from transformers import AutoTokenizer
 
-    algo = llm_config(tiny, "transformers", advantage_estimator="ppo").evaluation(evaluation_interval=None).build_algo()
+    # verl's PPO: an mse critic (here starting at V = 0.3, so that it has something to learn from the untrained
+    # policy's 0 rewards), its loss clipped 0.5 around the values before the update.
+    config = llm_config(tiny, "transformers", advantage_estimator="ppo", critic_init=0.3)
+    assert (config.resolved_critic_loss, config.resolved_value_clip) == ("mse", 0.5)
+    algo = config.evaluation(evaluation_interval=None).build_algo()
     results = [algo.train() for _ in range(2)]
     learner = results[-1]["learners"][DEFAULT_MODULE_ID]
     assert np.isfinite(learner["policy/loss"]) and np.isfinite(learner["critic/loss"]) and learner["critic/loss"] > 0
@@ -219,14 +240,14 @@ def test_token_level_ppo_runs_on_the_same_runner_and_learner(tiny, ray_session):
     [module] = [r.get() for r in algo.learner_group.foreach_learner(lambda l: l.module[DEFAULT_MODULE_ID].unwrapped())]
     algo.stop()
     tok = AutoTokenizer.from_pretrained(tiny)
-    _, batch = module_and_batch(tiny, [episode(tok, "Q: 1+1?\nA: ", "\\boxed{2}", 1.0)], "ppo", module)
+    _, batch = module_and_batch(tiny, [episode(tok, "Q: 1+1?\nA: ", "\\boxed{2}", 1.0)], "ppo", module, "mse")
     adv = batch[Columns.ADVANTAGES][batch["response_mask"] == 1]
     assert len(adv) == 10 and adv.std() > 1e-4, adv
 
 
 def test_token_level_ppo_config_is_validated(tiny):
     config = llm_config(tiny, "transformers", advantage_estimator="ppo")
-    assert config.model_config["per_token_critic"]  # the module is told to build a per-token critic
+    assert config.model_config["critic_kind"] == "token"  # the module is told to build a per-token critic
     with pytest.raises(ValueError, match="SPPOMLPModule has none. For classic control, RLlib's own PPO"):
         SPPOConfig().environment("OutcomeCartPole-v1").training(advantage_estimator="ppo").validate()
     # gamma and lambda_ apply to token-level PPO only

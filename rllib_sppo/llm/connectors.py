@@ -8,7 +8,7 @@ import torch
 from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core import DEFAULT_MODULE_ID
 
-from rllib_sppo.torch.llm_rl_module import token_logp
+from rllib_sppo.connectors import in_micro_batches
 
 
 def pad(rows: list, value: int, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,13 +28,11 @@ class TokenBatch(ConnectorV2):
     Each episode carries ``prompt_ids``, ``response_ids`` and ``engine_logp`` as extra
     model outputs of its single step, and the prompt text as its observation. The
     old log-probs are recomputed by the learner's policy before any update (as the
-    reference does); their mean absolute gap to the engine's log-probs on the same
-    tokens is logged as ``rollout/engine_logp_gap``: large means the weight sync failed.
+    reference does), in the module's micro-batches; their mean absolute gap to the
+    engine's log-probs on the same tokens is logged as ``rollout/engine_logp_gap``:
+    large means the weight sync failed. The critic's prompt columns are built only
+    for a sequence critic.
     """
-
-    def __init__(self, input_observation_space=None, input_action_space=None, *, chunk_size: int = 16):
-        super().__init__(input_observation_space, input_action_space)
-        self.chunk_size = chunk_size
 
     def __call__(self, *, rl_module, episodes, batch, metrics=None, **kwargs) -> Any:
         module = rl_module[DEFAULT_MODULE_ID].unwrapped()
@@ -52,16 +50,12 @@ class TokenBatch(ConnectorV2):
         for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
             response_mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
             engine[i, len(p) - 1:len(p) + len(r) - 1] = torch.from_numpy(engine_logp[i])
-        critic_ids, critic_mask = pad(module.critic_inputs(texts, prompt_ids), pad_id)
-        cols = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-                "critic_input_ids": critic_ids, "critic_attention_mask": critic_mask}
+        cols = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+        if module.critic_kind == "sequence":
+            cols["critic_input_ids"], cols["critic_attention_mask"] = pad(module.critic_inputs(texts, prompt_ids),
+                                                                          pad_id)
         cols = {k: v.to(device) for k, v in cols.items()}
-        with torch.no_grad():
-            old = torch.cat([
-                token_logp(module.policy(input_ids=cols["input_ids"][s:s + self.chunk_size],
-                                         attention_mask=cols["attention_mask"][s:s + self.chunk_size]).logits,
-                           cols["input_ids"][s:s + self.chunk_size], module.temperature)
-                for s in range(0, len(eps), self.chunk_size)])
+        old = in_micro_batches(module, cols, module.response_logp, width=response_mask.shape[1])
         cols["old_logp"] = old * cols["response_mask"]
         if metrics is not None:
             m = cols["response_mask"]

@@ -11,6 +11,7 @@ state on every learner at once where RLlib would ask the first alone, and checkp
 optimizer partition.
 """
 
+import contextlib
 import math
 import os
 import tempfile
@@ -56,13 +57,10 @@ def _init_distributed(deepspeed) -> None:
     deepspeed.init_distributed()
 
 
-def engine_config(config, params: list) -> dict:
-    """One engine's DeepSpeed config from the SPPO config (RLlib makes the minibatches: one micro-batch a step)."""
+def engine_config(config, params: list, bf16: bool) -> dict:
+    """One engine's DeepSpeed config from the SPPO config (RLlib makes the minibatches, the learner the micro-batches,
+    marking the accumulation boundary itself)."""
     ds = {**DEEPSPEED_DEFAULTS, **config.deepspeed}
-    dtype = params[0].dtype
-    if dtype == torch.float16:
-        raise ValueError("the DeepSpeed learner trains float32 or bfloat16 models (float16 needs loss scaling); "
-                         "set model_config dtype to 'bfloat16'.")
     # Communication buckets no larger than the network (ZeRO-3 allocates its 5e8-element default up front).
     bucket = min(int(5e8), math.ceil(sum(p.numel() for p in params) / 64) * 64)  # a multiple of the alignment
     zero = {"stage": ds["zero_stage"], "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
@@ -75,7 +73,7 @@ def engine_config(config, params: list) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": config.grad_clip or 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},  # then DeepSpeed keeps fp32 master weights and Adam moments
+        "bf16": {"enabled": bf16},  # DeepSpeed casts the network to bfloat16, keeps fp32 masters and Adam moments
         "zero_allow_untested_optimizer": True,  # torch's AdamW, as the torch learner steps
         "zero_force_ds_cpu_optimizer": False,  # ... also when offloading (DeepSpeedCPUAdam is a compiled op)
         "steps_per_print": 2 ** 31,
@@ -100,7 +98,7 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
             params = list(network.parameters())
             engine, zero_optimizer, _, _ = deepspeed.initialize(
                 model=network, optimizer=torch.optim.AdamW(params, weight_decay=weight_decay),
-                config=engine_config(config, params))
+                config=engine_config(config, params, bf16=module.compute_dtype == torch.bfloat16))
             # RLlib sets the learning rate (and its schedule) on the torch optimizer inside DeepSpeed's.
             self.register_optimizer(module_id=module_id, optimizer_name=name, optimizer=zero_optimizer.optimizer,
                                     params=params, lr_or_lr_schedule=lr)
@@ -111,40 +109,37 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
     def _make_modules_ddp_if_necessary(self) -> None:
         """DeepSpeed's engines, not DDP, hold the networks."""
 
-    def _uncompiled_update(self, batch, **kwargs):
-        """TorchLearner's update without its DDP ``no_sync`` context (with several learners): DeepSpeed's engines
-        hold the networks and reduce the gradients across learners in their backward hooks."""
-        self._compute_off_policyness(batch)
-        fwd_out = self.module.forward_train(batch)
-        loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=batch)
-        self.apply_gradients(self.postprocess_gradients(self.compute_gradients(loss_per_module)))
-        return fwd_out, loss_per_module, {}
+    # The update is the torch learner's (micro-batches accumulated into one step per minibatch); only its steps
+    # change: DeepSpeed's engines, not DDP, hold the networks and reduce (ZeRO: partition) the gradients in their
+    # backward hooks, at the accumulation boundary, the minibatch's last micro-batch; each engine then steps,
+    # clipping its network's gradient to ``grad_clip``. After a non-finite loss no further backward runs (so no
+    # boundary is reached), the accumulated gradients are dropped and no engine steps.
 
-    def compute_gradients(self, loss_per_module, **kwargs):
-        """One backward of the summed losses: each engine's hooks reduce (ZeRO: and partition) its network's
-        gradients. A non-finite loss is not propagated, and ``apply_gradients`` skips the step."""
-        total = sum(loss_per_module.values())
-        self._loss_finite = bool(torch.isfinite(total))
+    def _zero_gradients(self) -> None:
+        self._loss_finite = True
+
+    def _accumulating(self, module_id, last: bool):
+        for engine in self._engines[module_id].values():
+            engine.set_gradient_accumulation_boundary(last)
+        return contextlib.nullcontext()
+
+    def _backward(self, loss, last: bool) -> None:
+        self._loss_finite = self._loss_finite and bool(torch.isfinite(loss))
         if self._loss_finite:
-            total.backward()
-        return {}
+            loss.backward()
 
-    def postprocess_gradients(self, gradients_dict):
-        """DeepSpeed clips each engine's gradient (``gradient_clipping = grad_clip``) in its step."""
-        return gradients_dict
-
-    def apply_gradients(self, gradients_dict) -> None:
-        """Steps every engine; skipped (and counted) if the loss was not finite, or if DeepSpeed skipped an
-        engine's step for a non-finite gradient norm."""
+    def _step(self) -> None:
         applied = self._loss_finite
         for module_id, engines in self._engines.items():
             for name, engine in engines.items():
-                if self._loss_finite:
-                    engine.step()
-                    applied = applied and engine.was_step_applied()
-                    norm = engine.get_global_grad_norm()  # before clipping, as the torch learner logs it
-                    if norm is not None:
-                        self.metrics.log_value((module_id, f"gradients_{name}_global_norm"), float(norm), window=1)
+                if not self._loss_finite:
+                    engine.optimizer.zero_grad(set_to_none=True)
+                    continue
+                engine.step()
+                applied = applied and engine.was_step_applied()
+                norm = engine.get_global_grad_norm()  # before clipping, as the torch learner logs it
+                if norm is not None:
+                    self.metrics.log_value((module_id, f"gradients_{name}_global_norm"), float(norm), window=1)
         self._count_update(applied=applied)
 
     # State: under ZeRO-3 a parameter holds only its partition; it is gathered whole to be read or written. The

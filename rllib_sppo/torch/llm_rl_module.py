@@ -1,51 +1,104 @@
-"""The LLM RLModule: a transformers causal-LM policy and a decoupled critic V(prompt).
+"""The LLM RLModule: a transformers causal-LM policy and, when the estimator reads one, a decoupled critic V(prompt).
 
 ``model_config``:
   policy (str): local Hugging Face model directory of the policy, or ``builtin:NAME``
       (``rllib_sppo.llm.models.BUILTIN_MODELS``: offline models built once and cached).
   critic (str, optional): model directory of the critic's backbone (default: the policy's).
       It may use another tokenizer: prompts are then re-tokenised from their text
-      (not with ``per_token_critic``: tokens of two tokenizers cannot be aligned).
-  per_token_critic (bool): the critic is read at every response token (token-level
-      PPO); set by ``SPPOConfig`` from ``advantage_estimator`` (default False).
+      (not with a per-token critic: tokens of two tokenizers cannot be aligned).
+  critic_kind: "sequence" (read at the last prompt token), "token" (at every response token,
+      token-level PPO) or None (no critic is built: GRPO, RLOO); set by ``SPPOConfig`` from
+      ``advantage_estimator`` (``rllib_sppo.estimators``).
   temperature (float): sampling temperature; log-probs use logits / temperature (default 0.6).
-  dtype (str): torch dtype name for both models (default "float32").
+  dtype (str): the compute dtype, "float32" (default) or "bfloat16". The parameters stay float32 (the
+      master weights the optimizer updates) and the forward passes run under autocast; a DeepSpeed
+      learner casts them to bfloat16 itself and keeps its own fp32 masters.
   gradient_checkpointing (bool): trade compute for memory in both models (default False).
   critic_bias (float, optional): the value head's initial bias (set by ``SPPOConfig.critic_init``).
+  max_tokens_per_micro_batch (int, optional): the token budget of one forward/backward (set by
+      ``SPPOConfig``); None: a whole minibatch at once.
+  logp_chunk_tokens (int): response positions per chunk of the LM head (default 1024).
 
 Batch columns (built by ``rllib_sppo.llm.connectors.TokenBatch``): ``input_ids``,
 ``attention_mask`` (prompt + response, right-padded), ``response_mask`` and
 ``old_logp`` aligned with next-token positions [B, L-1], ``critic_input_ids``,
-``critic_attention_mask`` (prompt only). The critic reads only the prompt, at its
-last token (or, per token, reads prompt + response at every next-token position
-[B, L-1]). The critic is not part of the inference-only (EnvRunner) weights.
+``critic_attention_mask`` (prompt only; with a sequence critic). The LM head runs only
+on the response positions, a chunk at a time, its fp32 logits recomputed in the
+backward pass instead of kept: no [B, L, vocabulary] tensor exists. The critic is not
+part of the inference-only (EnvRunner) weights.
 """
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from rllib_sppo.apis import SeparateNetworksAPI, TokenLogpAPI, TokenValueAPI
+from rllib_sppo.core import token_budget_micro_batches
+
+#: Columns that hold the critic's prompt (their own width); the others are [B, L] or [B, L - 1] (or [B]).
+CRITIC_PROMPT_COLUMNS = ("critic_input_ids", "critic_attention_mask")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def token_logp(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(x_{t+1} | x_<=t) for every position, from temperature-scaled logits: [B, L-1]."""
-    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def head_logp_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """log pi(target) and the entropy at each row of ``hidden`` [N, H], from head(hidden) / temperature in fp32."""
+    logits = head(hidden).float() / temperature
+    logz = torch.logsumexp(logits, -1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+    entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)
+    return logp, entropy
+
+
+class PolicyModel(nn.Module):
+    """The policy as one network: log-probs and entropies of the next tokens at the scored positions [B, L-1] (0
+    elsewhere), the LM head run only there, ``chunk`` positions at a time (recomputed in backward)."""
+
+    def __init__(self, lm: nn.Module, temperature: float, chunk: int, dtype: torch.dtype):
+        super().__init__()
+        self.lm, self.temperature, self.chunk, self.dtype = lm, temperature, chunk, dtype
+        if getattr(lm.config, "final_logit_softcapping", None) or getattr(lm.config, "logit_scale", None):
+            raise ValueError(f"{type(lm).__name__} transforms its logits beyond the LM head (softcapping or scaling), "
+                             f"which the chunked log-probs do not apply; this model is not supported yet.")
+
+    def forward(self, input_ids, attention_mask, score_mask):
+        with _autocast(input_ids.device, self.dtype):
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
+        scored = score_mask.bool()
+        h, targets = hidden[:, :-1][scored], input_ids[:, 1:][scored]
+        head = self.lm.get_output_embeddings()
+        logp, entropy = [], []
+        for start in range(0, len(h), self.chunk):
+            args = (head, h[start:start + self.chunk], targets[start:start + self.chunk], self.temperature)
+            with _autocast(input_ids.device, self.dtype):
+                lp, ent = (checkpoint(head_logp_entropy, *args, use_reentrant=False) if torch.is_grad_enabled()
+                           else head_logp_entropy(*args))
+            logp.append(lp)
+            entropy.append(ent)
+        zeros = torch.zeros(score_mask.shape, dtype=torch.float32, device=input_ids.device)
+        if not logp:
+            return zeros, zeros
+        return zeros.masked_scatter(scored, torch.cat(logp)), zeros.masked_scatter(scored, torch.cat(entropy))
 
 
 class ValueModel(nn.Module):
     """The critic as one network: a backbone and a one-output head, a value logit at every position [B, L]."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, dtype: torch.dtype):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.dtype = backbone, head, dtype
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        with _autocast(input_ids.device, self.dtype):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return self.head(hidden).squeeze(-1).float()
 
 
 class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI, TokenValueAPI,
@@ -55,24 +108,31 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
 
         from rllib_sppo.llm.models import resolve_model
 
-        cfg = {"temperature": 0.6, "dtype": "float32", "gradient_checkpointing": False, "per_token_critic": False,
-               **self.model_config}
+        cfg = {"temperature": 0.6, "dtype": "float32", "gradient_checkpointing": False, "critic_kind": "sequence",
+               "max_tokens_per_micro_batch": None, "logp_chunk_tokens": 1024, **self.model_config}
         if not cfg.get("policy"):
             raise ValueError("SPPOLLMModule needs model_config['policy']: a local Hugging Face model directory")
+        if cfg["dtype"] not in DTYPES:
+            raise ValueError(f"model_config dtype={cfg['dtype']!r}: choose one of {sorted(DTYPES)} (float16 would "
+                             f"need loss scaling; use bfloat16)")
+        if cfg["critic_kind"] not in ("sequence", "token", None):
+            raise ValueError(f"critic_kind={cfg['critic_kind']!r}: 'sequence', 'token' or None")
         self.temperature = float(cfg["temperature"])
-        dtype = getattr(torch, cfg["dtype"])
+        self.compute_dtype = DTYPES[cfg["dtype"]]
+        self.max_tokens = cfg["max_tokens_per_micro_batch"]
+        self.critic_kind = cfg["critic_kind"] if not self.inference_only else None
         policy_dir = resolve_model(cfg["policy"])
         self.tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-        self.policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
-        if not self.inference_only:
+        self.policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+        if self.critic_kind:
             critic_dir = resolve_model(cfg.get("critic") or cfg["policy"])
             self.critic_tokenizer = AutoTokenizer.from_pretrained(critic_dir)
-            self.critic = AutoModel.from_pretrained(critic_dir, dtype=dtype)
-            self.value_head = nn.Linear(self.critic.config.hidden_size, 1, dtype=dtype)
+            self.critic = AutoModel.from_pretrained(critic_dir, dtype=torch.float32)
+            self.value_head = nn.Linear(self.critic.config.hidden_size, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.constant_(self.value_head.bias, cfg.get("critic_bias") or 0.0)
             self.same_tokenizer = self.critic_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-            if cfg["per_token_critic"] and not self.same_tokenizer:
+            if self.critic_kind == "token" and not self.same_tokenizer:
                 raise ValueError(
                     f"token-level PPO (advantage_estimator='ppo') reads the critic at every policy token, but the "
                     f"critic {cfg.get('critic')!r} has another tokenizer than the policy {cfg['policy']!r}, so its "
@@ -81,31 +141,70 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         if cfg["gradient_checkpointing"]:
             for model in (self.policy, getattr(self, "critic", None)):
                 if model is not None:
-                    model.gradient_checkpointing_enable()
-        # The two networks (in a plain dict, so not registered twice: the state-dict keys stay policy.*, critic.*,
+                    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The networks (in a plain dict, so not registered twice: the state-dict keys stay policy.*, critic.*,
         # value_head.*), and what runs each one: itself, or a learner's wrapper of it (run_networks_with).
-        self._networks = {"policy": self.policy}
-        if not self.inference_only:
-            self._networks["critic"] = ValueModel(self.critic, self.value_head)
+        self._networks = {"policy": PolicyModel(self.policy, self.temperature, int(cfg["logp_chunk_tokens"]),
+                                                self.compute_dtype)}
+        if self.critic_kind:
+            self._networks["critic"] = ValueModel(self.critic, self.value_head, self.compute_dtype)
         self._runners = dict(self._networks)
 
     def _forward(self, batch, **kwargs):
-        logits = self._runners["policy"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return {"logits": logits, "logp": token_logp(logits, batch["input_ids"], self.temperature)}
+        logp, entropy = self._runners["policy"](batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        return {"logp": logp, "entropy": entropy}
+
+    def response_logp(self, batch) -> torch.Tensor:
+        """The policy's log-probs of the response tokens, [B, L-1] (0 elsewhere), without gradients."""
+        with torch.no_grad():
+            return self._runners["policy"](batch["input_ids"], batch["attention_mask"], batch["response_mask"])[0]
 
     # TokenLogpAPI
     def action_logp(self, batch, fwd_out):
         return fwd_out["logp"], batch["old_logp"], batch["response_mask"]
 
+    def action_mask(self, batch):
+        return batch["response_mask"]
+
     def entropy(self, batch, fwd_out):
-        logp = torch.log_softmax(fwd_out["logits"][:, :-1].float() / self.temperature, dim=-1)
-        return -(logp.exp() * logp).sum(-1)
+        return fwd_out["entropy"]
+
+    def micro_batches(self, batch):
+        """Rows packed by length under ``max_tokens_per_micro_batch`` (``core.token_budget_micro_batches``), each
+        micro-batch's columns trimmed to its own longest row."""
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        groups = token_budget_micro_batches(lengths, self.max_tokens)
+        device = batch["attention_mask"].device
+        if len(groups) == 1:
+            return [(torch.arange(len(lengths), device=device), batch)]
+        return [(rows, self._rows(batch, rows)) for rows in (torch.tensor(g, device=device) for g in groups)]
+
+    @staticmethod
+    def _rows(batch: dict, rows: torch.Tensor) -> dict:
+        width = batch["attention_mask"].shape[1]
+        keep = int(batch["attention_mask"][rows].sum(-1).max())
+        keep_prompt = (int(batch["critic_attention_mask"][rows].sum(-1).max())
+                       if "critic_attention_mask" in batch else None)
+        out = {}
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                out[key] = value
+                continue
+            value = value[rows]
+            if key in CRITIC_PROMPT_COLUMNS:
+                value = value[:, :keep_prompt]
+            elif value.dim() == 2 and value.shape[1] == width:
+                value = value[:, :keep]
+            elif value.dim() == 2 and value.shape[1] == width - 1:
+                value = value[:, :keep - 1]
+            out[key] = value
+        return out
 
     def policy_parameters(self):
         return list(self.policy.parameters())
 
     def critic_parameters(self):
-        return list(self.critic.parameters()) + list(self.value_head.parameters())
+        return list(self.critic.parameters()) + list(self.value_head.parameters()) if self.critic_kind else []
 
     # SeparateNetworksAPI
     def networks(self):
@@ -122,8 +221,7 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
 
     # TokenValueAPI: the critic at every next-token position of prompt + response, [B, L-1].
     def compute_token_values(self, batch):
-        values = self._runners["critic"](batch["input_ids"], batch["attention_mask"])
-        return values[:, :-1], batch["response_mask"]
+        return self._runners["critic"](batch["input_ids"], batch["attention_mask"])[:, :-1]
 
     def critic_inputs(self, prompt_texts: list[str], prompt_ids: list[list[int]]) -> list[list[int]]:
         """The critic's token ids of each prompt: the policy's ids, or the text re-tokenised."""
@@ -132,21 +230,23 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         return [self.critic_tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
 
     def get_non_inference_attributes(self):
-        return ["critic", "value_head"]
+        return ["critic", "value_head"] if self.critic_kind else []
 
     def get_state(self, components=None, *, not_components=None, inference_only=False, **kwargs):
-        """RLlib's state (numpy arrays; the critic left out if ``inference_only``), except that bfloat16 tensors,
-        which numpy has no type for, stay (CPU) torch tensors: RLlib's ``set_state`` and the EnvRunners take both."""
+        """The parameters as torch tensors, as they are (views, no numpy round trip; the critic left out if
+        ``inference_only``): RLlib's ``set_state``, checkpoints and the EnvRunners take them."""
         skip = self.get_non_inference_attributes() if inference_only and not self.inference_only else []
-        return {k: v.detach().cpu() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy()
-                for k, v in self.state_dict().items() if k.split(".")[0] not in skip}
+        return {k: v.detach() for k, v in self.state_dict().items() if k.split(".")[0] not in skip}
 
     def save_to_path(self, path=None, *, state=None, **kwargs) -> str:
         """RLlib's checkpoint, plus the policy as a Hugging Face folder ``hf_policy/`` that transformers and vLLM load
-        directly, both written from one state (a DeepSpeed learner's is gathered from its ZeRO partitions)."""
+        directly (in the compute dtype), both written from one state (a DeepSpeed learner's is gathered from its
+        ZeRO partitions)."""
         state = self.get_state() if state is None else state
         path = super().save_to_path(path, state=state, **kwargs)
-        policy = {k.removeprefix("policy."): torch.as_tensor(v) for k, v in state.items() if k.startswith("policy.")}
+        policy = {k.removeprefix("policy."): torch.as_tensor(v).to(self.compute_dtype)
+                  for k, v in state.items() if k.startswith("policy.")}
+        self.policy.config.dtype = self.compute_dtype  # what the saved tensors hold
         self.policy.save_pretrained(f"{path}/hf_policy", state_dict=policy)
         self.tokenizer.save_pretrained(f"{path}/hf_policy")
         return path

@@ -21,7 +21,9 @@ def mlp(in_dim: int, hiddens: list[int], out_dim: int, act: type = nn.Tanh) -> n
 
 
 class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI):
-    """``model_config``: ``pi_hiddens`` and ``vf_hiddens`` (the critic has its own size).
+    """``model_config``: ``pi_hiddens`` and ``vf_hiddens`` (the critic has its own size); set by ``SPPOConfig``:
+    ``critic_kind`` ("sequence": V(s_0), or None: no critic), ``critic_bias``, ``max_tokens_per_micro_batch``
+    (here: steps per micro-batch).
 
     Discrete actions give Categorical logits; Box actions a diagonal Gaussian with a
     state-independent log-std. The critic ``vf`` is never built on EnvRunners.
@@ -29,13 +31,18 @@ class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
 
     def setup(self):
         obs_dim = int(np.prod(self.observation_space.shape))
-        cfg = {"pi_hiddens": [64, 64], "vf_hiddens": [64, 64], **(self.model_config or {})}
+        cfg = {"pi_hiddens": [64, 64], "vf_hiddens": [64, 64], "critic_kind": "sequence",
+               "max_tokens_per_micro_batch": None, **(self.model_config or {})}
+        if cfg["critic_kind"] not in ("sequence", None):
+            raise ValueError(f"SPPOMLPModule's critic reads s_0 (critic_kind 'sequence') or there is none, got "
+                             f"{cfg['critic_kind']!r}; for a per-token critic on classic control use RLlib's PPO.")
+        self.max_rows = cfg["max_tokens_per_micro_batch"]
         self.continuous = isinstance(self.action_space, gym.spaces.Box)
         out_dim = int(np.prod(self.action_space.shape)) if self.continuous else self.action_space.n
         self.pi = mlp(obs_dim, cfg["pi_hiddens"], out_dim)
         if self.continuous:
             self.log_std = nn.Parameter(torch.full((out_dim,), float(cfg.get("init_log_std", 0.0))))
-        if not self.inference_only:
+        if not self.inference_only and cfg["critic_kind"]:
             self.vf = mlp(obs_dim, cfg["vf_hiddens"], 1)
             if cfg.get("critic_bias") is not None:  # SPPOConfig.critic_init
                 nn.init.constant_(self.vf[-1].bias, cfg["critic_bias"])
@@ -54,17 +61,29 @@ class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
 
     def action_logp(self, batch, fwd_out):
         logp = self._dist(fwd_out).logp(batch[Columns.ACTIONS])
-        mask = batch.get(Columns.LOSS_MASK, torch.ones_like(logp))
-        return logp, batch[Columns.ACTION_LOGP], mask
+        return logp, batch[Columns.ACTION_LOGP], self.action_mask(batch)
+
+    def action_mask(self, batch):
+        return batch.get(Columns.LOSS_MASK, torch.ones(len(batch[Columns.OBS]), device=batch[Columns.OBS].device))
+
+    def micro_batches(self, batch):
+        """Consecutive rows (steps), ``max_tokens_per_micro_batch`` at a time (None: the batch itself)."""
+        n = len(batch[Columns.OBS])
+        size = self.max_rows or n
+        rows = torch.arange(n, device=batch[Columns.OBS].device).split(size)
+        if len(rows) == 1:
+            return [(rows[0], batch)]
+        return [(r, {k: v[r] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in batch.items()})
+                for r in rows]
 
     def entropy(self, batch, fwd_out):
         return self._dist(fwd_out).entropy()
 
     def get_non_inference_attributes(self):
-        return ["vf"]
+        return ["vf"] if hasattr(self, "vf") else []
 
     def policy_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("vf.")]
 
     def critic_parameters(self):
-        return list(self.vf.parameters())
+        return list(self.vf.parameters()) if hasattr(self, "vf") else []

@@ -1,13 +1,49 @@
-"""SPPO's torch learner: two AdamW optimizers (policy, critic) and the loss."""
+"""SPPO's torch learner: AdamW for the policy (and one for the critic, if the estimator has one), and the loss.
+
+One minibatch is one optimizer step, its gradient accumulated over the module's micro-batches (at most
+``max_tokens_per_micro_batch`` tokens each, ``TokenLogpAPI.micro_batches``): every loss term of a micro-batch is
+normalised by its MINIBATCH's count (tokens, sequences or critic entries), so the micro-batches' losses and gradients
+add up to the unsplit minibatch's, for every ``loss_agg_mode``.
+"""
+
+import contextlib
+from dataclasses import dataclass, field
 
 import torch
 
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
-from rllib_sppo.connectors import CRITIC_MASK, ESTIMATORS, critic_output
-from rllib_sppo.core import critic_bce_loss, critic_mse_loss, ppo_clip_loss, masked_mean
+from rllib_sppo.connectors import CRITIC_MASK, VALUES_OLD, critic_output
+from rllib_sppo.core import critic_bce_loss, critic_mse_loss, masked_mean, ppo_clip_loss
+from rllib_sppo.estimators import ESTIMATORS
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
+
+MINIBATCH = "_sppo_minibatch"  # batch key of a micro-batch: its minibatch's counts and diagnostics (a Minibatch)
+
+
+@dataclass
+class Minibatch:
+    """What a micro-batch's loss needs of the minibatch it is part of: the counts its terms divide by, and the
+    diagnostics of all its micro-batches, added up (``*_max``/``*_min``: the max/min)."""
+
+    tokens: torch.Tensor
+    sequences: int
+    critic_entries: torch.Tensor | None
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, module, batch: dict) -> "Minibatch":
+        mask = module.action_mask(batch)
+        critic = batch[CRITIC_MASK].sum().clamp(min=1.0) if CRITIC_MASK in batch else None
+        return cls(mask.sum().clamp(min=1.0), mask.shape[0] if mask.dim() > 1 else 1, critic)
+
+    def add(self, stats: dict) -> None:
+        for key, value in stats.items():
+            old = self.stats.get(key)
+            self.stats[key] = value if old is None else (
+                torch.maximum(old, value) if key.endswith("_max") else
+                torch.minimum(old, value) if key.endswith("_min") else old + value)
 
 
 class SPPOTorchLearner(SPPOLearner, TorchLearner):
@@ -19,30 +55,83 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
             ("policy", module.policy_parameters(), config.lr, config.weight_decay),
             ("critic", module.critic_parameters(), config.critic_lr, config.critic_weight_decay),
         ):
-            self.register_optimizer(module_id=module_id, optimizer_name=name,
-                                    optimizer=torch.optim.AdamW(params, weight_decay=wd),
-                                    params=params, lr_or_lr_schedule=lr)
+            if params:  # a critic-free estimator's module has no critic
+                self.register_optimizer(module_id=module_id, optimizer_name=name,
+                                        optimizer=torch.optim.AdamW(params, weight_decay=wd),
+                                        params=params, lr_or_lr_schedule=lr)
+
+    def _uncompiled_update(self, batch, **kwargs):
+        """One optimizer step on a minibatch, accumulated over its micro-batches."""
+        self._compute_off_policyness(batch)
+        self._zero_gradients()
+        fwd_out, losses = {}, {}
+        for module_id, module_batch in batch.items():
+            module = self.module[module_id].unwrapped()
+            minibatch = Minibatch.of(module, module_batch)
+            parts = module.micro_batches(module_batch)
+            config = self.config.get_config_for_module(module_id)
+            for i, (_, micro) in enumerate(parts):
+                last = i == len(parts) - 1
+                with self._accumulating(module_id, last):
+                    fwd_out[module_id] = self.module[module_id].forward_train(micro)
+                    loss = self.compute_loss_for_module(module_id=module_id, config=config,
+                                                        batch={**micro, MINIBATCH: minibatch},
+                                                        fwd_out=fwd_out[module_id])
+                    self._backward(loss, last)
+                losses[module_id] = losses.get(module_id, 0.0) + loss.detach()
+            self.metrics.log_dict(minibatch.stats, key=module_id, window=1)
+        self._step()
+        return fwd_out, losses, {}
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        """The PPO-clip policy loss, plus the critic's loss if the estimator has a critic; this micro-batch's share
+        of its minibatch's (``batch[MINIBATCH]``), diagnostics added to it."""
+        minibatch: Minibatch = batch[MINIBATCH]
         module = self.module[module_id].unwrapped()
         logp, old_logp, mask = module.action_logp(batch, fwd_out)
-        pg_loss, stats = ppo_clip_loss(
+        total, stats = ppo_clip_loss(
             logp, old_logp, batch[Columns.ADVANTAGES], mask,
-            clip_low=config.clip_low, clip_high=config.clip_high,
-            dual_clip=config.dual_clip, agg=config.loss_agg_mode)
-        critic_out = critic_output(module, batch, ESTIMATORS[config.advantage_estimator][0])
-        critic_fn = critic_bce_loss if config.critic_loss == "bce" else critic_mse_loss
-        critic_loss = critic_fn(critic_out, batch[Columns.VALUE_TARGETS], batch[CRITIC_MASK])
-        total = pg_loss + critic_loss
+            clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=config.dual_clip,
+            agg=config.loss_agg_mode, counts=(minibatch.tokens, minibatch.sequences))
+        stats = {f"policy/{k}": v for k, v in stats.items()}
+        stats["policy/loss"] = total.detach()
+        critic = ESTIMATORS[config.advantage_estimator].critic
+        if critic is not None:
+            out = critic_output(module, batch, critic)
+            targets, critic_mask = batch[Columns.VALUE_TARGETS], batch[CRITIC_MASK]
+            if config.resolved_critic_loss == "bce":
+                critic_loss = critic_bce_loss(out, targets, critic_mask, minibatch.critic_entries)
+            else:
+                critic_loss = critic_mse_loss(out, targets, critic_mask, minibatch.critic_entries,
+                                              old_values=batch[VALUES_OLD], clip=config.resolved_value_clip)
+            total = total + critic_loss
+            stats["critic/loss"] = critic_loss.detach()
+        entropy = masked_mean(module.entropy(batch, fwd_out), mask, minibatch.tokens)
         if config.entropy_coeff:
-            entropy = masked_mean(module.entropy(batch, fwd_out), mask)
             total = total - config.entropy_coeff * entropy
-            stats["entropy"] = entropy.detach()
-        self.metrics.log_dict(
-            {"policy/loss": pg_loss.detach(), "critic/loss": critic_loss.detach(),
-             **{f"policy/{k}": v for k, v in stats.items()}},
-            key=module_id, window=1)
+        stats["policy/entropy"] = entropy.detach()
+        minibatch.add(stats)
         return total
+
+    # The accumulation steps, which the DeepSpeed learner replaces.
+
+    def _zero_gradients(self) -> None:
+        for optim in self._optimizer_parameters:
+            optim.zero_grad(set_to_none=True)
+
+    def _accumulating(self, module_id, last: bool):
+        """Under DDP (several learners), gradients are all-reduced once per minibatch, in its last backward."""
+        module = self.module[module_id]
+        if last or self.config.num_learners <= 1 or not hasattr(module, "no_sync"):
+            return contextlib.nullcontext()
+        return module.no_sync()
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def _step(self) -> None:
+        gradients = {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
+        self.apply_gradients(self.postprocess_gradients(gradients))
 
     def apply_gradients(self, gradients_dict) -> None:
         """Skips (and counts) an update whose loss or gradient is not finite."""
