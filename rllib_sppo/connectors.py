@@ -19,7 +19,7 @@ GROUP_ID = "group_id"  # extra model output: which prompt a sample answers (N sa
 
 def critic_output(module, batch, critic: str) -> torch.Tensor:
     """The critic's raw output (logits for bce) on a batch: [B, T] for a per-token critic, else one per row."""
-    return module.compute_token_values(batch)[0] if critic == "token" else module.compute_values(batch)
+    return module.compute_token_values(batch) if critic == "token" else module.compute_values(batch)
 
 
 def in_micro_batches(module, batch: dict, fn, width: int | None = None) -> torch.Tensor:

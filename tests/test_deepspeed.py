@@ -65,8 +65,8 @@ def config(tiny, deepspeed=None, **training):
             .debugging(seed=0))
 
 
-def build_learner(tiny, deepspeed=None):
-    return config(tiny, deepspeed).build_learner(env=None, spaces={MODULE: (TEXT, TEXT)})
+def build_learner(tiny, deepspeed=None, **training):
+    return config(tiny, deepspeed, **training).build_learner(env=None, spaces={MODULE: (TEXT, TEXT)})
 
 
 def update(learner, episodes, epochs=2):
@@ -94,12 +94,17 @@ def relative_error(got, expected, initial):
     return max(np.linalg.norm(got[k] - expected[k]) / np.linalg.norm(expected[k] - initial[k]) for k in moved)
 
 
-@pytest.mark.parametrize("ds", [{"zero_stage": 2}, {"zero_stage": 3}, {"zero_stage": 2, "offload_optimizer": True},
-                                {"zero_stage": 3, "offload_optimizer": True, "offload_param": True}],
-                         ids=["zero2", "zero3", "zero2-offload-opt", "zero3-offload-opt-param"])
-def test_updates_equal_the_torch_learner(tiny, episodes, torch_run, ds):
+@pytest.mark.parametrize("ds, budget", [
+    ({"zero_stage": 2}, None), ({"zero_stage": 3}, None), ({"zero_stage": 2, "offload_optimizer": True}, None),
+    ({"zero_stage": 3, "offload_optimizer": True, "offload_param": True}, None),
+    ({"zero_stage": 2}, 44), ({"zero_stage": 3}, 44)],
+    ids=["zero2", "zero3", "zero2-offload-opt", "zero3-offload-opt-param", "zero2-micro-batches", "zero3-micro-batches"])
+def test_updates_equal_the_torch_learner(tiny, episodes, torch_run, ds, budget):
+    """Also with micro-batches (a 44-token budget: two of the 21-token episodes each, so two micro-batches per
+    minibatch of 4, accumulated by DeepSpeed into one step) against the torch learner's unsplit minibatches."""
     initial, expected = torch_run
-    learner = build_learner(tiny, ds)
+    learner = build_learner(tiny, ds, max_tokens_per_micro_batch=budget)
+    assert len(learner.module[MODULE].micro_batches(_token_batch(learner, episodes[:4]))) == (2 if budget else 1)
     assert type(learner).__name__ == "SPPODeepSpeedLearner"
     start = weights(learner)  # gathered whole under ZeRO-3
     assert start.keys() == initial.keys() and all(np.array_equal(start[k], initial[k]) for k in initial)
@@ -109,6 +114,10 @@ def test_updates_equal_the_torch_learner(tiny, episodes, torch_run, ds):
     assert error < 1e-3  # float32 summation order only (measured: ZeRO-2 8e-6, ZeRO-3 4e-5 to 6e-5)
     assert results[MODULE]["gradients_policy_global_norm"] > 0.5  # clipped to grad_clip (0.5) by DeepSpeed
     assert results[NONFINITE_SKIPPED] == 0
+
+
+def _token_batch(learner, episodes):
+    return TokenBatch()(rl_module=learner.module, episodes=episodes, batch={})[MODULE]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
