@@ -20,9 +20,10 @@ from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS, ENV_RUNNER_SAMPLING_TIMER, LEARNER_RESULTS, LEARNER_UPDATE_TIMER,
-    NUM_ENV_STEPS_SAMPLED_LIFETIME, SYNCH_WORKER_WEIGHTS_TIMER, TIMERS,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME, SYNCH_WORKER_WEIGHTS_TIMER, TIMERS, WEIGHTS_SEQ_NO,
 )
 
 from rllib_sppo.apis import TokenValueAPI
@@ -107,6 +108,19 @@ class SPPOConfig(AlgorithmConfig):
         self.rollout_engine = "vllm"
         #: Extra engine arguments, e.g. {"max_model_len": 1024, "dtype": "bfloat16"}.
         self.engine_kwargs = {}
+        #: Share of a GPU vLLM's engine takes (weights and KV cache). None: 0.4 when the EnvRunner shares the
+        #: learner's GPU (num_env_runners=0: policy, critic and vLLM on one GPU, as the reference), else 0.9.
+        self.gpu_memory_utilization = None
+        #: What the engine frees while the learner updates: 0 nothing, 1 its KV cache (weights moved to the CPU),
+        #: 2 its KV cache and weights (reloaded by the next weight sync). None: 2 when the EnvRunner shares the
+        #: learner's GPU, else 0. vLLM's sleep mode needs a CUDA GPU.
+        self.engine_sleep_level = None
+        #: Remote EnvRunners receive the policy in its training (compute) dtype in chunks of at most this many MB,
+        #: loaded one at a time.
+        self.weight_sync_chunk_mb = 512
+        #: A remote EnvRunner that has not loaded new weights within this many seconds fails the iteration with an
+        #: error naming it (instead of a hang).
+        self.weight_sync_timeout_s = 600.0
         #: Stop the run (saving a checkpoint of the last good weights) after this many optimizer steps
         #: in a row were skipped for a non-finite loss or gradient.
         self.max_nonfinite_updates = 3
@@ -197,6 +211,17 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(
                 f"gamma={self.gamma}, lambda_={self.lambda_}: only advantage_estimator='ppo' discounts (per-token "
                 f"GAE); {self.advantage_estimator!r} scores the whole episode by its outcome. Leave both at 1.")
+        if self.engine_sleep_level not in (None, 0, 1, 2):
+            self._value_error(f"engine_sleep_level={self.engine_sleep_level!r}: 0 (off), 1 (free the KV cache), 2 (the "
+                              f"weights too) or None (2 when the EnvRunner shares the learner's GPU, else 0).")
+        if "gpu_memory_utilization" in self.engine_kwargs:
+            self._value_error("engine_kwargs sets gpu_memory_utilization: set the config key gpu_memory_utilization "
+                              "instead (one place).")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            self._value_error(f"gpu_memory_utilization={self.gpu_memory_utilization} is a share of the GPU: (0, 1].")
+        if self.weight_sync_chunk_mb <= 0 or self.weight_sync_timeout_s <= 0:
+            self._value_error(f"weight_sync_chunk_mb ({self.weight_sync_chunk_mb}) and weight_sync_timeout_s "
+                              f"({self.weight_sync_timeout_s}) must be > 0.")
         if self.temperature <= 0:
             self._value_error(f"temperature must be > 0 (log-probs divide by it), got {self.temperature}.")
         if self.critic_init is not None and self.resolved_critic_loss == "bce" and not 0 < self.critic_init < 1:
@@ -300,7 +325,8 @@ _SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "val
               "max_tokens_per_micro_batch", "weight_decay", "critic_weight_decay", "clip_low", "clip_high",
               "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature",
               "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
-              "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed")
+              "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed", "gpu_memory_utilization", "engine_sleep_level",
+              "weight_sync_chunk_mb", "weight_sync_timeout_s")
 
 
 #: Written last into every SPPO checkpoint: its files and their sizes.
@@ -318,6 +344,15 @@ class SPPO(Algorithm):
     @classmethod
     def get_default_config(cls) -> SPPOConfig:
         return SPPOConfig()
+
+    def setup(self, config) -> None:
+        # In a Ray actor (a Tune trial under `rllib train`), torch uses the CPUs the actor holds
+        # (num_cpus_for_main_process): the local learner, the old log-probs and an in-process CPU vLLM all run here.
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+            torch.set_num_threads(max(1, cpus))
+        super().setup(config)
+        self.metrics.log_value("torch_threads", torch.get_num_threads(), window=1)
 
     @contextmanager
     def _phase(self, name: str, timer: str):
@@ -347,8 +382,42 @@ class SPPO(Algorithm):
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
         self._stop_on_nonfinite_streak()
         with self._phase("weight_sync", SYNCH_WORKER_WEIGHTS_TIMER):
-            self.env_runner_group.sync_weights(
-                from_worker_or_learner_group=self.learner_group, inference_only=True)
+            self._sync_weights()
+
+    def _sync_weights(self) -> None:
+        """The policy's weights to the EnvRunners (the critic stays on the learners).
+
+        A local EnvRunner (num_env_runners=0) receives the learner's state as it is: beside a local learner, the
+        learner's tensors themselves (no copy, no numpy, no dtype change). Remote LLM EnvRunners receive the policy in
+        its compute dtype, in object-store chunks of at most ``weight_sync_chunk_mb`` that they load one at a time,
+        each within ``weight_sync_timeout_s`` (or the iteration fails naming the runner); other remote EnvRunners
+        (classic control) through RLlib's ``sync_weights``.
+        """
+        group = self.env_runner_group
+        if not group.num_remote_workers():
+            if group.local_env_runner is not None:
+                state = self.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}",
+                                                     inference_only=True)[COMPONENT_LEARNER]
+                group.local_env_runner.set_state({COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
+                                                  WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]})
+            return
+        if not hasattr(self.config.env_runner_cls, "load_weight_chunks"):
+            group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+            return
+        max_bytes = int(self.config.weight_sync_chunk_mb * 2**20)
+        results = list(self.learner_group.foreach_learner(lambda learner: learner.weight_chunks(max_bytes)))
+        for result in results:
+            if not result.ok:
+                raise result.get()
+        chunks, seq_no = next((r.get() for r in results if r.get()[0]), ([], 0))
+        loaded = group.foreach_env_runner(lambda runner: runner.load_weight_chunks(chunks, seq_no),
+                                          local_env_runner=False, timeout_seconds=self.config.weight_sync_timeout_s)
+        stuck = sorted(set(group.healthy_worker_ids()) - set(loaded))  # (runners that died are restarted by RLlib)
+        if stuck:
+            raise TimeoutError(
+                f"weight sync: EnvRunner(s) {stuck} did not load the new policy weights within weight_sync_timeout_s="
+                f"{self.config.weight_sync_timeout_s} s (an engine stuck loading, or a runner out of memory); see the "
+                f"runner's log, or raise weight_sync_timeout_s for very large policies.")
 
     def _learner_data(self, episodes) -> dict:
         """The sampled episodes as ``LearnerGroup.update`` takes them.

@@ -182,3 +182,17 @@ def test_float16_is_refused_with_the_fix(tiny):
                                                                 model_config={"policy": tiny, "dtype": "float16"}))
     with pytest.raises(ValueError, match="dtype='float16' would need loss scaling.*use 'bfloat16'"):
         config.validate()
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_rllib_train_gives_torch_the_cores_the_trial_holds(tiny_llm_experiment, tmp_path, cpus):
+    """Under `rllib train` the algorithm runs in Tune's trial actor; its torch (learner, old log-probs, an in-process
+    engine) uses the CPUs the trial holds, num_cpus_for_main_process, not Ray's one-thread default."""
+    import json
+
+    from rllib_sppo.cli import main
+
+    path = tiny_llm_experiment(f"threads{cpus}", num_cpus_for_main_process=cpus)
+    assert main(["train", "file", path, "--storage-path", str(tmp_path), "--stop", '{"training_iteration": 1}']) == 0
+    results = [json.loads(line) for f in tmp_path.rglob("result.json") for line in f.read_text().splitlines()]
+    assert results and all(r["torch_threads"] == cpus for r in results)

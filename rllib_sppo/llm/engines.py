@@ -3,13 +3,18 @@
 Both take prompt token ids, sample ``n`` responses per prompt at a temperature, and
 return the response token ids with their per-token log-probs computed from the
 temperature-scaled distribution (what the learner recomputes). Both take new
-policy weights in place (``update_weights``), without a restart.
+policy weights in place (``update_weights``, from an iterator of (name, tensor), so
+weights can arrive chunk by chunk), without a restart. Both can sleep while the
+learner updates (``sleep(level)``: 1 moves the weights off the accelerator and drops
+the KV cache, 2 drops the weights too) and ``wake_up``; after level 2 the caller
+loads weights before generating.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +45,8 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval().to(self.device)
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
 
@@ -52,13 +58,14 @@ class HFEngine:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts]).repeat_interleave(cfg.n, 0)
         attn = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
         out = self.model.generate(
-            input_ids=ids, attention_mask=attn.repeat_interleave(cfg.n, 0), do_sample=True,
+            input_ids=ids.to(self.device), attention_mask=attn.repeat_interleave(cfg.n, 0).to(self.device),
+            do_sample=True,
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_tokens,
             pad_token_id=pad, eos_token_id=eos, output_scores=True, return_dict_in_generate=True)
-        new = out.sequences[:, width:]
+        new = out.sequences[:, width:].cpu()
         # Scores are the processed (temperature/top-p) logits: log-softmax gives the sampling log-probs.
         logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
-        token_logp = logp.gather(-1, new[..., None]).squeeze(-1)
+        token_logp = logp.cpu().gather(-1, new[..., None]).squeeze(-1)
         samples = []
         for i, row in enumerate(new.tolist()):
             length = row.index(eos) + 1 if eos in row else len(row)
@@ -67,8 +74,29 @@ class HFEngine:
                                   token_logp[i, :length].tolist()))
         return [samples[i * cfg.n:(i + 1) * cfg.n] for i in range(len(prompts))]
 
-    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(named_tensors, strict=False)
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                params[name].copy_(tensor)  # casts to the engine's dtype
+
+    def sleep(self, level: int) -> None:
+        """Level 1: the weights to the CPU (on a GPU; nothing to free on a CPU). Level 2: the weights' memory freed
+        (their shapes kept); ``wake_up`` allocates it again, uninitialised, for the next ``update_weights``."""
+        if level >= 2:
+            self._shapes = {}
+            for name, p in self.model.named_parameters():
+                self._shapes[name] = p.shape
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        elif level == 1 and self.device.type != "cpu":
+            self.model.to("cpu")
+
+    def wake_up(self) -> None:
+        for name, p in self.model.named_parameters():
+            if name in getattr(self, "_shapes", {}):
+                p.data = torch.empty(self._shapes[name], dtype=p.dtype, device=p.device)
+        self._shapes = {}
+        self.model.to(self.device)
 
 
 class VLLMEngine:
@@ -77,7 +105,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, **_):
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, sleep_level: int = 0, **_):
         # In-process engine core: required for in-place weight reloads via collective_rpc.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -90,6 +118,11 @@ class VLLMEngine:
                 "(then remove torchvision torchaudio torchcodec, see README), 'rllib-sppo[vllm]' on GPUs") from e
         self._vllm = vllm
         kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
+        if sleep_level:
+            if not torch.cuda.is_available():
+                raise ValueError(f"engine_sleep_level={sleep_level}: vLLM's sleep mode frees GPU memory and needs a "
+                                 f"CUDA GPU; on a CPU machine set engine_sleep_level to 0 (nothing to free).")
+            kwargs["enable_sleep_mode"] = True
         self.llm = vllm.LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
                             enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -105,9 +138,17 @@ class VLLMEngine:
                         [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
                  for c in o.outputs] for o in outputs]
 
-    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors.items()))})
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the iterator is consumed lazily,
+        # a chunk of weights at a time.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
+
+    def sleep(self, level: int) -> None:
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
 
 
 ENGINES = {"vllm": VLLMEngine, "transformers": HFEngine}

@@ -4,9 +4,12 @@ One ``sample()`` call resets ``num_envs_per_env_runner`` bandit envs (one prompt
 each), generates every response in a single engine call, scores each response
 through its env and returns one-step ``SingleAgentEpisode``s that carry the prompt
 and response token ids and the engine's per-token log-probs. New policy weights
-reach the engine in place through ``set_state`` (no restart); the sync's seconds and
-bytes are logged. The engine starts lazily on first use, so a driver-side runner
-that never samples never loads one.
+reach the engine in place (no restart): through ``set_state`` (RLlib's state, e.g.
+after a restore, and the local runner's sync) or ``load_weight_chunks`` (SPPO's sync
+of remote runners, a chunk at a time); the sync's seconds, bytes and GB/s are logged.
+With ``engine_sleep_level`` > 0 the engine sleeps from the end of sampling to the
+next weight load (the learner has the accelerator meanwhile). The engine starts
+lazily on first use, so a driver-side runner that never samples never loads one.
 """
 
 from __future__ import annotations
@@ -46,8 +49,14 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         spec = config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
         self.model_dir = resolve_model(spec.model_config["policy"])
         self._engine = None
-        self._pending_weights = None
+        self._pending_weights = None  # a callable giving the (name, tensor) pairs, for when the engine starts
         self._weights_seq_no = 0
+        shares_learner_gpu = config.num_env_runners == 0 and torch.cuda.is_available()
+        self.sleep_level = (config.engine_sleep_level if config.engine_sleep_level is not None
+                            else 2 if shares_learner_gpu else 0)
+        self.gpu_memory_utilization = (config.gpu_memory_utilization if config.gpu_memory_utilization is not None
+                                       else 0.4 if shares_learner_gpu else 0.9)
+        self._asleep = False
         self._heldout_env = None
         self._num_prompts = 0
 
@@ -63,11 +72,19 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     @property
     def engine(self):
         if self._engine is None:
-            kwargs = {"seed": (self.config.seed or 0) + self.worker_index, **self.config.engine_kwargs}
+            kwargs = {"seed": (self.config.seed or 0) + self.worker_index, "sleep_level": self.sleep_level,
+                      "gpu_memory_utilization": self.gpu_memory_utilization, **self.config.engine_kwargs}
             self._engine = make_engine(self.config.rollout_engine, self.model_dir, **kwargs)
             self.tokenizer = self._engine.tokenizer
             if self._pending_weights is not None:
-                self._push_weights(self._pending_weights)
+                self._load_weights(self._pending_weights())
+                self._pending_weights = None
+        if self._asleep:  # woken without new weights: only a level-1 sleep kept them
+            if self.sleep_level >= 2:
+                raise RuntimeError("the engine slept at level 2 (its weights freed) and got no weights since; sync the "
+                                   "policy's weights before sampling, or use engine_sleep_level 1.")
+            self._engine.wake_up()
+            self._asleep = False
         return self._engine
 
     def sample(self, *, num_timesteps=None, num_episodes=None, explore=True, random_actions=False,
@@ -78,6 +95,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         episodes, per_prompt = [], self.config.samples_per_prompt
         while len(episodes) < n:
             episodes += self._sample_round(min(len(self.envs), -(-(n - len(episodes)) // per_prompt)))
+        if self.sleep_level:  # the learner updates next: free what the engine holds until the new weights arrive
+            self._engine.sleep(self.sleep_level)
+            self._asleep = True
         return episodes
 
     def _sample_round(self, k: int) -> list[SingleAgentEpisode]:
@@ -163,16 +183,11 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     def set_state(self, state) -> None:
         if COMPONENT_RL_MODULE in state:
-            seq_no = state.get(WEIGHTS_SEQ_NO, 0)
-            if seq_no == 0 or self._weights_seq_no < seq_no:
-                weights = state[COMPONENT_RL_MODULE]
-                weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
-                weights = weights.get(DEFAULT_MODULE_ID, weights)
-                if self._engine is None:
-                    self._pending_weights = weights
-                else:
-                    self._push_weights(weights)
-            self._weights_seq_no = max(self._weights_seq_no, seq_no)
+            weights = state[COMPONENT_RL_MODULE]
+            self._receive(lambda: (
+                (k.removeprefix("policy."), torch.as_tensor(v))
+                for k, v in (ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights).get(
+                    DEFAULT_MODULE_ID, weights).items() if k.startswith("policy.")), state.get(WEIGHTS_SEQ_NO, 0))
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
         if "data" in state:  # a resumed run draws the prompts the uninterrupted one would have
@@ -180,14 +195,40 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 env.unwrapped.set_data_state(env_state)
             self._num_prompts = state["data"]["num_prompts"]
 
-    def _push_weights(self, module_state: dict) -> None:
-        start = time.perf_counter()
-        named = {k.removeprefix("policy."): torch.as_tensor(v) for k, v in module_state.items()
-                 if k.startswith("policy.")}
-        self._engine.update_weights(named)
-        self.metrics.log_value("timing_s/weight_sync", time.perf_counter() - start, window=1)
-        self.metrics.log_value("rollout/weight_sync_bytes", sum(t.numel() * t.element_size() for t in named.values()),
-                               window=1)
+    def load_weight_chunks(self, chunks: list, seq_no: int) -> int:
+        """SPPO's weight sync: the policy's weights as object-store chunks ({name: tensor}), fetched and loaded one
+        at a time. Returns this runner's index (the driver checks who answered in time)."""
+        self._receive(lambda: ((k.removeprefix("policy."), v) for ref in chunks for k, v in ray.get(ref).items()
+                               if k.startswith("policy.")), seq_no)
+        return self.worker_index
+
+    def _receive(self, weights, seq_no: int) -> None:
+        """Loads ``weights()`` (an iterator of (name, tensor)) if newer than what the engine has, or if the engine
+        sleeps (a level-2 sleep freed its weights); kept for later if the engine has not started."""
+        if seq_no == 0 or self._weights_seq_no < seq_no or self._asleep:
+            if self._engine is None:
+                self._pending_weights = weights
+            else:
+                self._load_weights(weights())
+        self._weights_seq_no = max(self._weights_seq_no, seq_no)
+
+    def _load_weights(self, named) -> None:
+        start, size = time.perf_counter(), 0
+
+        def counted():
+            nonlocal size
+            for name, tensor in named:
+                size += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+        if self._asleep:
+            self._engine.wake_up()
+            self._asleep = False
+        self._engine.update_weights(counted())
+        seconds = time.perf_counter() - start
+        self.metrics.log_value("timing_s/weight_sync", seconds, window=1)
+        self.metrics.log_value("rollout/weight_sync_bytes", size, window=1)
+        self.metrics.log_value("rollout/weight_sync_gb_per_s", size / 1e9 / max(seconds, 1e-9), window=1)
 
     def get_ctor_args_and_kwargs(self):
         return (), {"config": self.config}

@@ -9,8 +9,10 @@ add up to the unsplit minibatch's, for every ``loss_agg_mode``.
 import contextlib
 from dataclasses import dataclass, field
 
+import ray
 import torch
 
+from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
@@ -112,6 +114,32 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
         stats["policy/entropy"] = entropy.detach()
         minibatch.add(stats)
         return total
+
+    def weight_chunks(self, max_bytes: int) -> tuple[list, int]:
+        """The policy's weights for remote EnvRunners: ``(refs, weights_seq_no)``, the inference-only state in the
+        module's compute dtype, put in Ray's object store in chunks of at most ``max_bytes`` (a larger tensor is a
+        chunk of its own); a tensor tied to one already sent (an LM head tied to the embedding) is not sent twice.
+        Runs on every learner (gathering ZeRO-3 partitions is collective); the first returns the chunks."""
+        state = self.get_state(components=COMPONENT_RL_MODULE, inference_only=True)[COMPONENT_RL_MODULE]
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return [], self._weights_seq_no
+        dtype = getattr(self.module[DEFAULT_MODULE_ID].unwrapped(), "compute_dtype", None)
+        chunks, chunk, size, sent = [], {}, 0, set()
+        for name, value in state[DEFAULT_MODULE_ID].items():
+            tensor = torch.as_tensor(value)
+            if tensor.data_ptr() in sent:
+                continue
+            sent.add(tensor.data_ptr())
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if chunk and size + nbytes > max_bytes:
+                chunks.append(ray.put(chunk))
+                chunk, size = {}, 0
+            chunk[name], size = tensor, size + nbytes
+        if chunk:
+            chunks.append(ray.put(chunk))
+        return chunks, self._weights_seq_no
 
     # The accumulation steps, which the DeepSpeed learner replaces.
 

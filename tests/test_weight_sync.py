@@ -1,0 +1,126 @@
+"""Weight sync from the learner to the LLM EnvRunners, for real (RLlib, Ray actors, the engines): the learner's own
+tensors for a local runner, bounded chunks in the training dtype for remote ones, a stuck runner named within its
+timeout, and an engine that sleeps while the learner updates."""
+
+import os
+import signal
+
+import pytest
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+import envs  # noqa: F401
+from rllib_sppo import SPPOConfig
+from rllib_sppo.llm.assets import build_tiny_llama
+from rllib_sppo.llm.connectors import TokenBatch
+from rllib_sppo.llm.runner import LLMEnvRunner
+from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def config(tiny, dtype="float32", **training):
+    return (SPPOConfig()
+            .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
+            .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 200,
+                                                           "chat_template_model": tiny})
+            .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=0, num_envs_per_env_runner=8)
+            .training(**{"lr": 1e-3, "critic_lr": 1e-3, "train_batch_size_per_learner": 8, "minibatch_size": 8,
+                         "max_response_tokens": 8, "rollout_engine": "transformers", **training})
+            .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule,
+                                                   model_config={"policy": tiny, "dtype": dtype}))
+            .debugging(seed=0))
+
+
+def test_a_local_runner_is_handed_the_learners_own_tensors(tiny, ray_session):
+    algo = config(tiny).build_algo()
+    algo.train()
+    runner, learner = algo.env_runner, algo.learner_group._learner
+    received = []
+    update_weights = runner._engine.update_weights
+    runner._engine.update_weights = lambda named: update_weights(received.append(list(named)) or received[-1])
+    algo.train()  # sample, update, sync
+    [named] = received
+    params = dict(learner.module[DEFAULT_MODULE_ID].unwrapped().policy.named_parameters(remove_duplicate=False))
+    assert len(named) == len(params)
+    for name, tensor in named:  # the parameters themselves: same storage, same dtype, no numpy in between
+        assert tensor.data_ptr() == params[name].data_ptr() and tensor.dtype == params[name].dtype
+    algo.stop()
+
+
+def test_remote_runners_receive_bounded_chunks_in_the_training_dtype(tiny, ray_session):
+    """A bf16 policy (fp32 masters on the learner) reaches a remote runner in bf16, half the fp32 bytes, in chunks
+    of at most 0.25 MB (the 1.8M-parameter tiny Llama: ~15 chunks)."""
+    algo = (config(tiny, dtype="bfloat16", weight_sync_chunk_mb=0.25)
+            .env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5).build_algo())
+    learner = algo.learner_group._learner
+    chunks, _ = learner.weight_chunks(int(0.25 * 2**20))
+    import ray
+
+    sizes = [sum(t.numel() * t.element_size() for t in ray.get(c).values()) for c in chunks]
+    dtypes = {t.dtype for c in chunks for t in ray.get(c).values()}
+    policy = learner.module[DEFAULT_MODULE_ID].unwrapped().policy
+    fp32_bytes = sum(p.numel() * 4 for p in policy.parameters())
+    assert dtypes == {torch.bfloat16} and len(chunks) > 5
+    assert max(sizes) <= 0.25 * 2**20 or max(sizes) == max(p.numel() * 2 for p in policy.parameters())
+    assert sum(sizes) == fp32_bytes // 2
+    results = [algo.train() for _ in range(2)]
+    runners = results[-1]["env_runners"]
+    assert runners["rollout/weight_sync_bytes"] == fp32_bytes // 2 and runners["rollout/weight_sync_gb_per_s"] > 0
+    # The engine generates with the learner's weights (bf16 on both sides): the log-prob gap is bf16 rounding only.
+    assert results[-1]["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 0.05
+    algo.stop()
+
+
+def test_a_stuck_runner_fails_the_sync_within_its_timeout_and_is_named(tiny, ray_session):
+    import time
+
+    algo = (config(tiny, weight_sync_timeout_s=3.0)
+            .env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5).build_algo())
+    algo.train()
+    [pid] = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)
+    os.kill(pid, signal.SIGSTOP)  # the runner's process stops answering, as a runner stuck in its engine
+    try:
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"EnvRunner\(s\) \[1\] did not load the new policy weights within "
+                                               r"weight_sync_timeout_s=3.0"):
+            algo._sync_weights()
+        assert time.monotonic() - start < 30
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    algo.stop()
+
+
+def test_the_engine_sleeps_through_the_update_and_wakes_with_the_new_weights(tiny, ray_session):
+    """engine_sleep_level 2 with the transformers engine on CPU: after sampling the engine's weights are freed (no
+    parameter holds memory during the update), the sync wakes it with the new weights, and it samples with them."""
+    algo = config(tiny, engine_sleep_level=2).build_algo()
+    runner = algo.env_runner
+    for _ in range(3):
+        result = algo.train()
+        assert result["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
+    runner.sample()
+    assert runner._asleep and all(p.numel() == 0 for p in runner._engine.model.parameters())
+    algo._sync_weights()
+    assert not runner._asleep and all(p.numel() > 0 for p in runner._engine.model.parameters())
+    algo.stop()
+
+
+def test_vllm_sleep_on_a_cpu_machine_is_refused_with_the_reason(tiny):
+    from rllib_sppo.llm.engines import make_engine
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine: vLLM's sleep mode is available")
+    with pytest.raises(ValueError, match="vLLM's sleep mode frees GPU memory and needs a CUDA GPU"):
+        make_engine("vllm", tiny, sleep_level=2)
+
+
+def test_sleep_level_and_gpu_share_are_validated(tiny):
+    with pytest.raises(ValueError, match="engine_sleep_level=3"):
+        config(tiny, engine_sleep_level=3).validate()
+    with pytest.raises(ValueError, match="set the config key gpu_memory_utilization"):
+        config(tiny, engine_kwargs={"gpu_memory_utilization": 0.5}).validate()
