@@ -27,6 +27,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from rllib_sppo.apis import TokenValueAPI
+from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.estimators import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 from rllib_sppo.env_runner import EpisodeEnvRunner
@@ -329,6 +330,20 @@ _SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "val
               "weight_sync_chunk_mb", "weight_sync_timeout_s")
 
 
+def deal_episodes(episodes: list, n: int) -> list[list]:
+    """Episodes dealt to ``n`` learners in whole units: an episode, or all the samples of one prompt (``GROUP_ID``)
+    that a group estimator (GRPO, RLOO) compares with each other. Largest units first, each to the learner holding
+    the fewest steps."""
+    units = {}
+    for episode in episodes:
+        key = episode.get_extra_model_outputs(GROUP_ID, 0) if GROUP_ID in episode.extra_model_outputs else episode.id_
+        units.setdefault(key, []).append(episode)
+    shards = [[] for _ in range(n)]
+    for unit in sorted(units.values(), key=lambda u: sum(map(len, u)), reverse=True):
+        min(shards, key=lambda shard: sum(map(len, shard))).extend(unit)
+    return shards
+
+
 #: Written last into every SPPO checkpoint: its files and their sizes.
 MANIFEST_FILE = "sppo_manifest.json"
 
@@ -423,19 +438,16 @@ class SPPO(Algorithm):
         """The sampled episodes as ``LearnerGroup.update`` takes them.
 
         With several learners, RLlib's own sharding cuts episodes to give each learner the same number of steps;
-        SPPO scores whole episodes (R and V(s_0)), so each learner gets whole ones here (longest first, to the
-        learner with the fewest steps), and all take the same number of minibatch steps, as DDP (which averages
+        SPPO scores whole episodes (R and V(s_0)) and group estimators whole groups, so each learner gets whole
+        units here (``deal_episodes``), and all take the same number of minibatch steps, as DDP (which averages
         their gradients at every step) needs.
         """
         n = self.config.num_learners
         if n < 2:
             return {"episodes": episodes}
-        shards = [[] for _ in range(n)]
-        for episode in sorted(episodes, key=len, reverse=True):
-            min(shards, key=lambda shard: sum(map(len, shard))).append(episode)
         steps = sum(map(len, episodes))
         minibatch = self.config.minibatch_size or max(1, steps // n)
-        return {"episodes_refs": [ray.put(shard) for shard in shards],
+        return {"episodes_refs": [ray.put(shard) for shard in deal_episodes(episodes, n)],
                 "num_total_minibatches": max(1, self.config.num_epochs * steps // (n * minibatch))}
 
     def _stop_on_nonfinite_streak(self) -> None:

@@ -73,6 +73,35 @@ def test_two_ddp_learners_equal_one_learner_on_the_same_episodes(ray_session):
     assert max(error(half, name) for name in one) > 0.5  # half the episodes: another gradient (policy: ~70-100 %)
 
 
+def group_episodes(groups: int, n: int):
+    """``groups`` prompts with ``n`` one-step samples each (GROUP_ID = the prompt), of uneven lengths."""
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    from rllib_sppo.connectors import GROUP_ID
+
+    lengths = [[1 + (3 * g + j) % 5 for j in range(n)] for g in range(groups)]
+    return [SingleAgentEpisode(observations=[0] * (k + 1), actions=[0] * k, rewards=[0.0] * k,
+                               extra_model_outputs={GROUP_ID: [g] * k}, len_lookback_buffer=0)
+            for g in range(groups) for k in lengths[g]]
+
+
+def test_groups_stay_whole_across_learners():
+    """GRPO N=4 over 2 learners: a group is the unit dealt out (RLlib would cut by steps, so each learner's group
+    statistics would come from fragments; with num_learners == N GRPO's advantage would be 0); loads stay even."""
+    from rllib_sppo.connectors import GROUP_ID
+    from rllib_sppo.sppo import deal_episodes
+
+    episodes = group_episodes(groups=10, n=4)
+    shards = deal_episodes(episodes, 2)
+    owner = {}
+    for i, shard in enumerate(shards):
+        for e in shard:
+            assert owner.setdefault(e.get_extra_model_outputs(GROUP_ID, 0), i) == i  # every sample of a group together
+    assert sorted(e.id_ for s in shards for e in s) == sorted(e.id_ for e in episodes)
+    loads = [sum(map(len, s)) for s in shards]
+    assert abs(loads[0] - loads[1]) <= max(sum(map(len, episodes[i:i + 4])) for i in range(0, len(episodes), 4))
+
+
 def test_two_learners_and_two_env_runners_train_and_sync(ray_session):
     from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
