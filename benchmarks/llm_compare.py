@@ -1,15 +1,20 @@
-"""SPPO (N=1) vs GRPO (N=8) vs RLOO (N=8) vs token-level PPO (N=1) on one LLM task, side by side in one invocation:
-same YAML, model, seeds, machine, prompts per iteration and training wall-clock budget.
+"""SPPO (N=1) vs GRPO (N=8) vs RLOO (N=8) vs token-level PPO (N=1, as verl runs it) on one LLM task, side by side in
+one invocation: same YAML, model, seeds, machine, prompts per iteration and training wall-clock budget.
 
-    python benchmarks/llm_compare.py tuned_examples/arith_tiny_sppo.yaml --seeds 0 --minutes 10
+    python benchmarks/llm_compare.py tuned_examples/arith_tiny_sppo.yaml --seeds 0 1 2 --minutes 10
 
-Each estimator runs through ``llm_curve.run_seed`` (held-out avg@k at the training temperature, evaluations left out
-of the training time). Writes held-out accuracy against training wall-clock and against generated tokens, and the
-training time each needs to reach GRPO's final accuracy, to ``benchmarks/results/llm_compare.{md,csv,png}``.
+Each estimator runs through ``llm_curve.run_seed`` (held-out avg@k and pass@k of exact answers at the training
+temperature, evaluations left out of the training time). Critic-free estimators build and run no critic. Every run
+records the load average before and after it and is marked when something else loaded the machine. Writes, per
+estimator, the final held-out accuracy (mean and range over seeds), the training seconds and generated tokens each
+seed needed to reach GRPO's final accuracy (the mean over its seeds), and the SPPO : GRPO ratio per seed, to
+``benchmarks/results/<out>.{md,csv,png}``; runs go to ``<out>_runs.jsonl`` as they finish, and a rerun skips them.
 """
 
 import argparse
 import csv
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +22,14 @@ import numpy as np
 from llm_curve import run_seed
 from provenance import provenance
 
-OUT = Path("benchmarks/results/llm_compare")
+#: A run is marked as taken under load when the 1-minute load average before it exceeds this (2 cores, idle: < 0.5).
+BUSY = 1.0
 
 
 def variants(batch: int, minibatch: int, n: int) -> dict:
     """The compared estimators; group estimators draw n samples of each of the same prompts."""
-    group = {"samples_per_prompt": n, "train_batch_size_per_learner": batch * n, "minibatch_size": minibatch * n}
+    group = {"samples_per_prompt": n, "train_batch_size_per_learner": batch * n, "minibatch_size": minibatch * n,
+             "critic_init": None}
     return {"SPPO (N=1)": {"advantage_estimator": "sppo"},
             f"GRPO (N={n})": {"advantage_estimator": "grpo", **group},
             f"RLOO (N={n})": {"advantage_estimator": "rloo", **group},
@@ -36,60 +43,95 @@ def main():
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock per estimator and seed")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--n", type=int, default=8, help="samples per prompt of GRPO and RLOO")
+    p.add_argument("--out", default="benchmarks/results/llm_compare", help="output path stem")
     args = p.parse_args()
     from rllib_sppo.cli import load_experiments
 
     (_, exp), = load_experiments(args.yaml).items()
     cfg = exp["config"]
-    runs = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = Path(f"{out}_runs.jsonl")
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["label"], r["seed"]) for r in runs}
     for label, overrides in variants(cfg["train_batch_size_per_learner"], cfg["minibatch_size"], args.n).items():
         for seed in args.seeds:
-            runs.append({"label": label, **run_seed(args.yaml, seed, args.minutes, args.eval_every, overrides)})
-            print(label, seed, runs[-1]["curve"][-1], flush=True)
-            write(runs, args)  # after every run: a long benchmark cut short keeps what it measured
+            if (label, seed) in done:
+                continue
+            load_before = os.getloadavg()[0]
+            run = run_seed(args.yaml, seed, args.minutes, args.eval_every, overrides)
+            run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
+            runs.append(run)
+            with log.open("a") as f:
+                f.write(json.dumps(run) + "\n")
+            print(label, seed, run["curve"][-1], flush=True)
+            write(runs, args, out)
 
 
-def time_to_reach(curve: list, key: str, target: float) -> float:
-    return next((c["train_s"] for c in curve if c[key] >= target), np.nan)
+def reach(curve: list, key: str, target: float, x: str) -> float:
+    """The first ``x`` (training seconds or tokens) at which ``key`` reached ``target``; nan if never."""
+    return next((c[x] for c in curve if c[key] >= target), np.nan)
 
 
-def write(runs: list, args) -> None:
-    import matplotlib
-
+def write(runs: list, args, out: Path) -> None:
     key = runs[0]["key"]
-    with open(f"{OUT}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["estimator", "seed", "iteration", "train_s", "tokens", key])
+    pass_key = key.replace("avg@", "pass@")
+    with open(f"{out}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["estimator", "seed", "iteration", "train_s", "tokens", key, pass_key],
+                           extrasaction="ignore")
         w.writeheader()
         for r in runs:
             w.writerows({"estimator": r["label"], **c} for c in r["curve"])
+    labels = list(dict.fromkeys(r["label"] for r in runs))
     grpo = [r["curve"][-1][key] for r in runs if r["label"].startswith("GRPO")]
     target = float(np.mean(grpo)) if grpo else np.nan
-    lines = [f"# {Path(args.yaml).name}: SPPO vs GRPO vs RLOO vs token-level PPO, held-out {key}", "",
+    fmt = lambda v: f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if len(v) else "-"  # noqa: E731
+    lines = [f"# {Path(args.yaml).name}: SPPO vs GRPO vs RLOO vs token-level PPO, held-out {key} and {pass_key}", "",
              *provenance(),
-             f"Same prompts per iteration for all; {args.minutes:g} min of training each (evaluations not counted). "
-             f"Target = GRPO's final accuracy ({target:.3f}).", "",
-             "| estimator | seed | before | after | iterations | generated tokens | training s | s to reach GRPO's final |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        first, last = r["curve"][0], r["curve"][-1]
-        lines.append(f"| {r['label']} | {r['seed']} | {first[key]:.3f} | {last[key]:.3f} | {r['iterations']} | "
-                     f"{last['tokens']:,} | {last['train_s']:.0f} | {time_to_reach(r['curve'], key, target):.0f} |")
-    Path(f"{OUT}.md").write_text("\n".join(lines) + "\n")
+             f"Exact answers only (a sample counts when the verifier says it is fully right). Same prompts per "
+             f"iteration for all; {args.minutes:g} min of training per run (evaluations not counted). Target = GRPO's "
+             f"final {key}, the mean over its seeds ({target:.3f}). Mean (min-max) over seeds.", "",
+             f"| estimator | seeds | {key} before | {key} after | {pass_key} after | iterations | generated tokens | "
+             "training s to reach the target | tokens to reach it |", "|---|---|---|---|---|---|---|---|---|"]
+    for label in labels:
+        sel = [r for r in runs if r["label"] == label]
+        reached_s = [reach(r["curve"], key, target, "train_s") for r in sel]
+        reached_tokens = [reach(r["curve"], key, target, "tokens") for r in sel]
+        per_seed = lambda xs: " / ".join("never" if np.isnan(x) else f"{x:,.0f}" for x in xs)  # noqa: E731
+        lines.append(
+            f"| {label} | {len(sel)} | {fmt([r['curve'][0][key] for r in sel])} | {fmt([r['curve'][-1][key] for r in sel])} "
+            f"| {fmt([r['curve'][-1].get(pass_key, np.nan) for r in sel])} | {fmt([r['iterations'] for r in sel]).replace('.000', '')} "
+            f"| {np.mean([r['curve'][-1]['tokens'] for r in sel]):,.0f} | {per_seed(reached_s)} | {per_seed(reached_tokens)} |")
+    sppo = {r["seed"]: r for r in runs if r["label"].startswith("SPPO")}
+    ratios = [reach(g["curve"], key, target, "train_s") / reach(sppo[g["seed"]]["curve"], key, target, "train_s")
+              for g in runs if g["label"].startswith("GRPO") and g["seed"] in sppo]
+    ratios = [x for x in ratios if np.isfinite(x)]
+    if ratios:
+        lines += ["", f"SPPO reaches GRPO's final {key} {np.mean(ratios):.1f}x sooner in training seconds than GRPO "
+                      f"does (per seed {', '.join(f'{x:.1f}x' for x in ratios)}; range {min(ratios):.1f}-"
+                      f"{max(ratios):.1f}x)."]
+    busy = [f"{r['label']} seed {r['seed']} (load {r['load_before']} before, {r['load_after']} after)" for r in runs
+            if r["load_before"] > BUSY]
+    lines += ["", "Runs taken under load (1-minute load average above "
+              f"{BUSY} before the run; 2 cores): {', '.join(busy) if busy else 'none'}."]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in runs:
-        for ax, x in zip(axes, ("train_s", "tokens")):
-            ax.plot([c[x] for c in r["curve"]], [c[key] for c in r["curve"]], marker="o",
-                    label=f"{r['label']} s{r['seed']}")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="tight")
+    axes = fig.subplots(1, 2)
+    for i, label in enumerate(labels):
+        for j, r in enumerate(r for r in runs if r["label"] == label):
+            for ax, x in zip(axes, ("train_s", "tokens")):
+                ax.plot([c[x] for c in r["curve"]], [c[key] for c in r["curve"]], marker=".", color=f"C{i}",
+                        alpha=0.8, label=label if j == 0 else None)
+    for ax in axes:
+        ax.axhline(target, color="grey", lw=0.5)
+        ax.set_ylabel(f"held-out {key}")
     axes[0].set_xlabel("training wall-clock (s)")
     axes[1].set_xlabel("generated response tokens")
-    axes[0].set_ylabel(f"held-out {key}")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(f"{OUT}.png", dpi=100)
-    plt.close(fig)
+    fig.savefig(f"{out}.png", dpi=100)
     print("\n".join(lines))
 
 

@@ -31,9 +31,10 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
 
     def point(iteration: int, tokens: int) -> dict:  # an evaluation, its time left out of the training time
         train_s, t0 = time.perf_counter() - start - evaluating["s"], time.perf_counter()
-        accuracy = heldout_accuracy(algo, None)[0][key]
+        result = heldout_accuracy(algo, None)[0]
         evaluating["s"] += time.perf_counter() - t0
-        return {"seed": seed, "iteration": iteration, "train_s": train_s, "tokens": tokens, key: accuracy}
+        return {"seed": seed, "iteration": iteration, "train_s": train_s, "tokens": tokens,
+                **{k: v for k, v in result.items() if k.startswith(("accuracy/", "reward/"))}}
 
     stats, start, it, tokens = [], time.perf_counter(), 0, 0
     curve = [point(0, 0)]
@@ -74,7 +75,7 @@ def main():
 def write(runs: list, args, out: Path) -> None:
     key = runs[0]["key"]
     with open(f"{out}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["seed", "iteration", "train_s", "tokens", key])
+        w = csv.DictWriter(f, fieldnames=list(runs[0]["curve"][0]))
         w.writeheader()
         for r in runs:
             w.writerows(r["curve"])
