@@ -47,9 +47,10 @@ def extract_boxed(text: str) -> str | None:
 
 
 def final_answer(text: str) -> str | None:
-    """The last ``\\boxed{...}`` after the last ``</think>``, else the last number there (commas dropped)."""
+    """The last ``\\boxed{...}`` after the last ``</think>`` unless it is empty, else the last number there (commas
+    dropped)."""
     boxed = extract_boxed(text)
-    if boxed is not None:
+    if boxed:
         return boxed
     numbers = _NUMBER.findall(_final_part(text))
     return numbers[-1].replace(",", "") if numbers else None

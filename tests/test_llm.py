@@ -188,6 +188,7 @@ def test_sppo_iterations_sync_weights_into_the_engine(tiny, engine, ray_session,
     assert runners["rollout/tokens_per_s"] > 0
     evaluation = results[1]["evaluation"]["env_runners"]
     assert evaluation["problems"] == 20 and 0.0 <= evaluation["accuracy/avg@4"] <= 1.0
+    assert evaluation["reward/avg@4"] == evaluation["accuracy/avg@4"]  # a 0/1 reward: the mean is the solved share
     # The checkpoint holds the policy as a Hugging Face folder that transformers loads.
     path = algo.save_to_path(str(tmp_path / "ckpt"))
     algo.stop()
@@ -302,8 +303,13 @@ def test_each_training_prompt_is_drawn_once_per_epoch(tiny):
     runner.stop()
 
     config = config.copy(copy_frozen=False).env_runners(num_env_runners=2)
-    shards = [prompts(LLMEnvRunner(config=config, worker_index=i).sample(num_episodes=12)) for i in (1, 2)]
+    runners = [LLMEnvRunner(config=config, worker_index=i) for i in (1, 2)]  # remote runners are workers 1, 2
+    shards = [prompts(runner.sample(num_episodes=12)) for runner in runners]
     assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == sorted(train)
+    for runner in runners:
+        runner.stop()
+    with pytest.raises(ValueError, match="LLMEnvRunner trains on the train split"):
+        LLMEnvRunner(config=config.environment(env_config={"source": "arithmetic", "size": 30, "split": "heldout"}))
 
 
 def half_credit(completions, index, **_):

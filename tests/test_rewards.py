@@ -125,6 +125,7 @@ def test_extract_answer_fallbacks():
     ("3-9=-6", "-6"),
     (r"It is 12, so \boxed{13}", "13"),
     ("about 1,234.5 apples", "1234.5"),
+    ("10 + 8 = 18\n\nThe answer is within \\boxed{}.", "18"),  # an empty box is no answer (SmolLM2 writes it)
     ("<think>it is 3</think> no idea", None),
     ("seven", None),
 ])
