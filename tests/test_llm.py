@@ -312,6 +312,20 @@ def test_each_training_prompt_is_drawn_once_per_epoch(tiny):
         LLMEnvRunner(config=config.environment(env_config={"source": "arithmetic", "size": 30, "split": "heldout"}))
 
 
+def test_sampler_shards_an_uneven_epoch_and_resumes():
+    from rllib_sppo.llm.sampler import EpochSampler
+
+    shards = [EpochSampler(7, seed=3, shard=i, num_shards=3) for i in range(3)]
+    drawn = [shard.draw(3 - (i > 0)) for i, shard in enumerate(shards)]
+    assert [len(d) for d in drawn] == [3, 2, 2] and sorted(sum(drawn, [])) == list(range(7))
+    assert [shard.progress for shard in shards] == [1.0, 1.0, 1.0]
+    resumed = EpochSampler(7, seed=3, shard=1, num_shards=3)
+    resumed.set_state(shards[1].get_state())
+    assert resumed.draw(5) == shards[1].draw(5)  # two epochs on, reshuffled each time
+    with pytest.raises(ValueError, match="2 training prompts cannot be shared by 3 EnvRunners"):
+        EpochSampler(2, num_shards=3)
+
+
 def half_credit(completions, index, **_):
     """1.0 on the even-numbered arithmetic problems, 0.5 (partial credit) on the others, whatever the answer."""
     return [1.0 if i % 2 == 0 else 0.5 for i in index]
