@@ -5,8 +5,9 @@ round poses ``num_envs_per_env_runner`` prompts that the ``EpochSampler`` picks 
 training prompt once per epoch, runners drawing disjoint shards), generates every
 response in a single engine call, scores them all in one call to the env and returns
 one-step ``SingleAgentEpisode``s that carry the prompt and response token ids and the
-engine's per-token log-probs. New policy weights
-reach the engine in place through ``set_state`` (no restart); the sync's seconds and
+engine's per-token log-probs.
+
+New policy weights reach the engine in place through ``set_state`` (no restart); the sync's seconds and
 bytes are logged. The engine starts lazily on first use, so a driver-side runner
 that never samples never loads one.
 """
