@@ -1,17 +1,19 @@
 """One-step reasoning episodes: a contextual bandit over prompts with a verifiable reward.
 
-``reset`` draws a problem and returns its prompt text; ``step(response_text)`` scores
-the whole response with a reward function from ``envs.rewards`` and ends the episode.
+``reset`` poses a problem and returns its prompt text; ``step(response_text)`` scores
+the whole response with a reward function from ``envs.rewards`` and ends the episode;
+``score`` scores many responses in one call. Nothing here imports ``rllib_sppo``: a
+built-in model's folder for the chat template is resolved by the caller.
 
 Prompt sources yield records ``{"prompt": [{"role", "content"}, ...], "ground_truth": str,
 "data_source": str, "extra_info": dict}``: verl-format Parquet files, reasoning-gym
 tasks, or generated "What is a+b?" problems.
 """
 
-import json
 import random
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -19,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from envs.rewards import get_reward_fn, score_with_timeout
+from envs.rewards import RewardScorer, get_reward_fn
 
 BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."
 VERL_COLUMNS = "verl format needs data_source, prompt, reward_model.ground_truth"
@@ -160,21 +162,22 @@ class ArithmeticSource(Source):
         super().__init__(records)
 
 
-def split_records(
-    records: Sequence[dict], heldout_fraction: float | None = None, heldout_size: int | None = None, seed: int = 0
-) -> tuple[list[dict], list[dict]]:
-    """Deterministic train/held-out split; records with identical prompts are kept once, so
-    no problem lands on both sides. Give exactly one of ``heldout_fraction``, ``heldout_size``."""
+def split_indices(
+    texts: Sequence[str], heldout_fraction: float | None = None, heldout_size: int | None = None, seed: int = 0
+) -> tuple[list[int], list[int]]:
+    """Deterministic train/held-out split of prompt texts, as (train, heldout) indices into ``texts``: identical
+    texts count once (the first is kept), so no prompt lands on both sides. Give exactly one of
+    ``heldout_fraction``, ``heldout_size``."""
     if (heldout_fraction is None) == (heldout_size is None):
         raise ValueError("give exactly one of heldout_fraction and heldout_size")
-    unique = list({json.dumps(r["prompt"], sort_keys=True): r for r in reversed(records)}.values())[::-1]
+    unique = list({text: i for i, text in reversed(list(enumerate(texts)))}.values())[::-1]
     if heldout_size is None:
         heldout_size = round(heldout_fraction * len(unique))
     if not 0 <= heldout_size < len(unique):
         raise ValueError(f"heldout_size {heldout_size} leaves no training data ({len(unique)} unique prompts)")
     heldout_ids = set(random.Random(seed).sample(range(len(unique)), heldout_size))
-    train = [r for i, r in enumerate(unique) if i not in heldout_ids]
-    heldout = [r for i, r in enumerate(unique) if i in heldout_ids]
+    train = [i for j, i in enumerate(unique) if j not in heldout_ids]
+    heldout = [i for j, i in enumerate(unique) if j in heldout_ids]
     return train, heldout
 
 
@@ -193,26 +196,60 @@ def _make_source(cfg: dict) -> Source:
     raise ValueError(f"unknown source {kind!r}; choose one of 'parquet', 'reasoning_gym', 'arithmetic'")
 
 
+@dataclass
+class PromptSplit:
+    """The problems of one split: records and their rendered prompt texts (aligned); ``num_dropped`` prompts were
+    left out as longer than ``max_prompt_chars``."""
+
+    records: list[dict]
+    texts: list[str]
+    num_dropped: int = 0
+
+
+def _plain_text(messages: list[dict]) -> str:
+    return "\n".join(m["content"] for m in messages if m["role"] == "user")
+
+
+def chat_renderer(model_dir: str | None) -> Callable[[list[dict]], str]:
+    """messages -> prompt text: the chat template of the tokenizer in the local folder ``model_dir`` (with the
+    generation prompt), or without a folder the user messages' contents joined by newlines."""
+    if model_dir is None:
+        return _plain_text
+    if str(model_dir).startswith("builtin:"):
+        raise ValueError(f"chat_template_model {model_dir!r} names a built-in model, which envs cannot build; give "
+                         f"its folder, rllib_sppo.llm.models.resolve_model({model_dir!r}) (LLMEnvRunner does this)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 class ReasoningEnv(gym.Env):
     """A contextual bandit: observation = prompt text, action = the whole response text.
+
+    The env loads its source once, renders every prompt once, de-duplicates by the rendered text and splits it into
+    ``splits["train"]`` and ``splits["heldout"]``. ``reset()`` draws a problem of its ``split`` at random;
+    ``reset(options={"index": i, "split": s})`` poses a given one. ``step(response)`` scores the response;
+    ``score(indices, responses)`` scores many in one call (one round trip to the reward workers).
 
     ``env_config`` keys (all optional except the source's own):
       source: "parquet" (``paths``) | "reasoning_gym" (``task``, ``size``, ``seed``, ``task_config``:
         the generator's own options) |
         "arithmetic" (``size``, ``seed``, ``max_operand``, ``ops``); default "arithmetic".
-      split: "train" | "heldout"; heldout_size: problems held out (default 0), split with ``seed``.
-      reward_fn: registered name or "pkg.module.fn" (default "math"); reward_timeout_s (default 5).
-      chat_template_model: local model dir whose tokenizer's chat template renders the prompt;
+      split: "train" | "heldout" (what ``reset()`` draws from); heldout_size: problems held out (default 0), split
+        with ``seed``.
+      reward_fn: registered name or "pkg.module.fn" (default "math"); reward_timeout_s: seconds one response's
+        scoring may take (default 5); reward_workers: worker processes that score (default 2).
+      chat_template_model: local model folder whose tokenizer's chat template renders the prompt;
         without it the prompt text is the user messages' contents joined by newlines.
       max_prompt_chars, on_long_prompt: "drop" (skip and count in ``num_dropped``) | "error".
-    Problems come in a shuffled order, reshuffled every epoch, seeded by ``seed`` and the
-    EnvRunner's worker/vector index (or by ``reset(seed=...)``).
     """
 
     metadata = {"render_modes": []}
     CONFIG_KEYS = {
         "source", "paths", "task", "task_config", "size", "seed", "max_operand", "ops", "split", "heldout_size",
-        "reward_fn", "reward_timeout_s", "chat_template_model", "max_prompt_chars", "on_long_prompt",
+        "reward_fn", "reward_timeout_s", "reward_workers", "chat_template_model", "max_prompt_chars",
+        "on_long_prompt",
     }  # fmt: skip
 
     def __init__(self, env_config: dict | None = None, **kwargs):
@@ -220,104 +257,90 @@ class ReasoningEnv(gym.Env):
         unknown = set(cfg) - self.CONFIG_KEYS
         if unknown:
             raise ValueError(f"unknown env_config keys {sorted(unknown)}; known: {sorted(self.CONFIG_KEYS)}")
-        split = cfg.get("split", "train")
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        self.split = cfg.get("split", "train")
+        if self.split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {self.split!r}")
         on_long = cfg.get("on_long_prompt", "drop")
         if on_long not in ("drop", "error"):
             raise ValueError(f"on_long_prompt must be 'drop' or 'error', got {on_long!r}")
 
-        train, heldout = split_records(
-            _make_source(cfg), heldout_size=cfg.get("heldout_size", 0), seed=cfg.get("seed", 0)
-        )
-        records = train if split == "train" else heldout
-        render = self._renderer(cfg.get("chat_template_model"))
+        records = _make_source(cfg)
+        render = chat_renderer(cfg.get("chat_template_model"))
+        texts = [render(record["prompt"]) for record in records]
+        ids = split_indices(texts, heldout_size=cfg.get("heldout_size", 0), seed=cfg.get("seed", 0))
         max_chars = cfg.get("max_prompt_chars")
-        self.records, self.texts, self.num_dropped = [], [], 0
-        for i, record in enumerate(records):
-            text = render(record["prompt"])
-            if max_chars is not None and len(text) > max_chars:
-                if on_long == "error":
-                    raise DatasetError(
-                        f"prompt {i} of the {split} split has {len(text)} chars > max_prompt_chars={max_chars}"
-                    )
-                self.num_dropped += 1
-                continue
-            self.records.append(record)
-            self.texts.append(text)
-        if not self.records:
-            raise DatasetError(f"the {split} split is empty ({self.num_dropped} prompts dropped as too long)")
+        self.splits = {}
+        for name, split_ids in zip(("train", "heldout"), ids):
+            split = self.splits[name] = PromptSplit([], [])
+            for i in split_ids:
+                if max_chars is not None and len(texts[i]) > max_chars:
+                    if on_long == "error":
+                        raise DatasetError(f"prompt {len(split.records) + split.num_dropped} of the {name} split has "
+                                           f"{len(texts[i])} chars > max_prompt_chars={max_chars}")
+                    split.num_dropped += 1
+                    continue
+                split.records.append(records[i])
+                split.texts.append(texts[i])
+        if not self.splits[self.split].records:
+            raise DatasetError(f"the {self.split} split is empty "
+                               f"({self.splits[self.split].num_dropped} prompts dropped as too long)")
 
-        self.reward_fn = get_reward_fn(cfg.get("reward_fn", "math"))
-        self.reward_timeout_s = float(cfg.get("reward_timeout_s", 5.0))
+        self.scorer = RewardScorer(get_reward_fn(cfg.get("reward_fn", "math")),
+                                   timeout_s=cfg.get("reward_timeout_s", 5.0), num_workers=cfg.get("reward_workers", 2))
         # ASCII only: a full-unicode charset makes each space several MB when pickled.
         charset = string.printable
-        self.observation_space = gym.spaces.Text(max_length=max(map(len, self.texts)), charset=charset)
+        longest = max(len(t) for split in self.splits.values() for t in split.texts)
+        self.observation_space = gym.spaces.Text(max_length=longest, charset=charset)
         self.action_space = gym.spaces.Text(max_length=1 << 16, charset=charset)
+        self.np_random = np.random.default_rng(cfg.get("seed", 0))
+        self._current: tuple[str, int] | None = None
 
-        worker = (getattr(env_config, "worker_index", 0), getattr(env_config, "vector_index", 0))
-        self.np_random = np.random.default_rng([cfg.get("seed", 0), *worker])
-        self._shuffle()
-        self._current: int | None = None
+    @property
+    def records(self) -> list[dict]:
+        """The records of this env's split."""
+        return self.splits[self.split].records
 
-    def _shuffle(self) -> None:
-        """A new pass over the data in a new order; the generator's state before it redraws it (checkpoints)."""
-        self._shuffled_from = self.np_random.bit_generator.state
-        self._order, self._pos = self.np_random.permutation(len(self.records)), 0
-
-    def get_data_state(self) -> dict:
-        """Where this env is in its pass over the data (small: the order is redrawn, not stored)."""
-        return {"shuffled_from": self._shuffled_from, "pos": self._pos}
-
-    def set_data_state(self, state: dict) -> None:
-        self.np_random.bit_generator.state = state["shuffled_from"]
-        self._shuffle()
-        self._pos = state["pos"]
-
-    @staticmethod
-    def _renderer(model_dir: str | None):
-        if model_dir is None:
-            return lambda messages: "\n".join(m["content"] for m in messages if m["role"] == "user")
-        from transformers import AutoTokenizer
-
-        from rllib_sppo.llm.models import resolve_model
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_dir), local_files_only=True)
-        return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    @property
+    def texts(self) -> list[str]:
+        """The prompt texts of this env's split."""
+        return self.splits[self.split].texts
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if options and "index" in options:  # a given problem (evaluation); the draw order is untouched
-            self._current = int(options["index"])
-        else:
-            if seed is not None or self._pos == len(self._order):  # reseeded, or a new epoch
-                self._shuffle()
-            self._current = int(self._order[self._pos])
-            self._pos += 1
-        record = self.records[self._current]
-        return self.texts[self._current], {
+        options = options or {}
+        split = options.get("split", self.split)
+        index = options["index"] if "index" in options else self.np_random.integers(len(self.splits[split].records))
+        self._current = split, int(index)
+        record = self.splits[split].records[int(index)]
+        return self.splits[split].texts[int(index)], {
             "messages": record["prompt"],
             "data_source": record["data_source"],
-            "index": self._current,
+            "index": int(index),
         }
 
     def step(self, action: str):
         if self._current is None:
             raise RuntimeError("call reset() before step()")
-        record = self.records[self._current]
-        columns = {**record["extra_info"], **{k: v for k, v in record.items() if k != "prompt"}}
-        rewards, errors = score_with_timeout(
-            self.reward_fn, [action], {k: [v] for k, v in columns.items()}, self.reward_timeout_s
-        )
-        info = {
-            "ground_truth": record["ground_truth"],
-            "data_source": record["data_source"],
-            "parsed": rewards[0] is not None,
-            "reward_error": "; ".join(errors) or None,
-        }
-        text = self.texts[self._current]
+        split, index = self._current
         self._current = None
-        return text, 0.0 if rewards[0] is None else rewards[0], True, False, info
+        [reward], [info] = self.score([index], [action], split)
+        return self.splits[split].texts[index], reward, True, False, info
+
+    def score(self, indices: Sequence[int], responses: Sequence[str], split: str | None = None
+              ) -> tuple[list[float], list[dict]]:
+        """Rewards and step infos of many responses in one call: ``responses[j]`` answers problem ``indices[j]`` of
+        ``split`` (default: this env's). A response that cannot be scored gets 0.0, with ``parsed`` False."""
+        records = [self.splits[split or self.split].records[i] for i in indices]
+        columns = [{**r["extra_info"], **{k: v for k, v in r.items() if k != "prompt"}} for r in records]
+        names = {k: None for c in columns for k in c}  # every record's columns, in order
+        rewards, errors = self.scorer(list(responses), {k: [c.get(k) for c in columns] for k in names})
+        infos = [{"ground_truth": r["ground_truth"], "data_source": r["data_source"], "parsed": reward is not None,
+                  "reward_error": error} for r, reward, error in zip(records, rewards, errors)]
+        return [0.0 if reward is None else reward for reward in rewards], infos
+
+    def close(self) -> None:
+        self.scorer.close()
+        super().close()
 
 
 def register_reasoning() -> None:

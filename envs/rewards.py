@@ -6,22 +6,27 @@ dataset columns as lists aligned with ``completions`` (``ground_truth=[...]``,
 ``data_source=[...]``, ...); a function takes the ones it needs and ignores the rest
 via ``**_``. ``None`` means "cannot score" (no answer could be extracted).
 
-Model output is only ever parsed, never evaluated. ``score_with_timeout`` runs a
-reward function in a worker process so that a verifier that raises or hangs costs
-at most ``timeout_s`` and never takes the caller down.
+Model output is only ever parsed, never evaluated. A ``RewardScorer`` scores a whole
+batch in one call on a small pool of worker processes, each sample bounded by a timeout,
+so that a verifier that raises or hangs costs that sample and never takes the caller down.
 """
 
 import functools
 import importlib
 import json
 import multiprocessing
+import pickle
 import re
+import signal
+import time
+from collections.abc import Sequence
 from typing import Callable
 
 RewardFn = Callable[..., list[float | None]]
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
 def _final_part(text: str) -> str:
@@ -41,14 +46,23 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-def math_reward(completions: list[str], ground_truth: list[str], **_) -> list[float | None]:
-    """1.0 if the last boxed answer is equivalent to the ground truth (math-verify), 0.0 if
-    it is not, None if there is no boxed answer or it cannot be parsed."""
+def final_answer(text: str) -> str | None:
+    """The last ``\\boxed{...}`` after the last ``</think>`` unless it is empty, else the last number there (commas
+    dropped)."""
+    boxed = extract_boxed(text)
+    if boxed:
+        return boxed
+    numbers = _NUMBER.findall(_final_part(text))
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def _check_answers(answers, ground_truth: list[str]) -> list[float | None]:
+    """1.0 where an answer is equivalent to its ground truth (math-verify), 0.0 where it is not, None where there is
+    no answer or it cannot be parsed."""
     from math_verify import parse, verify
 
     rewards: list[float | None] = []
-    for completion, gold_text in zip(completions, ground_truth, strict=True):
-        answer = extract_boxed(completion)
+    for answer, gold_text in zip(answers, ground_truth, strict=True):
         if answer is None:
             rewards.append(None)
             continue
@@ -59,11 +73,21 @@ def math_reward(completions: list[str], ground_truth: list[str], **_) -> list[fl
         if not gold:
             raise ValueError(f"cannot parse ground truth {gold_text!r}")
         pred = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
-        if not pred:
-            rewards.append(None)
-            continue
-        rewards.append(1.0 if verify(gold, pred, timeout_seconds=None) else 0.0)
+        rewards.append(None if not pred else 1.0 if verify(gold, pred, timeout_seconds=None) else 0.0)
     return rewards
+
+
+def math_reward(completions: list[str], ground_truth: list[str], **_) -> list[float | None]:
+    """1.0 if the last boxed answer is equivalent to the ground truth (math-verify), 0.0 if
+    it is not, None if there is no boxed answer or it cannot be parsed."""
+    return _check_answers([extract_boxed(c) for c in completions], ground_truth)
+
+
+def final_answer_reward(completions: list[str], ground_truth: list[str], **_) -> list[float | None]:
+    """0/1 on the final answer (``final_answer``: the last boxed one, else the last number) checked against the
+    ground truth like ``math_reward``; None if the response has neither. Restating the problem earns nothing:
+    "7 - 0 = 6" scores 0 for 7."""
+    return _check_answers([final_answer(c) for c in completions], ground_truth)
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,6 +117,8 @@ def reasoning_gym_reward(
 
     ``metadata`` entries may be dicts or JSON strings (as stored in Parquet).
     """
+    import reasoning_gym  # noqa: F401  (here, so that a worker's warm-up call does this slow import untimed)
+
     rewards: list[float | None] = []
     for completion, answer, meta in zip(completions, ground_truth, metadata, strict=True):
         meta = json.loads(meta) if isinstance(meta, str) else meta
@@ -105,7 +131,8 @@ def reasoning_gym_reward(
     return rewards
 
 
-REWARD_FNS: dict[str, RewardFn] = {"math": math_reward, "reasoning_gym": reasoning_gym_reward}
+REWARD_FNS: dict[str, RewardFn] = {
+    "math": math_reward, "final_answer": final_answer_reward, "reasoning_gym": reasoning_gym_reward}
 
 
 def get_reward_fn(name: str | RewardFn) -> RewardFn:
@@ -128,58 +155,119 @@ def get_reward_fn(name: str | RewardFn) -> RewardFn:
     )
 
 
-_pool = None  # one spawned worker process, created on first use and replaced after a hang
-_warm: set[str] = set()  # reward fns the worker has already run once
-_STARTUP_TIMEOUT_S = 60.0
+
+
+class _Timeout(BaseException):
+    """Raised in a worker when one sample's scoring runs past its timeout. A BaseException, so that a verifier's own
+    ``except Exception`` cannot swallow it."""
+
+
+def _on_alarm(signum, frame):
+    raise _Timeout
 
 
 def _warm_up(fn: RewardFn, column_names: list[str]) -> None:
-    """Runs in the worker: calls ``fn`` on no samples so its lazy imports happen untimed."""
+    """Starts a worker: arms the timeout signal and calls ``fn`` on no samples, so its lazy imports happen untimed."""
+    signal.signal(signal.SIGALRM, _on_alarm)
     try:
         fn([], **{name: [] for name in column_names})
     except Exception:
-        pass  # the timed call reports any real failure
+        pass  # the timed calls report any real failure
 
 
-def _kill_pool() -> None:
-    global _pool
-    if _pool is not None:
-        _pool.terminate()
-        _pool = None
-        _warm.clear()
-
-
-def score_with_timeout(
-    fn: RewardFn, completions: list[str], columns: dict[str, list], timeout_s: float = 5.0
-) -> tuple[list[float | None], list[str]]:
-    """Runs ``fn(completions, **columns)`` in a worker process, bounded by ``timeout_s``.
-
-    Returns ``(rewards, errors)``. If the call raises, times out or returns something
-    malformed, every reward is None and ``errors`` says why; a hung worker is killed and
-    replaced. Starting the worker and ``fn``'s first (empty) call, which does its
-    imports, are bounded separately by ``_STARTUP_TIMEOUT_S``.
-    """
-    global _pool
-    name = getattr(fn, "__name__", repr(fn))
-    failed = [None] * len(completions)
-    if _pool is None:
-        _pool = multiprocessing.get_context("spawn").Pool(1)
-    key = f"{fn.__module__}.{getattr(fn, '__qualname__', name)}"
-    limit = _STARTUP_TIMEOUT_S
+def _one_reward(name: str, rewards) -> tuple[float | None, str | None]:
+    if not isinstance(rewards, (list, tuple)) or len(rewards) != 1:
+        return None, f"reward fn {name} returned {rewards!r:.200} for 1 completion"
+    if rewards[0] is None:
+        return None, None
     try:
-        if key not in _warm:
-            _pool.apply_async(_warm_up, (fn, list(columns))).get(limit)
-            _warm.add(key)
-        limit = timeout_s
-        rewards = _pool.apply_async(fn, (list(completions),), dict(columns)).get(limit)
-    except multiprocessing.TimeoutError:
-        _kill_pool()
-        return failed, [f"reward fn {name} timed out after {limit}s"]
-    except Exception as e:
-        return failed, [f"reward fn {name} raised {type(e).__name__}: {e}"]
-    if not isinstance(rewards, (list, tuple)) or len(rewards) != len(completions):
-        return failed, [f"reward fn {name} returned {rewards!r:.200} for {len(completions)} completions"]
-    try:
-        return [None if r is None else float(r) for r in rewards], []
+        return float(rewards[0]), None
     except (TypeError, ValueError) as e:
-        return failed, [f"reward fn {name} returned a non-numeric reward: {e}"]
+        return None, f"reward fn {name} returned a non-numeric reward: {e}"
+
+
+def _score_in_worker(fn: RewardFn, completions: list[str], columns: dict[str, list], timeout_s: float):
+    """Runs in a worker: ``fn`` on one sample at a time, each call bounded by ``timeout_s`` (SIGALRM), so a verifier
+    that raises or hangs on one sample costs only that sample. Returns ``(reward, error)`` per sample."""
+    name = getattr(fn, "__name__", repr(fn))
+    results = []
+    for i, completion in enumerate(completions):
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            try:
+                rewards = fn([completion], **{k: [v[i]] for k, v in columns.items()})
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except _Timeout:
+            results.append((None, f"reward fn {name} timed out after {timeout_s}s"))
+        except Exception as e:
+            results.append((None, f"reward fn {name} raised {type(e).__name__}: {e}"))
+        else:
+            results.append(_one_reward(name, rewards))
+    return results
+
+
+class RewardScorer:
+    """Scores batches with one reward function on a small pool of worker processes.
+
+    ``scorer(completions, columns)`` scores a whole batch in one call: the batch is dealt to the workers in
+    contiguous chunks (one round trip each), and a worker calls ``fn`` on one sample at a time, each call bounded by
+    ``timeout_s``. A sample whose verifier raises, hangs or returns something malformed gets reward None and its
+    error; the others are unaffected. A worker that dies, or hangs where the timeout signal cannot reach it (inside
+    C code), costs its chunk (``timeout_s`` per sample at most) and the pool is replaced. The pool starts on the
+    first call, each worker first running ``fn`` on no samples so that its imports are not timed (bounded by
+    ``startup_timeout_s``); ``close()`` stops it.
+    """
+
+    startup_timeout_s = 60.0
+
+    def __init__(self, fn: RewardFn, timeout_s: float = 5.0, num_workers: int = 2):
+        if num_workers < 1:
+            raise ValueError(f"a RewardScorer needs at least one worker, got num_workers={num_workers}")
+        try:
+            pickle.dumps(fn)
+        except Exception as e:
+            raise ValueError(f"reward fn {fn!r} runs in worker processes, so it must be a module-level function "
+                             f"(picklable): {e}") from e
+        self.fn, self.timeout_s, self.num_workers = fn, float(timeout_s), num_workers
+        self.name = getattr(fn, "__name__", repr(fn))
+        self._pool = None
+
+    def __call__(self, completions: Sequence[str], columns: dict[str, Sequence]
+                 ) -> tuple[list[float | None], list[str | None]]:
+        """``fn(completions, **columns)`` sample by sample in the workers: ``(rewards, errors)``, one each per
+        completion (error None where the sample was scored)."""
+        n = len(completions)
+        if n == 0:
+            return [], []
+        budget = 0.0
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(
+                self.num_workers, initializer=_warm_up, initargs=(self.fn, list(columns)))
+            budget = self.startup_timeout_s
+        size = -(-n // min(n, self.num_workers))
+        chunks = [range(start, min(start + size, n)) for start in range(0, n, size)]
+        tasks = [self._pool.apply_async(_score_in_worker, (
+            self.fn, [completions[i] for i in ids], {k: [v[i] for i in ids] for k, v in columns.items()},
+            self.timeout_s)) for ids in chunks]
+        budget += self.timeout_s * size + 1.0
+        deadline, results, stuck = time.monotonic() + budget, [], False
+        for ids, task in zip(chunks, tasks):
+            try:
+                results += task.get(max(0.0, deadline - time.monotonic()))
+            except multiprocessing.TimeoutError:
+                stuck = True
+                results += [(None, f"reward fn {self.name}: its worker did not return {len(ids)} samples within "
+                                   f"{budget:.0f}s (stuck or died); replaced")] * len(ids)
+            except Exception as e:  # e.g. columns that cannot be sent to a worker
+                results += [(None, f"reward fn {self.name} could not run: {type(e).__name__}: {e}")] * len(ids)
+        if stuck:
+            self.close()
+        rewards, errors = zip(*results)
+        return list(rewards), list(errors)
+
+    def close(self) -> None:
+        """Stops the worker processes (a later call starts new ones)."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None

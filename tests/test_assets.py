@@ -29,7 +29,7 @@ def test_char_tokenizer_round_trips(tmp_path):
 
 def test_chat_template_renders(tmp_path):
     tok = assets.build_char_tokenizer(tmp_path)
-    messages = assets.arithmetic_messages(3, 4)
+    messages = [{"role": "user", "content": "What is 3+4?"}]
     assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == "<s>Q: What is 3+4?\nA: "
     full = messages + [{"role": "assistant", "content": "\\boxed{7}"}]
     assert tok.apply_chat_template(full, tokenize=False) == "<s>Q: What is 3+4?\nA: \\boxed{7}</s>\n"
@@ -50,16 +50,25 @@ def test_tiny_llama_reloads_identically_and_generates(tiny_dir):
     assert out.shape[0] == 1 and enc.input_ids.shape[1] < out.shape[1] <= enc.input_ids.shape[1] + 5
 
 
-def test_arithmetic_split_and_answers():
+def test_arithmetic_split_is_the_rl_envs(tmp_path):
+    from envs.reasoning import ReasoningEnv
+
     train, test = assets.arithmetic_split(seed=0)
-    assert len(train) + len(test) == 100 * 100 and not set(train) & set(test)
-    assert assets.arithmetic_split(seed=0) == (train, test)
-    assert assets.boxed_answer("so \\boxed{12}") == "12" and assets.boxed_answer("12") is None
+    questions = lambda records: {r["prompt"][0]["content"] for r in records}  # noqa: E731
+    assert (len(train), len(test)) == (9500, 500) and not questions(train) & questions(test)
+    assert train[0]["prompt"][0]["content"] == "What is 63+11?" and train[0]["ground_truth"] == "74"  # the cached
+    # model's data: the split of the RL env (tuned_examples/arith_tiny_sppo.yaml), which renders the tiny chat template
+    assets.build_char_tokenizer(tmp_path)
+    env = ReasoningEnv({"source": "arithmetic", "size": 10000, "heldout_size": 500, "seed": 0,
+                        "chat_template_model": str(tmp_path)})
+    assert (train, test) == (env.splits["train"].records, env.splits["heldout"].records)
 
 
 def test_sft_tensors_only_supervise_the_response(tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    ids, mask, labels = assets._sft_tensors(tok, [(3, 4), (10, 95)])
+    records = [{"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}], "ground_truth": str(a + b)}
+               for a, b in [(3, 4), (10, 95)]]
+    ids, mask, labels = assets._sft_tensors(tok, records)
     supervised = [tok.decode(row[row != -100]) for row in labels]
     assert supervised == ["\\boxed{7}</s>", "\\boxed{105}</s>"]
     assert tok.decode(ids[1][mask[1].bool()]) == "<s>Q: What is 10+95?\nA: \\boxed{105}</s>"

@@ -197,6 +197,7 @@ def test_sppo_iterations_sync_weights_into_the_engine(tiny, engine, ray_session,
     assert runners["rollout/tokens_per_s"] > 0
     evaluation = results[1]["evaluation"]["env_runners"]
     assert evaluation["problems"] == 20 and 0.0 <= evaluation["accuracy/avg@4"] <= 1.0
+    assert evaluation["reward/avg@4"] == evaluation["accuracy/avg@4"]  # a 0/1 reward: the mean is the solved share
     # The checkpoint holds the policy as a Hugging Face folder that transformers loads.
     path = algo.save_to_path(str(tmp_path / "ckpt"))
     algo.stop()
@@ -302,21 +303,83 @@ def test_killed_llm_env_runner_and_its_engine_are_restarted(tiny, ray_session):
     algo.stop()
 
 
+def prompts(episodes):
+    return [e.get_observations(0) for e in episodes]
+
+
+def test_each_training_prompt_is_drawn_once_per_epoch(tiny):
+    """24 training prompts, 5 per sampling round: an epoch poses each exactly once, the next one reshuffled; two
+    EnvRunners draw disjoint shards that together are the epoch."""
+    config = (llm_config(tiny, "transformers", max_response_tokens=2)
+              .environment(env_config={"source": "arithmetic", "size": 30, "heldout_size": 6,
+                                       "chat_template_model": tiny})
+              .env_runners(num_envs_per_env_runner=5))
+    runner = LLMEnvRunner(config=config)
+    train = runner.env.splits["train"].texts
+    epoch = prompts(runner.sample(num_episodes=24))
+    assert len(train) == 24 and sorted(epoch) == sorted(train)
+    assert runner.get_metrics()["rollout/epoch"] == 1.0
+    following = prompts(runner.sample(num_episodes=24))
+    assert sorted(following) == sorted(train) and following != epoch
+    runner.stop()
+
+    config = config.copy(copy_frozen=False).env_runners(num_env_runners=2)
+    runners = [LLMEnvRunner(config=config, worker_index=i) for i in (1, 2)]  # remote runners are workers 1, 2
+    shards = [prompts(runner.sample(num_episodes=12)) for runner in runners]
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == sorted(train)
+    for runner in runners:
+        runner.stop()
+    with pytest.raises(ValueError, match="LLMEnvRunner trains on the train split"):
+        LLMEnvRunner(config=config.environment(env_config={"source": "arithmetic", "size": 30, "split": "heldout"}))
+
+
+def test_sampler_shards_an_uneven_epoch_and_resumes():
+    from rllib_sppo.llm.sampler import EpochSampler
+
+    shards = [EpochSampler(7, seed=3, shard=i, num_shards=3) for i in range(3)]
+    drawn = [shard.draw(3 - (i > 0)) for i, shard in enumerate(shards)]
+    assert [len(d) for d in drawn] == [3, 2, 2] and sorted(sum(drawn, [])) == list(range(7))
+    assert [shard.progress for shard in shards] == [1.0, 1.0, 1.0]
+    resumed = EpochSampler(7, seed=3, shard=1, num_shards=3)
+    resumed.set_state(shards[1].get_state())
+    assert resumed.draw(5) == shards[1].draw(5)  # two epochs on, reshuffled each time
+    with pytest.raises(ValueError, match="2 training prompts cannot be shared by 3 EnvRunners"):
+        EpochSampler(2, num_shards=3)
+
+
+def half_credit(completions, index, **_):
+    """1.0 on the even-numbered arithmetic problems, 0.5 (partial credit) on the others, whatever the answer."""
+    return [1.0 if i % 2 == 0 else 0.5 for i in index]
+
+
+def test_heldout_accuracy_counts_only_fully_correct_answers(tiny):
+    config = llm_config(tiny, "transformers", max_response_tokens=2).environment(env_config={
+        "source": "arithmetic", "size": 40, "heldout_size": 10, "chat_template_model": tiny,
+        "reward_fn": "test_llm.half_credit"})
+    runner = LLMEnvRunner(config=config)
+    even = np.array([r["extra_info"]["index"] % 2 == 0 for r in runner.env.splits["heldout"].records])
+    result = runner.evaluate_heldout(3)
+    runner.stop()
+    assert result["problems"] == 10 and 0 < even.mean() < 1
+    assert result["accuracy/avg@3"] == result["accuracy/pass@3"] == pytest.approx(even.mean())
+    assert result["reward/avg@3"] == pytest.approx(even.mean() + 0.5 * (1 - even.mean()))
+
+
 def test_resume_continues_the_data_order_across_an_epoch(tiny, ray_session, tmp_path):
-    """2 + 2 iterations straight and 2, save, restore, 2 draw the same prompts; 20 problems, 2 envs drawing 8
-    each per iteration: every env starts a new shuffled epoch in iteration 3, after the checkpoint."""
+    """1 + 2 iterations straight and 1, save, restore, 2 draw the same prompts: 20 training problems, 16 drawn per
+    iteration in rounds of 8; the epoch ends in iteration 2, after the checkpoint, and again in iteration 3."""
     from ray.rllib.algorithms.algorithm import Algorithm
 
-    def place(algo):  # each env's order and position in it
-        return [(e.unwrapped._order.tolist(), e.unwrapped._pos) for e in algo.env_runner.envs]
+    def place(algo):  # the sampler's epoch, position and this epoch's order
+        sampler = algo.env_runner.sampler
+        return sampler.epoch, sampler.pos, sampler._order.tolist()
 
     config = (llm_config(tiny, "transformers").evaluation(evaluation_interval=None)
               .environment(env_config={"source": "arithmetic", "size": 24, "heldout_size": 4,
                                        "chat_template_model": tiny})
-              .env_runners(num_envs_per_env_runner=2))
+              .env_runners(num_envs_per_env_runner=8))
     algo = config.build_algo()
-    for _ in range(2):
-        algo.train()
+    algo.train()
     path, before = algo.save_to_path(str(tmp_path / "ckpt")), place(algo)
     straight = [(algo.train(), place(algo))[1] for _ in range(2)]
     algo.stop()
@@ -324,5 +387,5 @@ def test_resume_continues_the_data_order_across_an_epoch(tiny, ray_session, tmp_
     assert place(resumed) == before
     assert [(resumed.train(), place(resumed))[1] for _ in range(2)] == straight
     resumed.stop()
-    assert all(pos == 16 for _, pos in before) and all(pos == 12 for _, pos in straight[-1])  # 32 = 20 + 12
-    assert all(old != new for (old, _), (new, _) in zip(before, straight[-1]))  # a new epoch, a new order
+    assert before[:2] == (0, 16) and [p[:2] for p in straight] == [(1, 12), (2, 8)]  # 48 = 20 + 20 + 8
+    assert before[2] != straight[0][2] != straight[1][2]  # every epoch a new order

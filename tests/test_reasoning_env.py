@@ -3,6 +3,8 @@
 import json
 import pickle
 import re
+import subprocess
+import sys
 
 import gymnasium as gym
 import pyarrow as pa
@@ -10,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from envs.reasoning import (ArithmeticSource, DatasetError, ParquetSource, ReasoningEnv, ReasoningGymSource,
-                            register_reasoning, split_records)
+                            register_reasoning, split_indices)
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 ROWS = {
@@ -123,20 +125,19 @@ def test_arithmetic_source_problems_are_distinct_and_correct():
 
 
 def test_split_is_deterministic_disjoint_and_dedupes():
-    records = list(ArithmeticSource(size=40, seed=0))
-    records += [dict(r, extra_info={"copy": True}) for r in records[:10]]  # the same problems again
-    train, heldout = split_records(records, heldout_size=8, seed=5)
-    assert (train, heldout) == split_records(records, heldout_size=8, seed=5)
-    assert heldout != split_records(records, heldout_size=8, seed=6)[1]
-    prompts = lambda rs: {r["prompt"][0]["content"] for r in rs}  # noqa: E731
-    assert len(heldout) == 8 and len(train) == 32 and not prompts(train) & prompts(heldout)
-    assert all("copy" not in r["extra_info"] for r in train + heldout)  # first occurrence kept
-    train, heldout = split_records(records, heldout_fraction=0.25, seed=0)
+    texts = [r["prompt"][0]["content"] for r in ArithmeticSource(size=40, seed=0)]
+    texts += texts[:10]  # the same problems again
+    train, heldout = split_indices(texts, heldout_size=8, seed=5)
+    assert (train, heldout) == split_indices(texts, heldout_size=8, seed=5)
+    assert heldout != split_indices(texts, heldout_size=8, seed=6)[1]
+    assert len(heldout) == 8 and len(train) == 32 and not {texts[i] for i in train} & {texts[i] for i in heldout}
+    assert max(train + heldout) < 40  # first occurrence kept
+    train, heldout = split_indices(texts, heldout_fraction=0.25, seed=0)
     assert (len(train), len(heldout)) == (30, 10)
     with pytest.raises(ValueError, match="no training data"):
-        split_records(records, heldout_size=40)
+        split_indices(texts, heldout_size=40)
     with pytest.raises(ValueError, match="exactly one"):
-        split_records(records)
+        split_indices(texts)
 
 
 def test_env_round_trip_and_rewards():
@@ -150,8 +151,7 @@ def test_env_round_trip_and_rewards():
     assert (obs2, reward, terminated, truncated) == (obs, 1.0, True, False)
     assert step_info == {"ground_truth": gt, "data_source": "arithmetic", "parsed": True, "reward_error": None}
 
-    env.reset()
-    gt = env.records[env._current]["ground_truth"]
+    gt = env.records[env.reset()[1]["index"]]["ground_truth"]
     assert env.step(rf"\boxed{{{int(gt) + 1}}}")[1:3] == (0.0, True)
     env.reset()
     _, reward, _, _, step_info = env.step("I don't know")
@@ -177,11 +177,14 @@ def test_env_verifier_error_never_raises():
     assert info["reward_error"] == "reward fn raising_reward raised RuntimeError: verifier crashed"
 
 
-def test_env_cycles_epochs_in_a_seeded_order():
+def test_env_draws_are_seeded():
     env = ReasoningEnv({"source": "arithmetic", "size": 7, "seed": 1})
     first = [env.reset(seed=3)[1]["index"]] + [env.reset()[1]["index"] for _ in range(13)]
-    assert sorted(first[:7]) == sorted(first[7:]) == list(range(7))
+    assert set(first) <= set(range(7)) and len(set(first)) > 1
     assert first == [env.reset(seed=3)[1]["index"]] + [env.reset()[1]["index"] for _ in range(13)]
+    fresh = lambda: ReasoningEnv({"source": "arithmetic", "size": 7, "seed": 1})  # noqa: E731
+    a, b = fresh(), fresh()  # without reset(seed=...), seeded by the env_config seed
+    assert [a.reset()[1]["index"] for _ in range(8)] == [b.reset()[1]["index"] for _ in range(8)]
 
 
 def test_env_train_and_heldout_splits_are_disjoint():
@@ -194,13 +197,14 @@ def test_env_train_and_heldout_splits_are_disjoint():
 
 def test_env_long_prompts_drop_or_error():
     env = ReasoningEnv({"source": "arithmetic", "size": 200, "max_operand": 99, "max_prompt_chars": 13})
-    assert len(env.texts) + env.num_dropped == 200 and env.num_dropped > 0
+    assert len(env.texts) + env.splits["train"].num_dropped == 200 and env.splits["train"].num_dropped > 0
     assert max(map(len, env.texts)) <= 13 and env.observation_space.max_length == 13
     with pytest.raises(DatasetError, match="max_prompt_chars=13"):
         ReasoningEnv({"source": "arithmetic", "size": 200, "max_prompt_chars": 13, "on_long_prompt": "error"})
 
 
-def test_env_parquet_with_chat_template(tmp_path):
+def chat_template_folder(path, template):
+    """A character-level tokenizer with the given chat template, saved in ``path``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -208,19 +212,59 @@ def test_env_parquet_with_chat_template(tmp_path):
     backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<unk>"] + chars)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    tokenizer.save_pretrained(tmp_path / "tok")
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_env_parquet_with_chat_template(tmp_path):
+    tok = chat_template_folder(tmp_path / "tok", "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+                                                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     cfg = {"source": "parquet", "paths": [write_verl(tmp_path / "d.parquet")], "seed": 0}
 
-    env = ReasoningEnv(cfg | {"chat_template_model": str(tmp_path / "tok")})
+    env = ReasoningEnv(cfg | {"chat_template_model": tok})
     assert env.texts[0] == "<|system|>Be brief.\n<|user|>Compute 1/2 + 0.\n<|assistant|>"
     assert ReasoningEnv(cfg).texts == ["Compute 1/2 + 0.", "What is the square root of 2?"]
     obs, info = env.reset()
     answer = {0: "0.5", 1: r"2^{1/2}"}[info["index"]]
     assert env.step(rf"\boxed{{{answer}}}")[1] == 1.0
+    with pytest.raises(ValueError, match=r"'builtin:tiny-arith' names a built-in model.*resolve_model"):
+        ReasoningEnv(cfg | {"chat_template_model": "builtin:tiny-arith"})
+
+
+def test_split_dedupes_by_the_rendered_prompt(tmp_path):
+    """Two rows that differ only in a system message the chat template drops are one prompt: never on both sides."""
+    question = ROWS["prompt"][0][1]
+    rows = {k: [v[0]] * 6 for k, v in ROWS.items()}
+    rows["prompt"] = [[ROWS["prompt"][0][0], question], [question]] + [
+        [{"role": "user", "content": f"Compute 1/2 + {i}."}] for i in range(1, 5)]
+    path = write_verl(tmp_path / "d.parquet", rows)
+    tok = chat_template_folder(tmp_path / "tok", "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>"
+                                                 "{{ m['content'] }}\n{% endif %}{% endfor %}<|assistant|>")
+    for seed in range(6):  # whichever side the problem lands on, it is there once
+        env = ReasoningEnv({"source": "parquet", "paths": [path], "chat_template_model": tok, "heldout_size": 1,
+                            "seed": seed})
+        texts = env.splits["train"].texts + env.splits["heldout"].texts
+        assert len(texts) == 5 and texts.count("<|user|>Compute 1/2 + 0.\n<|assistant|>") == 1
+
+
+def test_env_scores_many_responses_in_one_call():
+    env = ReasoningEnv({"source": "arithmetic", "size": 10, "heldout_size": 3, "reward_workers": 2})
+    truth = [r["ground_truth"] for r in env.splits["heldout"].records]
+    rewards, infos = env.score([0, 0, 1, 2], [rf"\boxed{{{truth[0]}}}", "no answer", r"\boxed{-1}",
+                                              rf"\boxed{{{truth[2]}}}"], split="heldout")
+    assert rewards == [1.0, 0.0, 0.0, 1.0]
+    assert [i["parsed"] for i in infos] == [True, False, True, True]
+    assert [i["ground_truth"] for i in infos] == [truth[0], truth[0], truth[1], truth[2]]
+    assert env.reset(options={"index": 2, "split": "heldout"})[0] == env.splits["heldout"].texts[2]
+    assert env.step(rf"\boxed{{{truth[2]}}}")[1] == 1.0
+    env.close()
+
+
+def test_envs_import_nothing_from_rllib_sppo():
+    code = "import envs, envs.rewards, sys; print(sorted(m for m in sys.modules if m.startswith('rllib_sppo')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_registered_id_and_bad_config():

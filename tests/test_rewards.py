@@ -1,27 +1,36 @@
 """Reward functions with the real math-verify and reasoning-gym verifiers."""
 
 import json
+import os
+import signal
 import time
 
 import pytest
 import reasoning_gym
 
-from envs.rewards import (REWARD_FNS, extract_answer, extract_boxed, get_reward_fn, math_reward,
-                          reasoning_gym_reward, score_with_timeout)
+from envs.rewards import (REWARD_FNS, RewardScorer, extract_answer, extract_boxed, final_answer,
+                          final_answer_reward, get_reward_fn, math_reward, reasoning_gym_reward)
 
 
-def raising_reward(completions, **_):
-    raise ValueError("verifier exploded")
-
-
-def hanging_reward(completions, **_):
-    if completions:  # hangs on real input only, like a verifier stuck on one pathological answer
-        time.sleep(60)
-    return [1.0] * len(completions)
-
-
-def short_reward(completions, **_):
-    return [1.0]
+def picky_reward(completions, ground_truth, **_):
+    """Raises, hangs, dies or misbehaves on some answers, like a verifier stuck on one pathological answer."""
+    rewards = []
+    for c, gt in zip(completions, ground_truth):
+        if c == "raise":
+            raise ValueError("verifier exploded")
+        if c == "hang":
+            time.sleep(60)
+        if c == "hang in C":  # where the timeout signal cannot reach it
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            time.sleep(60)
+        if c == "die":
+            os._exit(1)
+        if c == "two":
+            return [1.0, 1.0]
+        if c == "text":
+            return ["yes"]
+        rewards.append(float(c == gt))
+    return rewards
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -109,42 +118,92 @@ def test_extract_answer_fallbacks():
     assert extract_answer("<think>12</think>") is None
 
 
+@pytest.mark.parametrize("completion, expected", [
+    ("7 - 0 = 7", "7"),
+    ("7 - 0 equals 6", "6"),
+    ("0 - 4 = -4.", "-4"),
+    ("3-9=-6", "-6"),
+    (r"It is 12, so \boxed{13}", "13"),
+    ("about 1,234.5 apples", "1234.5"),
+    ("10 + 8 = 18\n\nThe answer is within \\boxed{}.", "18"),  # an empty box is no answer (SmolLM2 writes it)
+    ("<think>it is 3</think> no idea", None),
+    ("seven", None),
+])
+def test_final_answer_is_the_boxed_one_else_the_last_number(completion, expected):
+    assert final_answer(completion) == expected
+
+
+def test_final_answer_reward_pays_only_the_right_result():
+    completions = ["7 - 0 = 6", "7 - 0 = 7", "7 - 0 equals 6", r"\boxed{7}", r"7 - 0 = 7, \boxed{6}", "seven"]
+    assert final_answer_reward(completions, ground_truth=["7"] * 6) == [0.0, 1.0, 0.0, 1.0, 0.0, None]
+    assert final_answer_reward(["0 - 4 = -4", "4 - 0 = 4"], ground_truth=["-4", "-4"]) == [1.0, 0.0]
+    # reasoning-gym's own scorer pays partial credit for the restated wrong line; this one does not
+    item = reasoning_gym.create_dataset("basic_arithmetic", size=1, seed=0)[0]
+    wrong = f"{item['question'].split('Calculate ')[-1].rstrip('.')} = {int(item['answer']) + 1}"
+    assert final_answer_reward([wrong], [item["answer"]]) == [0.0]
+
+
 def test_get_reward_fn_names_and_dotted_paths():
     assert get_reward_fn("math") is math_reward
     assert get_reward_fn("reasoning_gym") is reasoning_gym_reward
     assert get_reward_fn("envs.rewards.math_reward") is math_reward
-    assert get_reward_fn(raising_reward) is raising_reward
+    assert get_reward_fn(picky_reward) is picky_reward
     with pytest.raises(ValueError, match=r"unknown reward fn 'gsm8k'.*'math'.*'reasoning_gym'"):
         get_reward_fn("gsm8k")
     with pytest.raises(ValueError, match="envs.rewards.nope"):
         get_reward_fn("envs.rewards.nope")
     with pytest.raises(ValueError, match="no_such_pkg.fn"):
         get_reward_fn("no_such_pkg.fn")
-    assert set(REWARD_FNS) == {"math", "reasoning_gym"}
+    assert get_reward_fn("final_answer") is final_answer_reward
+    assert set(REWARD_FNS) == {"math", "final_answer", "reasoning_gym"}
 
 
-def test_score_with_timeout_scores_in_a_worker():
-    rewards, errors = score_with_timeout(
-        math_reward, [r"\boxed{2}", r"\boxed{3}", "none"], {"ground_truth": ["2", "2", "2"]}
-    )
-    assert (rewards, errors) == ([1.0, 0.0, None], [])
+def test_scorer_scores_a_batch_in_workers():
+    scorer = RewardScorer(math_reward, num_workers=2)
+    rewards, errors = scorer([r"\boxed{2}", r"\boxed{3}", "none"], {"ground_truth": ["2", "2", "2"]})
+    assert (rewards, errors) == ([1.0, 0.0, None], [None, None, None])
+    assert len(scorer._pool._pool) == 2 and scorer([], {}) == ([], [])
+    scorer.close()
+    assert scorer._pool is None
 
 
-def test_score_with_timeout_reports_a_raising_verifier():
-    rewards, errors = score_with_timeout(raising_reward, ["a", "b"], {"ground_truth": ["1", "2"]})
-    assert rewards == [None, None]
-    assert errors == ["reward fn raising_reward raised ValueError: verifier exploded"]
+def test_scorer_isolates_raising_and_malformed_samples():
+    scorer = RewardScorer(picky_reward, num_workers=2)
+    rewards, errors = scorer(["1", "raise", "two", "text", "5"], {"ground_truth": ["1", "1", "1", "1", "1"]})
+    assert rewards == [1.0, None, None, None, 0.0]
+    assert errors == [None, "reward fn picky_reward raised ValueError: verifier exploded",
+                      "reward fn picky_reward returned [1.0, 1.0] for 1 completion",
+                      "reward fn picky_reward returned a non-numeric reward: could not convert string to float: 'yes'",
+                      None]
+    scorer.close()
 
 
-def test_score_with_timeout_reports_a_malformed_result():
-    rewards, errors = score_with_timeout(short_reward, ["a", "b"], {})
-    assert rewards == [None, None] and "returned [1.0] for 2 completions" in errors[0]
-
-
-def test_score_with_timeout_bounds_a_hanging_verifier_and_recovers():
+def test_scorer_bounds_a_hanging_verifier_to_its_timeout():
+    scorer = RewardScorer(picky_reward, timeout_s=1.0, num_workers=2)
+    assert scorer(["1"], {"ground_truth": ["1"]}) == ([1.0], [None])  # started and warm
     start = time.monotonic()
-    rewards, errors = score_with_timeout(hanging_reward, ["a"], {}, timeout_s=1.0)
-    assert time.monotonic() - start < 5.0
-    assert rewards == [None] and errors == ["reward fn hanging_reward timed out after 1.0s"]
-    # the hung worker was replaced: scoring works again
-    assert score_with_timeout(math_reward, [r"\boxed{1}"], {"ground_truth": ["1"]}) == ([1.0], [])
+    rewards, errors = scorer(["1", "hang", "1", "1"], {"ground_truth": ["1"] * 4})
+    assert time.monotonic() - start < 10.0  # the hanging sample cost its timeout (1 s, not 60); the others scored
+    assert rewards == [1.0, None, 1.0, 1.0] and errors[1] == "reward fn picky_reward timed out after 1.0s"
+    scorer.close()
+
+
+@pytest.mark.parametrize("bad", ["hang in C", "die"])
+def test_scorer_replaces_a_stuck_or_dead_worker(bad):
+    scorer = RewardScorer(picky_reward, timeout_s=1.0, num_workers=2)
+    assert scorer(["1"], {"ground_truth": ["1"]}) == ([1.0], [None])
+    start = time.monotonic()
+    rewards, errors = scorer(["1", bad, "1", "1"], {"ground_truth": ["1"] * 4})
+    assert time.monotonic() - start < 10.0  # the chunk budget (2 samples x 1 s, plus 1 s), not 60 s
+    assert rewards == [None, None, 1.0, 1.0]  # the stuck worker's chunk is lost, the other one scored
+    assert errors[0] == errors[1] and "did not return 2 samples within 3s (stuck or died); replaced" in errors[0]
+    assert scorer._pool is None  # replaced: the next call starts new workers, and they score
+    assert scorer([r"1"], {"ground_truth": ["1"]}) == ([1.0], [None])
+    scorer.close()
+
+
+def test_scorer_refuses_a_reward_fn_workers_cannot_load():
+    with pytest.raises(ValueError, match="must be a module-level function"):
+        RewardScorer(lambda completions, **_: [1.0] * len(completions))
+    with pytest.raises(ValueError, match="at least one worker"):
+        RewardScorer(math_reward, num_workers=0)

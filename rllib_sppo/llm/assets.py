@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import re
 import shutil
 import string
 import tempfile
@@ -73,41 +72,26 @@ def build_tiny_llama(out_dir, seed=0, intermediate_size=512) -> str:
 
 
 def arithmetic_split(seed=0, n_test=500):
-    """All problems (a, b) with a, b in 0..99, as disjoint (train, test) lists: exactly the RL env's
-    split (``ReasoningBandit-v0`` with source arithmetic, size 10000, ``heldout_size=n_test``, ``seed``),
-    so the held-out problems RL is measured on were never seen in supervised training either."""
-    from envs.reasoning import ArithmeticSource, split_records
+    """The RL env's "What is a+b?" problems (a, b in 0..99) as (train, test) records: exactly its split
+    (``ReasoningBandit-v0`` with source arithmetic, size 10000, ``heldout_size=n_test``, ``seed``), so the held-out
+    problems RL is measured on were never seen in supervised training either."""
+    from envs.reasoning import ReasoningEnv
 
-    def operands(records):
-        return [tuple(map(int, re.findall(r"\d+", r["prompt"][0]["content"]))) for r in records]
-
-    train, test = split_records(ArithmeticSource(size=10000, seed=seed), heldout_size=n_test, seed=seed)
-    return operands(train), operands(test)
+    env = ReasoningEnv({"source": "arithmetic", "size": 10000, "seed": seed, "heldout_size": n_test})
+    return env.splits["train"].records, env.splits["heldout"].records
 
 
-def arithmetic_messages(a, b):
-    """The chat messages asking for a+b."""
-    return [{"role": "user", "content": f"What is {a}+{b}?"}]
+def _prompts(tok, records):
+    return [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) for r in records]
 
 
-def boxed_answer(text):
-    """The content of the last \\boxed{...} in `text`, or None."""
-    found = re.findall(r"\\boxed\{([^{}]*)\}", text)
-    return found[-1] if found else None
-
-
-def _prompts(tok, problems):
-    return [tok.apply_chat_template(arithmetic_messages(a, b), add_generation_prompt=True, tokenize=False)
-            for a, b in problems]
-
-
-def _sft_tensors(tok, problems):
-    """Padded input ids, attention mask and labels (-100 except on the response "\\boxed{a+b}" + eos)."""
-    prompts = tok(_prompts(tok, problems), add_special_tokens=False).input_ids
-    answers = tok([f"\\boxed{{{a + b}}}" for a, b in problems], add_special_tokens=False).input_ids
+def _sft_tensors(tok, records):
+    """Padded input ids, attention mask and labels (-100 except on the response "\\boxed{answer}" + eos)."""
+    prompts = tok(_prompts(tok, records), add_special_tokens=False).input_ids
+    answers = tok([f"\\boxed{{{r['ground_truth']}}}" for r in records], add_special_tokens=False).input_ids
     width = max(len(p) + len(r) for p, r in zip(prompts, answers)) + 1
-    ids = torch.full((len(problems), width), tok.pad_token_id)
-    labels = torch.full((len(problems), width), -100)
+    ids = torch.full((len(records), width), tok.pad_token_id)
+    labels = torch.full((len(records), width), -100)
     for i, (p, r) in enumerate(zip(prompts, answers)):
         seq = p + r + [tok.eos_token_id]
         ids[i, :len(seq)] = torch.tensor(seq)
@@ -116,16 +100,19 @@ def _sft_tensors(tok, problems):
 
 
 @torch.no_grad()
-def arithmetic_accuracy(model, tok, problems, samples=4, temperature=0.6):
-    """Exact-match accuracy of `samples` answers per problem sampled at `temperature`."""
+def arithmetic_accuracy(model, tok, records, samples=4, temperature=0.6):
+    """Share of `samples` answers per problem, sampled at `temperature`, that the RL env's reward (``math``) scores
+    1.0."""
+    from envs.rewards import math_reward
+
     model.eval()
-    enc = tok(_prompts(tok, problems), return_tensors="pt", padding=True, padding_side="left",
+    enc = tok(_prompts(tok, records), return_tensors="pt", padding=True, padding_side="left",
               add_special_tokens=False)
     out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=12,
                          num_return_sequences=samples, pad_token_id=tok.pad_token_id)
     texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    truth = [str(a + b) for a, b in problems for _ in range(samples)]
-    return sum(boxed_answer(t) == y for t, y in zip(texts, truth)) / len(truth)
+    rewards = math_reward(texts, [r["ground_truth"] for r in records for _ in range(samples)])
+    return sum(reward == 1.0 for reward in rewards) / len(rewards)
 
 
 def sft_arithmetic(model_dir, out_dir, target=(0.30, 0.60), seed=0, max_seconds=1200.0, batch_size=128, lr=1e-3,

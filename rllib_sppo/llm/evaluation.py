@@ -2,9 +2,10 @@
 
 Config: ``evaluation_interval: N`` and
 ``custom_evaluation_function: rllib_sppo.llm.evaluation.heldout_accuracy``; the env_config
-needs ``heldout_size > 0``. Reports ``evaluation/env_runners/accuracy/avg@k`` and
-``.../accuracy/pass@k`` with k = ``eval_samples_per_prompt``, sampled at the training
-temperature.
+needs ``heldout_size > 0``. Reports ``evaluation/env_runners/accuracy/avg@k`` (share of
+samples that are fully correct, reward 1.0) and ``.../accuracy/pass@k`` (share of problems
+with at least one), and ``.../reward/avg@k`` (the mean reward, partial credit included),
+with k = ``eval_samples_per_prompt``, sampled at the training temperature.
 """
 
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EVALUATION_RESULTS

@@ -1,14 +1,17 @@
 """An RLlib EnvRunner for one-step LLM episodes (prompt in, whole response out, reward back).
 
-One ``sample()`` call resets ``num_envs_per_env_runner`` bandit envs (one prompt
-each), generates every response in a single engine call, scores each response
-through its env and returns one-step ``SingleAgentEpisode``s that carry the prompt
-and response token ids and the engine's per-token log-probs. New policy weights
-reach the engine in place (no restart): through ``set_state`` (RLlib's state, e.g.
-after a restore, and the local runner's sync) or ``load_weight_chunks`` (SPPO's sync
-of remote runners, a chunk at a time); the sync's seconds, bytes and GB/s are logged.
-With ``engine_sleep_level`` > 0 the engine sleeps from the end of sampling to the
-next weight load (the learner has the accelerator meanwhile). The engine starts
+The runner holds one bandit env (its prompts loaded and rendered once). A sampling
+round poses ``num_envs_per_env_runner`` prompts that the ``EpochSampler`` picks (each
+training prompt once per epoch, runners drawing disjoint shards), generates every
+response in a single engine call, scores them all in one call to the env and returns
+one-step ``SingleAgentEpisode``s that carry the prompt and response token ids and the
+engine's per-token log-probs.
+
+New policy weights reach the engine in place (no restart): through ``set_state`` (RLlib's
+state, e.g. after a restore, and the local runner's sync) or ``load_weight_chunks``
+(SPPO's sync of remote runners, a chunk at a time); the sync's seconds, bytes and GB/s
+are logged. With ``engine_sleep_level`` > 0 the engine sleeps from the end of sampling
+to the next weight load (the learner has the accelerator meanwhile). The engine starts
 lazily on first use, so a driver-side runner that never samples never loads one.
 """
 
@@ -37,6 +40,7 @@ import envs  # noqa: F401  (registers ReasoningBandit-v0 in this process: a remo
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
 from rllib_sppo.llm.models import resolve_model
+from rllib_sppo.llm.sampler import EpochSampler
 
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
@@ -44,8 +48,10 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         super().__init__(config=config, **kwargs)
         self.worker_index = kwargs.get("worker_index", 0)
         self.metrics = MetricsLogger()
-        self.envs = [self._make_env(i) for i in range(max(1, config.num_envs_per_env_runner))]
-        self.env = self.envs[0]
+        self.env = self._make_env()
+        # Remote runners are workers 1..N; with none, the local runner (worker 0) samples.
+        self.sampler = EpochSampler(len(self.env.splits["train"].records), seed=config.seed or 0,
+                                    shard=max(self.worker_index - 1, 0), num_shards=max(config.num_env_runners, 1))
         spec = config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
         self.model_dir = resolve_model(spec.model_config["policy"])
         self._engine = None
@@ -57,17 +63,22 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self.gpu_memory_utilization = (config.gpu_memory_utilization if config.gpu_memory_utilization is not None
                                        else 0.4 if shares_learner_gpu else 0.9)
         self._asleep = False
-        self._heldout_env = None
         self._num_prompts = 0
 
-    def _make_env(self, vector_index: int, **overrides) -> gym.Env:
+    def _make_env(self) -> gym.Env:
+        """The runner's one env (both splits, its reward workers); ``chat_template_model`` resolved to a folder."""
         from ray.rllib.env.env_context import EnvContext
 
-        ctx = EnvContext({**self.config.env_config, **overrides}, worker_index=self.worker_index,
-                         vector_index=vector_index)
+        env_config = dict(self.config.env_config)
+        if env_config.get("split", "train") != "train":
+            raise ValueError(f"env_config split={env_config['split']!r}: LLMEnvRunner trains on the train split and "
+                             f"evaluates on the heldout one; remove the key")
+        if env_config.get("chat_template_model") is not None:
+            env_config["chat_template_model"] = resolve_model(env_config["chat_template_model"])
+        ctx = EnvContext(env_config, worker_index=self.worker_index, vector_index=0)
         if _global_registry.contains(ENV_CREATOR, self.config.env):
-            return _global_registry.get(ENV_CREATOR, self.config.env)(ctx)
-        return gym.make(self.config.env, env_config=ctx)
+            return _global_registry.get(ENV_CREATOR, self.config.env)(ctx).unwrapped
+        return gym.make(self.config.env, env_config=ctx).unwrapped
 
     @property
     def engine(self):
@@ -93,35 +104,37 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         n = num_episodes or num_timesteps or max(
             1, self.config.total_train_batch_size // max(1, self.config.num_env_runners))
         episodes, per_prompt = [], self.config.samples_per_prompt
+        per_round = max(1, self.config.num_envs_per_env_runner)
         while len(episodes) < n:
-            episodes += self._sample_round(min(len(self.envs), -(-(n - len(episodes)) // per_prompt)))
+            episodes += self._sample_round(min(per_round, -(-(n - len(episodes)) // per_prompt)))
         if self.sleep_level:  # the learner updates next: free what the engine holds until the new weights arrive
             self._engine.sleep(self.sleep_level)
             self._asleep = True
         return episodes
 
     def _sample_round(self, k: int) -> list[SingleAgentEpisode]:
-        """k prompts, one from each of k envs, ``samples_per_prompt`` responses each, one engine call."""
+        """k prompts from the sampler, ``samples_per_prompt`` responses each: one engine call, one scoring call."""
         engine = self.engine
-        resets = [env.reset() for env in self.envs[:k]]
+        resets = [self.env.reset(options={"index": i}) for i in self.sampler.draw(k)]
         prompt_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in resets]
         gen = GenerationConfig(temperature=self.config.temperature, top_p=self.config.top_p,
                                max_tokens=self.config.max_response_tokens, n=self.config.samples_per_prompt)
         start = time.perf_counter()
         groups = engine.generate(prompt_ids, gen)
         gen_s = time.perf_counter() - start
+        start = time.perf_counter()
+        scored = zip(*self.env.score([info0["index"] for (_, info0), group in zip(resets, groups) for _ in group],
+                                     [s.text for group in groups for s in group]))
+        self.metrics.log_value("timing_s/score", time.perf_counter() - start, window=1)
         episodes, tokens = [], 0
-        for env, (text, info0), group in zip(self.envs, resets, groups):
+        for (text, info0), group in zip(resets, groups):
             self._num_prompts += 1
             group_id = self.worker_index * 10**12 + self._num_prompts
-            for j, s in enumerate(group):
-                if j:  # the next sample of the same prompt
-                    env.reset(options={"index": info0["index"]})
-                _, reward, terminated, truncated, info = env.step(s.text)
+            for s, (reward, info) in zip(group, scored):
                 tokens += len(s.response_ids)
                 episodes.append(SingleAgentEpisode(
                     observations=[text, text], infos=[info0, info], actions=[s.text], rewards=[float(reward)],
-                    terminated=terminated, truncated=truncated, len_lookback_buffer=0,
+                    terminated=True, truncated=False, len_lookback_buffer=0,
                     extra_model_outputs={"prompt_ids": [np.asarray(s.prompt_ids, np.int64)],
                                          "response_ids": [np.asarray(s.response_ids, np.int64)],
                                          "engine_logp": [np.asarray(s.logp, np.float32)],
@@ -130,25 +143,24 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         return episodes
 
     def evaluate_heldout(self, k: int) -> dict:
-        """Every held-out problem, ``k`` samples each at the training temperature: avg@k and pass@k."""
-        if self._heldout_env is None:
-            self._heldout_env = self._make_env(0, split="heldout")
-        env, engine = self._heldout_env, self.engine
-        problems = range(len(env.unwrapped.records))
-        texts = [env.reset(options={"index": i})[0] for i in problems]
+        """Every held-out problem, ``k`` samples each at the training temperature. A sample counts as solved only
+        when its reward is 1.0 (fully correct): ``accuracy/avg@k`` (solved share), ``accuracy/pass@k`` (share of
+        problems solved at least once); ``reward/avg@k`` is the mean reward, partial credit included."""
+        texts = self.env.splits["heldout"].texts
+        if not texts:
+            raise ValueError("held-out evaluation needs held-out problems: set env_config heldout_size > 0")
+        engine = self.engine  # started (and its tokenizer loaded) on first use
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         groups = engine.generate(prompt_ids, GenerationConfig(
             temperature=self.config.temperature, top_p=self.config.top_p,
             max_tokens=self.config.max_response_tokens, n=k))
-        rewards, parsed = np.zeros((len(texts), k)), np.zeros((len(texts), k))
-        for i, group in zip(problems, groups):
-            for j, s in enumerate(group):
-                env.reset(options={"index": i})
-                _, rewards[i, j], _, _, info = env.step(s.text)
-                parsed[i, j] = info["parsed"]
-        return {"problems": len(texts), f"accuracy/avg@{k}": float(rewards.mean()),
-                f"accuracy/pass@{k}": float((rewards >= 1.0).any(1).mean()),
-                "rollout/parse_failure_rate": float(1.0 - parsed.mean())}
+        rewards, infos = self.env.score([i for i, group in enumerate(groups) for _ in group],
+                                        [s.text for group in groups for s in group], split="heldout")
+        rewards = np.reshape(rewards, (len(texts), k))
+        solved = rewards == 1.0
+        return {"problems": len(texts), f"accuracy/avg@{k}": float(solved.mean()),
+                f"accuracy/pass@{k}": float(solved.any(1).mean()), f"reward/avg@{k}": float(rewards.mean()),
+                "rollout/parse_failure_rate": float(1.0 - np.mean([info["parsed"] for info in infos]))}
 
     def _log_round(self, episodes, tokens: int, gen_s: float) -> None:
         m, n = self.metrics, len(episodes)
@@ -161,6 +173,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         m.log_value("rollout/tokens_per_s", tokens / max(gen_s, 1e-9), window=1)
         m.log_value("rollout/response_tokens_lifetime", tokens, reduce="lifetime_sum")
         m.log_value("timing_s/generate", gen_s, window=1)
+        m.log_value("rollout/epoch", self.sampler.progress, window=1)
         m.log_value(NUM_ENV_STEPS_SAMPLED, n, reduce="sum")
         m.log_value(NUM_EPISODES, n, reduce="sum")
         m.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, n, reduce="lifetime_sum")
@@ -176,9 +189,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
-        if self._check_component("data", components, not_components):  # each env's place in its pass over the data
-            state["data"] = {"envs": [env.unwrapped.get_data_state() for env in self.envs],
-                             "num_prompts": self._num_prompts}
+        if self._check_component("data", components, not_components):  # the place in the epochs of prompts
+            state["data"] = {"sampler": self.sampler.get_state(), "num_prompts": self._num_prompts}
         return state
 
     def set_state(self, state) -> None:
@@ -191,8 +203,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
         if "data" in state:  # a resumed run draws the prompts the uninterrupted one would have
-            for env, env_state in zip(self.envs, state["data"]["envs"]):
-                env.unwrapped.set_data_state(env_state)
+            self.sampler.set_state(state["data"]["sampler"])
             self._num_prompts = state["data"]["num_prompts"]
 
     def load_weight_chunks(self, chunks: list, seq_no: int) -> int:
@@ -234,7 +245,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         return (), {"config": self.config}
 
     def assert_healthy(self):
-        assert self.envs, "LLMEnvRunner has no envs"
+        assert self.env is not None, "LLMEnvRunner has no env"
 
     def stop(self):
         self._engine = None
+        self.env.close()  # its reward workers
