@@ -70,11 +70,11 @@ def main():
         len(s.response_ids) for g in hf.generate(next(rounds), gen) for s in g))
 
     # Weight sync: the policy's full state pushed into the running engine, as after every update.
-    state = {f"policy.{k}": v for k, v in AutoModelForCausalLM.from_pretrained(runner.model_dir).state_dict().items()}
+    state = AutoModelForCausalLM.from_pretrained(runner.model_dir).state_dict()
     sync_s = []
     for _ in range(args.rounds):
         start = time.perf_counter()
-        runner._push_weights(state)
+        runner._load_weights(iter(state.items()))
         sync_s.append(time.perf_counter() - start)
     sync_bytes = sum(t.numel() * t.element_size() for t in state.values())
     write(rows, float(np.median(sync_s)), sync_bytes)

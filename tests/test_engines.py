@@ -64,11 +64,11 @@ def test_weights_update_in_place(engine, tiny):
     original = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     changed = {k: v + 0.05 * torch.randn_like(v) if v.dim() == 2 else v for k, v in original.items()}
-    engine.update_weights(changed)
+    engine.update_weights(changed.items())
     model.load_state_dict(changed)
     s = engine.generate(prompts, GenerationConfig(max_tokens=8))[0][0]
     assert torch.allclose(torch.tensor(s.logp), learner_logp(model, s, 0.6), atol=2e-3)
-    engine.update_weights(original)
+    engine.update_weights(original.items())
     model.load_state_dict(original)
     s = engine.generate(prompts, GenerationConfig(max_tokens=8))[0][0]
     assert torch.allclose(torch.tensor(s.logp), learner_logp(model, s, 0.6), atol=2e-3)

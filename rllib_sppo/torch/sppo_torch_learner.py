@@ -118,18 +118,16 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
     def weight_chunks(self, max_bytes: int) -> tuple[list, int]:
         """The policy's weights for remote EnvRunners: ``(refs, weights_seq_no)``, the inference-only state in the
         module's compute dtype, put in Ray's object store in chunks of at most ``max_bytes`` (a larger tensor is a
-        chunk of its own); a tensor tied to one already sent (an LM head tied to the embedding) is not sent twice.
-        Runs on every learner (gathering ZeRO-3 partitions is collective); the first returns the chunks."""
+        chunk of its own). Tied tensors (an LM head tied to the embedding) go under each name: vLLM's reload needs
+        every name. Runs on every learner (gathering ZeRO-3 partitions is collective); the first returns the chunks.
+        """
         state = self.get_state(components=COMPONENT_RL_MODULE, inference_only=True)[COMPONENT_RL_MODULE]
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return [], self._weights_seq_no
         dtype = getattr(self.module[DEFAULT_MODULE_ID].unwrapped(), "compute_dtype", None)
-        chunks, chunk, size, sent = [], {}, 0, set()
+        chunks, chunk, size = [], {}, 0
         for name, value in state[DEFAULT_MODULE_ID].items():
             tensor = torch.as_tensor(value)
-            if tensor.data_ptr() in sent:
-                continue
-            sent.add(tensor.data_ptr())
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
             nbytes = tensor.numel() * tensor.element_size()
