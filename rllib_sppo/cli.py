@@ -15,7 +15,9 @@ import argparse
 import difflib
 import importlib
 import json
+import math
 import os
+import shlex
 import sys
 import time
 
@@ -80,27 +82,32 @@ def load_experiments(path: str) -> dict:
 
 
 def resolve_algorithm(name: str, where: str):
-    from ray.tune.registry import get_trainable_cls
+    """The algorithm class ``run: NAME`` names: SPPO, or one of RLlib's (importing only that one: Tune's own lookup
+    imports every algorithm, DreamerV3's warnings included)."""
+    from ray.rllib.algorithms.registry import ALGORITHMS
+    from ray.tune.registry import TRAINABLE_CLASS, _global_registry
 
     import rllib_sppo  # noqa: F401  (registers SPPO)
 
+    if _global_registry.contains(TRAINABLE_CLASS, name):
+        return _global_registry.get(TRAINABLE_CLASS, name)
+    if name in ALGORITHMS:
+        return ALGORITHMS[name]()[0]
+    close = difflib.get_close_matches(name, ["SPPO", *ALGORITHMS], n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "try SPPO, PPO, APPO, IMPALA, DQN, SAC"
+    raise UsageError(f"{where}: unknown algorithm {name!r} ({hint})")
+
+
+def resolve_env(env: str, env_config: dict | None, where: str) -> None:
+    """Checks ``env`` (a registered id, gymnasium's ``module:Id`` or a dotted path to an env class or creator) and
+    ``env_config``'s ``outcome``, and registers it with Tune where RLlib would not find it by itself."""
+    from envs.classic import check_env_spec, register_env_spec
+
     try:
-        return get_trainable_cls(name)
-    except Exception:
-        raise UsageError(f"{where}: unknown algorithm {name!r} (try SPPO, PPO, APPO, IMPALA, DQN, SAC)") from None
-
-
-def check_env(env: str, where: str) -> None:
-    import gymnasium as gym
-    from ray.tune.registry import ENV_CREATOR, _global_registry
-
-    import envs  # noqa: F401  (registers the outcome envs)
-
-    if env in gym.registry or _global_registry.contains(ENV_CREATOR, env):
-        return
-    close = difflib.get_close_matches(env, list(gym.registry), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UsageError(f"{where}: unknown env {env!r}{hint}")
+        check_env_spec(env, env_config)
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
+    register_env_spec(env, env_config)
 
 
 def build_config(algo_cls, env: str | None, cfg: dict, where: str):
@@ -110,7 +117,7 @@ def build_config(algo_cls, env: str | None, cfg: dict, where: str):
     config = algo_cls.get_default_config()
     cfg = _resolve_classes(dict(cfg or {}), where)
     if env is not None:
-        check_env(env, where)
+        resolve_env(env, cfg.get("env_config"), where)
         config.environment(env)
     for key in cfg:
         if key in SPECIAL_CONFIG_KEYS or key.startswith("evaluation_") or hasattr(config, key):
@@ -174,17 +181,22 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             raise UsageError("--stop cannot change a resumed experiment: it goes on with its saved stop criteria")
         if not tune.Tuner.can_restore(path):
             raise UsageError(f"{where}: nothing to resume: no experiment {name!r} in {storage}")
+        start_ray()
         tuner = tune.Tuner.restore(path, trainable=algo_cls, resume_errored=True)
     else:
+        start_ray()
         tuner = tune.Tuner(
             algo_cls,
             param_space=config,
             tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1)),
             run_config=tune.RunConfig(
-                name=name, stop=stop, verbose=1, callbacks=callbacks,
+                name=name, stop=stop, verbose=0, callbacks=callbacks,  # the console: Progress's lines, then a summary
                 storage_path=storage, failure_config=tune.FailureConfig(max_failures=exp.get("max_failures", 0)),
                 checkpoint_config=tune.CheckpointConfig(**ckpt)),
         )
+    print(f"rllib: {'resuming' if resume else 'training'} {exp['run']} on {exp.get('env')}"
+          + (f" until {json.dumps(stop)}" if stop and not resume else "")
+          + f"; results in {os.path.join(storage, name)}", file=sys.stderr, flush=True)
     start = time.time()
     results = tuner.fit()
     for r in results:
@@ -193,7 +205,9 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             continue
         m = r.metrics or {}
         env_runners = m.get("env_runners", {})
-        print(json.dumps({
+        curves = plot_curves(r)
+        best = best_checkpoint(r)
+        summary = {
             "experiment": name, "algo": exp["run"], "env": exp.get("env"),
             **({"swept": {"/".join(k): _lookup(r.config, k) for k in swept}} if swept else {}),
             "training_iteration": m.get("training_iteration"),
@@ -201,9 +215,73 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             "episode_return_mean": env_runners.get("episode_return_mean"),
             "wall_s": round(time.time() - start, 1),
             "checkpoint": r.checkpoint.path if r.checkpoint else None,
-            "curves": plot_curves(r),
-        }))
+            "best_checkpoint": best["path"] if best else None,
+            "curves": curves,
+        }
+        print_summary(summary, m, best)
+        print(json.dumps(summary), flush=True)
     return results
+
+
+def best_checkpoint(result) -> dict | None:
+    """The kept checkpoint with the highest held-out accuracy measured at its iteration (its first avg@k), else the
+    highest training return; with neither, the latest: ``{path, iteration, metric, value}``."""
+    from ray.tune.utils import flatten_dict
+
+    from rllib_sppo.monitoring import ACCURACY, RETURN, _label, evaluated_at
+
+    kept = [(c, flatten_dict(m, delimiter="/")) for c, m in result.best_checkpoints or []]
+    if not kept:
+        return None
+    candidates = []
+    for checkpoint, m in kept:
+        it = m.get("training_iteration", 0)
+        accuracy = sorted(k for k in m if k.startswith(ACCURACY) and "avg@" in k)
+        metric = accuracy[0] if accuracy and evaluated_at(it, result.config) else RETURN
+        value = m.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            candidates.append(((metric != RETURN, value), checkpoint, it, _label(metric), value))
+    if not candidates:
+        checkpoint, m = kept[-1]
+        return {"path": checkpoint.path, "iteration": m.get("training_iteration"), "metric": None, "value": None}
+    _, checkpoint, it, metric, value = max(candidates, key=lambda c: c[0])
+    return {"path": checkpoint.path, "iteration": it, "metric": metric, "value": value}
+
+
+def print_summary(summary: dict, metrics: dict, best: dict | None) -> None:
+    """The end of a trial in a few readable lines on stderr (the JSON line on stdout follows)."""
+    from ray.tune.utils import flatten_dict
+
+    from rllib_sppo.monitoring import ACCURACY, RETURN, _label
+
+    flat = flatten_dict(metrics, delimiter="/")
+    final = [f"return {flat[RETURN]:.4g}"] if isinstance(flat.get(RETURN), (int, float)) else []
+    final += [f"{_label(k)} {v:.3f}" for k, v in sorted(flat.items())
+              if k.startswith(ACCURACY) and isinstance(v, (int, float)) and math.isfinite(v)]
+    lines = [f"done: {summary['experiment']} ({summary['algo']} on {summary['env']}), iteration "
+             f"{summary['training_iteration']}, {summary['env_steps']:.0f} env steps, {summary['wall_s']:.0f} s",
+             "final: " + (" | ".join(final) or "no metrics")]
+    if best:
+        measured = f" ({best['metric']} {best['value']:.4g} at iteration {best['iteration']})" if best["metric"] \
+            else f" (the latest, iteration {best['iteration']})"
+        lines += [f"best checkpoint: {best['path']}{measured}",
+                  f"evaluate it: rllib evaluate {shlex.quote(best['path'])}"]
+    if summary["curves"]:
+        lines.append(f"curves: {summary['curves']}")
+    for line in lines:
+        print(f"rllib: {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def start_ray() -> None:
+    """Starts Ray for ``rllib train`` (unless it runs already), with ``quiet_console`` in every worker, and leaves
+    the console to ``Progress``."""
+    import ray
+
+    # Tune's console tables print even at verbose=0 unless its legacy output is chosen (which then prints nothing).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        ray.init(runtime_env={"worker_process_setup_hook": "rllib_sppo.monitoring.quiet_console"})
 
 
 def wandb_callback(options: dict, run_dir: str):
@@ -292,10 +370,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_console() -> None:
+    from rllib_sppo.monitoring import quiet_console  # (imports RLlib: not before the YAML file is read)
+
+    quiet_console()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if os.getcwd() not in sys.path and "" not in sys.path:  # dotted paths to the user's own modules, as python -m
+        sys.path.insert(0, os.getcwd())
     try:
         if args.command == "evaluate":
+            _quiet_console()
             print(json.dumps(evaluate(args.checkpoint, args.episodes, args.explore)))
             return 0
         stop = _json_arg(args.stop, "--stop") if args.stop else None
@@ -311,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = {f"{args.algo}_{args.env}": {"run": args.algo, "env": args.env,
                                                  "config": {}}}
             where = "command line"
+        _quiet_console()
         for name, exp in spec.items():
             exp["config"] = {**(exp.get("config") or {}), **overrides}  # --config's top-level keys win
             if args.wandb:
