@@ -218,7 +218,7 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             "best_checkpoint": best["path"] if best else None,
             "curves": curves,
         }
-        print_summary(summary, m, best)
+        print_summary(summary, r, best)
         print(json.dumps(summary), flush=True)
     return results
 
@@ -240,27 +240,32 @@ def best_checkpoint(result) -> dict | None:
         metric = accuracy[0] if accuracy and evaluated_at(it, result.config) else RETURN
         value = m.get(metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            candidates.append(((metric != RETURN, value), checkpoint, it, _label(metric), value))
+            name = "return" if metric == RETURN else _label(metric)
+            candidates.append(((metric != RETURN, value), {"path": checkpoint.path, "iteration": it, "metric": name,
+                                                           "value": value}))
     if not candidates:
-        checkpoint, m = kept[-1]
+        checkpoint, m = max(kept, key=lambda c: c[1].get("training_iteration", 0))
         return {"path": checkpoint.path, "iteration": m.get("training_iteration"), "metric": None, "value": None}
-    _, checkpoint, it, metric, value = max(candidates, key=lambda c: c[0])
-    return {"path": checkpoint.path, "iteration": it, "metric": metric, "value": value}
+    return max(candidates, key=lambda c: c[0])[1]
 
 
-def print_summary(summary: dict, metrics: dict, best: dict | None) -> None:
+def print_summary(summary: dict, result, best: dict | None) -> None:
     """The end of a trial in a few readable lines on stderr (the JSON line on stdout follows)."""
     from ray.tune.utils import flatten_dict
 
-    from rllib_sppo.monitoring import ACCURACY, RETURN, _label
+    from rllib_sppo.monitoring import ACCURACY, RETURN, _label, accuracy_curve
 
-    flat = flatten_dict(metrics, delimiter="/")
-    final = [f"return {flat[RETURN]:.4g}"] if isinstance(flat.get(RETURN), (int, float)) else []
-    final += [f"{_label(k)} {v:.3f}" for k, v in sorted(flat.items())
-              if k.startswith(ACCURACY) and isinstance(v, (int, float)) and math.isfinite(v)]
+    final = flatten_dict(result.metrics or {}, delimiter="/").get(RETURN)
+    parts = [f"return {final:.4g}"] if isinstance(final, (int, float)) else []
+    df = result.metrics_dataframe
+    for metric in sorted(c for c in df if c.startswith(ACCURACY)) if df is not None else []:
+        data = accuracy_curve(df, metric, result.config)
+        if len(data):  # the last measured value, and when
+            parts.append(f"{_label(metric)} {data[metric].iloc[-1]:.3f} (iter {data['training_iteration'].iloc[-1]})")
+    steps = f", {summary['env_steps']:.0f} env steps" if summary["env_steps"] is not None else ""
     lines = [f"done: {summary['experiment']} ({summary['algo']} on {summary['env']}), iteration "
-             f"{summary['training_iteration']}, {summary['env_steps']:.0f} env steps, {summary['wall_s']:.0f} s",
-             "final: " + (" | ".join(final) or "no metrics")]
+             f"{summary['training_iteration']}{steps}, {summary['wall_s']:.0f} s",
+             "final: " + (" | ".join(parts) or "no metrics")]
     if best:
         measured = f" ({best['metric']} {best['value']:.4g} at iteration {best['iteration']})" if best["metric"] \
             else f" (the latest, iteration {best['iteration']})"
