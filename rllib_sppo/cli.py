@@ -4,9 +4,14 @@
     rllib train --algo SPPO --env OutcomeCartPole-v1 --stop '{"training_iteration": 5}' [--config JSON]
     rllib evaluate CHECKPOINT [--episodes N] [--explore]
 
-YAML files use RLlib's legacy tuned-example schema ``{name: {run, env, config, stop}}``.
+YAML files use RLlib's legacy tuned-example schema ``{name: {run, env, config, stop}}``. ``env`` is a registered
+id, gymnasium's ``module:Id`` or a dotted path to an env class or creator; ``config.env_config.outcome`` wraps it in
+an outcome reward (``envs.classic.make_env``).
 Bad input (malformed YAML, unknown algorithm, env or config key) prints one line
-naming the problem and the file, and exits with code 2.
+naming the problem and the file, with nothing before it, and exits with code 2.
+The console: progress lines (``monitoring.Progress``), no log line a user cannot act on
+(``monitoring.quiet_console`` in every process), then per trial a readable summary on stderr
+and one JSON line on stdout.
 """
 
 from __future__ import annotations
