@@ -288,7 +288,8 @@ class SPPO(Algorithm):
         self.metrics.log_value(("timing_s", name), time.perf_counter() - start, window=1)
 
     def training_step(self) -> None:
-        if self.iteration == 0 and self.config.evaluation_interval:  # not again in a restored run
+        # Not again in a restored run; "auto" duration only evaluates alongside a training step.
+        if self.iteration == 0 and self.config.evaluation_interval and self.config.evaluation_duration != "auto":
             self._evaluate_before_training()
         with self._phase("sample", ENV_RUNNER_SAMPLING_TIMER):
             episodes, runner_metrics = synchronous_parallel_sample(
