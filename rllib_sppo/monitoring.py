@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 from ray import tune
 from ray.tune.utils import flatten_dict
@@ -57,6 +58,12 @@ KNOWN_NOISE = (
      r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled to opt out"),
 )
 
+#: Python warnings a user cannot act on, ignored by ``quiet_console``: (module, message pattern), UserWarning only.
+KNOWN_WARNINGS = (
+    # RLlib's EnvRunner registers its env under one fixed gymnasium id, again for each runner in the process.
+    (r"gymnasium\.envs\.registration", r".*Overriding environment rllib-single-agent-env-v0 already in registry"),
+)
+
 
 class _DropMessage(logging.Filter):
     def __init__(self, pattern: str):
@@ -76,13 +83,15 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def quiet_console() -> None:
-    """In this process: drops ``KNOWN_NOISE`` where it is logged, and prints this package's INFO lines (progress of
-    long one-off work) on stderr as ``rllib: ...``. ``rllib train`` calls it in the driver and, as Ray's
-    ``worker_process_setup_hook``, in every worker it starts. Calling it again changes nothing."""
+    """In this process: drops ``KNOWN_NOISE`` where it is logged and ignores ``KNOWN_WARNINGS``, and prints this
+    package's INFO lines (progress of long one-off work) on stderr as ``rllib: ...``. ``rllib train`` calls it in the
+    driver and, as Ray's ``worker_process_setup_hook``, in every worker it starts. Calling it again changes nothing."""
     for name, pattern in KNOWN_NOISE:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.pattern.pattern == pattern for f in logger.filters):
             logger.addFilter(_DropMessage(pattern))
+    for module, pattern in KNOWN_WARNINGS:  # (an identical filter replaces the one before)
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning, module=module)
     package = logging.getLogger("rllib_sppo")
     if not any(isinstance(h, _StderrHandler) for h in package.handlers):
         handler = _StderrHandler()

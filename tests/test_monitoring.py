@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -154,3 +155,11 @@ def test_quiet_console_drops_only_the_known_lines():
             logger.removeHandler(handler)
             other.removeHandler(handler)
         assert [r.getMessage() for r in seen] == [f"Something else went wrong: {message}", message], name
+    # The Python warning: ignored from gymnasium's registration module only.
+    texts = [f"\x1b[33mWARN: Overriding environment {name} already in registry.\x1b[0m"
+             for name in ("rllib-single-agent-env-v0", "MyEnv-v0")]
+    with warnings.catch_warnings(record=True) as caught:
+        for text, module in [(texts[0], "gymnasium.envs.registration"), (texts[0], "my_module"),
+                             (texts[1], "gymnasium.envs.registration")]:
+            warnings.warn_explicit(text, UserWarning, "registration.py", 636, module=module, registry={})
+    assert [str(w.message) for w in caught] == texts
