@@ -27,6 +27,7 @@ import sys
 import time
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1  # a trial failed (its error is printed)
 EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples", "wandb",
                    "max_failures"}
 # Config keys that AlgorithmConfig.update_from_dict understands without a same-named attribute.
@@ -205,8 +206,10 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
     start = time.time()
     results = tuner.fit()
     for r in results:
-        if r.error:
-            print(f"rllib: trial failed: {r.error}", file=sys.stderr)
+        if r.error:  # Ray and Tune have printed the traceback; its last line says what went wrong
+            cause = str(r.error).strip().splitlines()[-1]
+            print(f"rllib: trial {os.path.basename(r.path)} failed: {cause} (traceback in {r.path}/error.txt)",
+                  file=sys.stderr)
             continue
         m = r.metrics or {}
         env_runners = m.get("env_runners", {})
@@ -233,7 +236,7 @@ def best_checkpoint(result) -> dict | None:
     highest training return; with neither, the latest: ``{path, iteration, metric, value}``."""
     from ray.tune.utils import flatten_dict
 
-    from rllib_sppo.monitoring import ACCURACY, RETURN, _label, evaluated_at
+    from rllib_sppo.monitoring import ACCURACY, RETURN, console_name, evaluated_at
 
     kept = [(c, flatten_dict(m, delimiter="/")) for c, m in result.best_checkpoints or []]
     if not kept:
@@ -245,7 +248,7 @@ def best_checkpoint(result) -> dict | None:
         metric = accuracy[0] if accuracy and evaluated_at(it, result.config) else RETURN
         value = m.get(metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            name = "return" if metric == RETURN else _label(metric)
+            name = "return" if metric == RETURN else console_name(metric)
             candidates.append(((metric != RETURN, value), {"path": checkpoint.path, "iteration": it, "metric": name,
                                                            "value": value}))
     if not candidates:
@@ -258,7 +261,7 @@ def print_summary(summary: dict, result, best: dict | None) -> None:
     """The end of a trial in a few readable lines on stderr (the JSON line on stdout follows)."""
     from ray.tune.utils import flatten_dict
 
-    from rllib_sppo.monitoring import ACCURACY, RETURN, _label, accuracy_curve
+    from rllib_sppo.monitoring import ACCURACY, RETURN, accuracy_curve, console_name
 
     final = flatten_dict(result.metrics or {}, delimiter="/").get(RETURN)
     parts = [f"return {final:.4g}"] if isinstance(final, (int, float)) else []
@@ -266,7 +269,8 @@ def print_summary(summary: dict, result, best: dict | None) -> None:
     for metric in sorted(c for c in df if c.startswith(ACCURACY)) if df is not None else []:
         data = accuracy_curve(df, metric, result.config)
         if len(data):  # the last measured value, and when
-            parts.append(f"{_label(metric)} {data[metric].iloc[-1]:.3f} (iter {data['training_iteration'].iloc[-1]})")
+            last = data.iloc[-1]
+            parts.append(f"{console_name(metric)} {last[metric]:.3f} (iter {last['training_iteration']:.0f})")
     steps = f", {summary['env_steps']:.0f} env steps" if summary["env_steps"] is not None else ""
     lines = [f"done: {summary['experiment']} ({summary['algo']} on {summary['env']}), iteration "
              f"{summary['training_iteration']}{steps}, {summary['wall_s']:.0f} s",
@@ -409,12 +413,14 @@ def main(argv: list[str] | None = None) -> int:
                                                  "config": {}}}
             where = "command line"
         _quiet_console()
+        failed = False
         for name, exp in spec.items():
             exp["config"] = {**(exp.get("config") or {}), **overrides}  # --config's top-level keys win
             if args.wandb:
                 exp["wandb"] = {**(exp.get("wandb") or {}), "project": args.wandb}
-            run_experiment(name, exp, where, args.storage_path, stop, args.resume)
-        return 0
+            results = run_experiment(name, exp, where, args.storage_path, stop, args.resume)
+            failed = failed or any(r.error for r in results)
+        return EXIT_FAILED if failed else 0
     except UsageError as e:
         print(f"rllib: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -101,7 +101,7 @@ def quiet_console() -> None:
         package.setLevel(logging.INFO)
 
 
-def _label(key: str) -> str:
+def console_name(key: str) -> str:
     """The console name of a result key: ``evaluation/env_runners/accuracy/avg@4`` -> ``accuracy/avg@4``."""
     return key.split("env_runners/")[-1]
 
@@ -112,8 +112,8 @@ def evaluated_at(iteration: int, config: dict) -> bool:
     return bool(interval) and iteration % interval == 0
 
 
-def prometheus_name(console_name: str) -> str:
-    return "sppo_" + re.sub(r"[^a-zA-Z0-9_]", "_", console_name.replace("@", "_at_"))
+def prometheus_name(name: str) -> str:
+    return "sppo_" + re.sub(r"[^a-zA-Z0-9_]", "_", name.replace("@", "_at_"))
 
 
 class PrometheusExport:
@@ -166,7 +166,7 @@ class Progress(tune.Callback):
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
                 continue
             if key.startswith(ACCURACY) and evaluated_at(it, trial.config):
-                measured[_label(key)] = (value, it)
+                measured[console_name(key)] = (value, it)
             elif key.startswith(f"{BEFORE_TRAINING}/accuracy/"):
                 measured.setdefault(key.removeprefix(f"{BEFORE_TRAINING}/"), (value, 0))
         now = time.monotonic()
@@ -190,7 +190,7 @@ def accuracy_curve(df, metric: str, config: dict):
 
     rows = df[[evaluated_at(int(i), config) for i in df["training_iteration"]]]
     data = rows[["training_iteration", ENV_STEPS, metric]].dropna()
-    before = f"{BEFORE_TRAINING}/{_label(metric)}"
+    before = f"{BEFORE_TRAINING}/{console_name(metric)}"
     if before in df and df[before].notna().any():
         start = pd.DataFrame({"training_iteration": [0], ENV_STEPS: [0], metric: [df[before].dropna().iloc[0]]})
         data = pd.concat([start, data], ignore_index=True)
@@ -212,7 +212,7 @@ def plot_curves(result) -> str | None:
                 else accuracy_curve(df, metric, result.config))
         for ax, x in zip(axes[:, col], ("training_iteration", ENV_STEPS)):
             ax.plot(data[x], data[metric], marker=".")
-            ax.set(xlabel=x, ylabel=_label(metric))
+            ax.set(xlabel=x, ylabel=console_name(metric))
             ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(result.path))
     path = os.path.join(result.path, "curves.png")

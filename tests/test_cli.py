@@ -95,6 +95,22 @@ def test_acrobot_outcome_from_yaml_alone(tmp_path, capsys, ray_session):
     assert report["episode_return_mean"] == pytest.approx((report["raw_return_mean"] + 500.0) / 500.0)
 
 
+def test_failed_trial_is_one_line_naming_the_cause_and_exit_1(tmp_path, capsys, ray_session):
+    path = write(tmp_path, """
+        too-long:
+          run: SPPO
+          env: ray.rllib.examples.envs.classes.simple_corridor.SimpleCorridor
+          stop: {training_iteration: 1}
+          config: {env_config: {corridor_length: 1000}}
+    """)
+    assert main(["train", "file", path, "--storage-path", str(tmp_path / "results")]) == 1
+    out, err = capsys.readouterr()
+    [line] = [line for line in err.splitlines() if line.startswith("rllib: trial ")]
+    assert re.fullmatch(r"rllib: trial SPPO_\S+ failed: AssertionError: The maximum `corridor_length` allowed is 999! "
+                        rf"\(traceback in {tmp_path}/results/too-long/SPPO_\S+/error\.txt\)", line), line
+    assert out == ""  # no summary for a failed trial
+
+
 def test_yaml_runs_through_tune_and_evaluates(tmp_path, capsys):
     path = write(tmp_path, """
         tiny-cartpole:
