@@ -82,9 +82,13 @@ class _DropMessage(logging.Filter):
 class _StderrHandler(logging.StreamHandler):
     """Writes to ``sys.stderr`` as it is when a line is logged (a test or a tool may have replaced it)."""
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stderr)
-        super().emit(record)
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property decides
+        pass
 
 
 def quiet_console() -> None:

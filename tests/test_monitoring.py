@@ -121,6 +121,19 @@ def test_dashboard_renders_in_headless_chromium(ray_with_dashboard):
     assert {"Overview", "Jobs", "Cluster"} <= set(page["root"].split()), page["root"][:500]  # the app's navigation
 
 
+def test_quiet_console_shows_this_packages_progress_on_the_current_stderr(monkeypatch):
+    import io
+
+    quiet_console()
+    for _ in range(2):  # a closed earlier stream (another test's) is never written to again
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        logging.getLogger("rllib_sppo.llm.engines").info("starting the %s engine on %s", "vllm", "/m")
+        logging.getLogger("rllib_sppo.llm.engines").debug("not shown")
+        assert stream.getvalue() == "rllib: starting the vllm engine on /m\n"
+        stream.close()
+
+
 def test_quiet_console_drops_only_the_known_lines():
     """Each KNOWN_NOISE line is dropped by its logger; another warning of the same logger, or the same text from
     another logger, still shows."""
