@@ -1,4 +1,4 @@
-"""Classic control under verifiable outcome rewards (the paper's "RLVR framework").
+"""Classic control under verifiable outcome rewards (the paper's "RLVR framework"), and any gymnasium env so.
 
 The whole episode is one action: the wrapped env pays 0 on every step and the
 episode's outcome R in [0, 1] on its last step, so the episode return IS the outcome
@@ -14,16 +14,31 @@ success they never reach gives A = -p -> 0 and teaches nothing:
 - Pendulum-v1: the return mapped from [-1600, 0] onto [0, 1] (critic: mse).
 - LunarLander-v3: the return mapped from [-200, 200] onto [0, 1] (1.0 = solved).
 - Hopper-v5: the return mapped from [0, 3000] onto [0, 1] (critic: mse).
+
+Any other env, from a YAML (``make_env``): ``env:`` names a gymnasium id (``Acrobot-v1``), gymnasium's
+``module:Id`` (importing ``module`` registers ``Id``) or a dotted path to an env class or creator function
+(``my_pkg.envs.MyEnv``, called with the env_config), and ``env_config: {outcome: ...}`` wraps it in
+``OutcomeReward``:
+- ``outcome: {return_range: [low, high]}``: the return mapped from [low, high] onto [0, 1] (clipped);
+- ``outcome: success``: 1 if the episode terminated (reached its goal) before its time limit, else 0.
 """
 
+import functools
 from typing import Callable
 
 import gymnasium as gym
 import numpy as np
 
+#: How ``env_config["outcome"]`` may be written (for error messages).
+OUTCOME_FORMS = "'success' or {return_range: [low, high]} with low < high"
+
 
 def _scaled(low: float, high: float) -> Callable[[dict], float]:
     return lambda ep: float(np.clip((ep["return"] - low) / (high - low), 0.0, 1.0))
+
+
+def _success(ep: dict) -> float:
+    return float(ep["terminated"])
 
 
 def _mountain_car(ep: dict) -> float:
@@ -41,11 +56,24 @@ OUTCOME_TASKS: dict[str, tuple[str, Callable[[dict], float]]] = {
 }
 
 
+def outcome_fn(spec) -> Callable[[dict], float]:
+    """The outcome an env_config's ``outcome`` value names: ``"success"`` or ``{"return_range": [low, high]}``."""
+    if spec == "success":
+        return _success
+    if isinstance(spec, dict) and set(spec) == {"return_range"}:
+        bounds = spec["return_range"]
+        if (isinstance(bounds, (list, tuple)) and len(bounds) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+                and bounds[0] < bounds[1]):
+            return _scaled(float(bounds[0]), float(bounds[1]))
+    raise ValueError(f"env_config outcome must be {OUTCOME_FORMS}, got {spec!r}")
+
+
 class OutcomeReward(gym.Wrapper):
     """Replaces the per-step reward by the episode outcome ``outcome(ep)``, paid once at the end.
 
-    ``ep`` holds the raw ``return``, the ``steps`` taken and ``max_obs`` (element-wise
-    maximum of the observations seen).
+    ``ep`` holds the raw ``return``, the ``steps`` taken, ``max_obs`` (element-wise
+    maximum of the observations seen) and, at the end, whether the episode ``terminated``.
     """
 
     def __init__(self, env: gym.Env, outcome: Callable[[dict], float]):
@@ -54,7 +82,7 @@ class OutcomeReward(gym.Wrapper):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self._ep = {"return": 0.0, "steps": 0, "max_obs": np.asarray(obs, dtype=np.float64)}
+        self._ep = {"return": 0.0, "steps": 0, "max_obs": np.asarray(obs, dtype=np.float64), "terminated": False}
         return obs, info
 
     def step(self, action):
@@ -65,13 +93,98 @@ class OutcomeReward(gym.Wrapper):
         ep["max_obs"] = np.maximum(ep["max_obs"], obs)
         if not (terminated or truncated):
             return obs, 0.0, terminated, truncated, info
+        ep["terminated"] = bool(terminated)
         outcome = self.outcome(ep)
         return obs, outcome, terminated, truncated, {**info, "outcome": outcome, "raw_return": ep["return"]}
 
 
 def make_outcome_env(env_id: str, **kwargs) -> gym.Env:
     base_id, outcome = OUTCOME_TASKS[env_id]
+    if "outcome" in kwargs:
+        raise ValueError(f"{env_id} already pays its own outcome; to choose one, use env: {base_id} with an outcome")
     return OutcomeReward(gym.make(base_id, **kwargs), outcome)
+
+
+def _import(dotted: str):
+    import importlib
+
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_env_spec(spec: str, env_config: dict | None = None) -> None:
+    """Raises ValueError (one line, with a did-you-mean hint) unless ``make_env(spec, env_config)`` can build it."""
+    import difflib
+    import importlib
+
+    outcome = (env_config or {}).get("outcome")
+    if outcome is not None:
+        if spec in OUTCOME_TASKS:
+            raise ValueError(f"{spec} already pays its own outcome; to choose one, use env: "
+                             f"{OUTCOME_TASKS[spec][0]} with your outcome")
+        outcome_fn(outcome)
+    if _tune_registered(spec):  # this package's envs, or one registered before
+        return
+    module, _, env_id = spec.rpartition(":")
+    if module:  # gymnasium's module:Id
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"env {spec!r}: cannot import module {module!r} ({e})") from None
+    if env_id in gym.registry:
+        return
+    if not module and "." in spec:
+        try:
+            obj = _import(spec)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"env {spec!r}: cannot import it as an env class or creator ({e})") from None
+        if not callable(obj):
+            raise ValueError(f"env {spec!r} is a {type(obj).__name__}, not an env class or creator function")
+        return
+    close = difflib.get_close_matches(env_id, list(gym.registry), n=1)
+    hint = f" (did you mean {(module + ':' if module else '') + close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown env {spec!r}{hint}; env takes a gymnasium id, 'module:Id' or a dotted path to an "
+                     f"env class or creator")
+
+
+def _tune_registered(spec: str) -> bool:
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    return _global_registry.contains(ENV_CREATOR, spec)
+
+
+def make_env(spec: str, env_config: dict | None = None) -> gym.Env:
+    """The env ``spec`` names, built with ``env_config`` (a dict or RLlib's EnvContext), wrapped in
+    ``OutcomeReward`` when ``env_config`` has an ``outcome`` (which the env itself does not see).
+
+    ``spec``: a gymnasium id or ``module:Id`` (``gym.make(spec, **env_config)``), else a dotted path to an env
+    class or creator function (called with ``env_config``).
+    """
+    env_config = {} if env_config is None else env_config
+    outcome = env_config.get("outcome")
+    if outcome is not None:
+        rest = {k: v for k, v in env_config.items() if k != "outcome"}
+        # An EnvContext keeps its worker and vector index.
+        env_config = env_config.copy_with_overrides(env_config=rest) if hasattr(env_config, "copy_with_overrides") \
+            else rest
+    if ":" in spec or spec in gym.registry:
+        env = gym.make(spec, **env_config)
+    else:
+        env = _import(spec)(env_config)
+    return env if outcome is None else OutcomeReward(env, outcome_fn(outcome))
+
+
+def register_env_spec(spec: str, env_config: dict | None = None) -> None:
+    """Registers ``spec`` with Tune (so every Ray process of the job finds it) as ``make_env(spec, ...)`` when
+    RLlib would not build it by itself: a dotted path, or any spec with an ``outcome`` in ``env_config``. Ids
+    Tune already knows (this package's, or registered before) and plain gymnasium ids are left as they are."""
+    from ray.tune.registry import register_env
+
+    if _tune_registered(spec):
+        return
+    if (":" in spec or spec in gym.registry) and (env_config or {}).get("outcome") is None:
+        return
+    register_env(spec, functools.partial(make_env, spec))
 
 
 def register_classic() -> None:

@@ -4,9 +4,14 @@
     rllib train --algo SPPO --env OutcomeCartPole-v1 --stop '{"training_iteration": 5}' [--config JSON]
     rllib evaluate CHECKPOINT [--episodes N] [--explore]
 
-YAML files use RLlib's legacy tuned-example schema ``{name: {run, env, config, stop}}``.
+YAML files use RLlib's legacy tuned-example schema ``{name: {run, env, config, stop}}``. ``env`` is a registered
+id, gymnasium's ``module:Id`` or a dotted path to an env class or creator; ``config.env_config.outcome`` wraps it in
+an outcome reward (``envs.classic.make_env``).
 Bad input (malformed YAML, unknown algorithm, env or config key) prints one line
-naming the problem and the file, and exits with code 2.
+naming the problem and the file, with nothing before it, and exits with code 2.
+The console: progress lines (``monitoring.Progress``), no log line a user cannot act on
+(``monitoring.quiet_console`` in every process), then per trial a readable summary on stderr
+and one JSON line on stdout.
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import argparse
 import difflib
 import importlib
 import json
+import math
 import os
+import shlex
 import sys
 import time
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1  # a trial failed (its error is printed)
 EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples", "wandb",
                    "max_failures"}
 # Config keys that AlgorithmConfig.update_from_dict understands without a same-named attribute.
@@ -80,27 +88,32 @@ def load_experiments(path: str) -> dict:
 
 
 def resolve_algorithm(name: str, where: str):
-    from ray.tune.registry import get_trainable_cls
+    """The algorithm class ``run: NAME`` names: SPPO, or one of RLlib's (importing only that one: Tune's own lookup
+    imports every algorithm, DreamerV3's warnings included)."""
+    from ray.rllib.algorithms.registry import ALGORITHMS
+    from ray.tune.registry import TRAINABLE_CLASS, _global_registry
 
     import rllib_sppo  # noqa: F401  (registers SPPO)
 
+    if _global_registry.contains(TRAINABLE_CLASS, name):
+        return _global_registry.get(TRAINABLE_CLASS, name)
+    if name in ALGORITHMS:
+        return ALGORITHMS[name]()[0]
+    close = difflib.get_close_matches(name, ["SPPO", *ALGORITHMS], n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "try SPPO, PPO, APPO, IMPALA, DQN, SAC"
+    raise UsageError(f"{where}: unknown algorithm {name!r} ({hint})")
+
+
+def resolve_env(env: str, env_config: dict | None, where: str) -> None:
+    """Checks ``env`` (a registered id, gymnasium's ``module:Id`` or a dotted path to an env class or creator) and
+    ``env_config``'s ``outcome``, and registers it with Tune where RLlib would not find it by itself."""
+    from envs.classic import check_env_spec, register_env_spec
+
     try:
-        return get_trainable_cls(name)
-    except Exception:
-        raise UsageError(f"{where}: unknown algorithm {name!r} (try SPPO, PPO, APPO, IMPALA, DQN, SAC)") from None
-
-
-def check_env(env: str, where: str) -> None:
-    import gymnasium as gym
-    from ray.tune.registry import ENV_CREATOR, _global_registry
-
-    import envs  # noqa: F401  (registers the outcome envs)
-
-    if env in gym.registry or _global_registry.contains(ENV_CREATOR, env):
-        return
-    close = difflib.get_close_matches(env, list(gym.registry), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UsageError(f"{where}: unknown env {env!r}{hint}")
+        check_env_spec(env, env_config)
+    except ValueError as e:
+        raise UsageError(f"{where}: {e}") from None
+    register_env_spec(env, env_config)
 
 
 def build_config(algo_cls, env: str | None, cfg: dict, where: str):
@@ -110,7 +123,7 @@ def build_config(algo_cls, env: str | None, cfg: dict, where: str):
     config = algo_cls.get_default_config()
     cfg = _resolve_classes(dict(cfg or {}), where)
     if env is not None:
-        check_env(env, where)
+        resolve_env(env, cfg.get("env_config"), where)
         config.environment(env)
     for key in cfg:
         if key in SPECIAL_CONFIG_KEYS or key.startswith("evaluation_") or hasattr(config, key):
@@ -174,26 +187,35 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             raise UsageError("--stop cannot change a resumed experiment: it goes on with its saved stop criteria")
         if not tune.Tuner.can_restore(path):
             raise UsageError(f"{where}: nothing to resume: no experiment {name!r} in {storage}")
+        start_ray()
         tuner = tune.Tuner.restore(path, trainable=algo_cls, resume_errored=True)
     else:
+        start_ray()
         tuner = tune.Tuner(
             algo_cls,
             param_space=config,
             tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1)),
             run_config=tune.RunConfig(
-                name=name, stop=stop, verbose=1, callbacks=callbacks,
+                name=name, stop=stop, verbose=0, callbacks=callbacks,  # the console: Progress's lines, then a summary
                 storage_path=storage, failure_config=tune.FailureConfig(max_failures=exp.get("max_failures", 0)),
                 checkpoint_config=tune.CheckpointConfig(**ckpt)),
         )
+    print(f"rllib: {'resuming' if resume else 'training'} {exp['run']} on {exp.get('env')}"
+          + (f" until {json.dumps(stop)}" if stop and not resume else "")
+          + f"; results in {os.path.join(storage, name)}", file=sys.stderr, flush=True)
     start = time.time()
     results = tuner.fit()
     for r in results:
-        if r.error:
-            print(f"rllib: trial failed: {r.error}", file=sys.stderr)
+        if r.error:  # Ray and Tune have printed the traceback; its last line says what went wrong
+            cause = str(r.error).strip().splitlines()[-1]
+            print(f"rllib: trial {os.path.basename(r.path)} failed: {cause} (traceback in {r.path}/error.txt)",
+                  file=sys.stderr)
             continue
         m = r.metrics or {}
         env_runners = m.get("env_runners", {})
-        print(json.dumps({
+        curves = plot_curves(r)
+        best = best_checkpoint(r)
+        summary = {
             "experiment": name, "algo": exp["run"], "env": exp.get("env"),
             **({"swept": {"/".join(k): _lookup(r.config, k) for k in swept}} if swept else {}),
             "training_iteration": m.get("training_iteration"),
@@ -201,9 +223,79 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             "episode_return_mean": env_runners.get("episode_return_mean"),
             "wall_s": round(time.time() - start, 1),
             "checkpoint": r.checkpoint.path if r.checkpoint else None,
-            "curves": plot_curves(r),
-        }))
+            "best_checkpoint": best["path"] if best else None,
+            "curves": curves,
+        }
+        print_summary(summary, r, best)
+        print(json.dumps(summary), flush=True)
     return results
+
+
+def best_checkpoint(result) -> dict | None:
+    """The kept checkpoint with the highest held-out accuracy measured at its iteration (its first avg@k), else the
+    highest training return; with neither, the latest: ``{path, iteration, metric, value}``."""
+    from ray.tune.utils import flatten_dict
+
+    from rllib_sppo.monitoring import ACCURACY, RETURN, console_name, evaluated_at
+
+    kept = [(c, flatten_dict(m, delimiter="/")) for c, m in result.best_checkpoints or []]
+    if not kept:
+        return None
+    candidates = []
+    for checkpoint, m in kept:
+        it = m.get("training_iteration", 0)
+        accuracy = sorted(k for k in m if k.startswith(ACCURACY) and "avg@" in k)
+        metric = accuracy[0] if accuracy and evaluated_at(it, result.config) else RETURN
+        value = m.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            name = "return" if metric == RETURN else console_name(metric)
+            candidates.append(((metric != RETURN, value), {"path": checkpoint.path, "iteration": it, "metric": name,
+                                                           "value": value}))
+    if not candidates:
+        checkpoint, m = max(kept, key=lambda c: c[1].get("training_iteration", 0))
+        return {"path": checkpoint.path, "iteration": m.get("training_iteration"), "metric": None, "value": None}
+    return max(candidates, key=lambda c: c[0])[1]
+
+
+def print_summary(summary: dict, result, best: dict | None) -> None:
+    """The end of a trial in a few readable lines on stderr (the JSON line on stdout follows)."""
+    from ray.tune.utils import flatten_dict
+
+    from rllib_sppo.monitoring import ACCURACY, RETURN, accuracy_curve, console_name
+
+    final = flatten_dict(result.metrics or {}, delimiter="/").get(RETURN)
+    parts = [f"return {final:.4g}"] if isinstance(final, (int, float)) else []
+    df = result.metrics_dataframe
+    for metric in sorted(c for c in df if c.startswith(ACCURACY)) if df is not None else []:
+        data = accuracy_curve(df, metric, result.config)
+        if len(data):  # the last measured value, and when
+            last = data.iloc[-1]
+            parts.append(f"{console_name(metric)} {last[metric]:.3f} (iter {last['training_iteration']:.0f})")
+    steps = f", {summary['env_steps']:.0f} env steps" if summary["env_steps"] is not None else ""
+    lines = [f"done: {summary['experiment']} ({summary['algo']} on {summary['env']}), iteration "
+             f"{summary['training_iteration']}{steps}, {summary['wall_s']:.0f} s",
+             "final: " + (" | ".join(parts) or "no metrics")]
+    if best:
+        measured = f" ({best['metric']} {best['value']:.4g} at iteration {best['iteration']})" if best["metric"] \
+            else f" (the latest, iteration {best['iteration']})"
+        lines += [f"best checkpoint: {best['path']}{measured}",
+                  f"evaluate it: rllib evaluate {shlex.quote(best['path'])}"]
+    if summary["curves"]:
+        lines.append(f"curves: {summary['curves']}")
+    for line in lines:
+        print(f"rllib: {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def start_ray() -> None:
+    """Starts Ray for ``rllib train`` (unless it runs already), with ``quiet_console`` in every worker, and leaves
+    the console to ``Progress``."""
+    import ray
+
+    # Tune's console tables print even at verbose=0 unless its legacy output is chosen (which then prints nothing).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        ray.init(runtime_env={"worker_process_setup_hook": "rllib_sppo.monitoring.quiet_console"})
 
 
 def wandb_callback(options: dict, run_dir: str):
@@ -292,10 +384,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_console() -> None:
+    from rllib_sppo.monitoring import quiet_console  # (imports RLlib: not before the YAML file is read)
+
+    quiet_console()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if os.getcwd() not in sys.path and "" not in sys.path:  # dotted paths to the user's own modules, as python -m
+        sys.path.insert(0, os.getcwd())
     try:
         if args.command == "evaluate":
+            _quiet_console()
             print(json.dumps(evaluate(args.checkpoint, args.episodes, args.explore)))
             return 0
         stop = _json_arg(args.stop, "--stop") if args.stop else None
@@ -311,12 +412,15 @@ def main(argv: list[str] | None = None) -> int:
             spec = {f"{args.algo}_{args.env}": {"run": args.algo, "env": args.env,
                                                  "config": {}}}
             where = "command line"
+        _quiet_console()
+        failed = False
         for name, exp in spec.items():
             exp["config"] = {**(exp.get("config") or {}), **overrides}  # --config's top-level keys win
             if args.wandb:
                 exp["wandb"] = {**(exp.get("wandb") or {}), "project": args.wandb}
-            run_experiment(name, exp, where, args.storage_path, stop, args.resume)
-        return 0
+            results = run_experiment(name, exp, where, args.storage_path, stop, args.resume)
+            failed = failed or any(r.error for r in results)
+        return EXIT_FAILED if failed else 0
     except UsageError as e:
         print(f"rllib: error: {e}", file=sys.stderr)
         return EXIT_USAGE

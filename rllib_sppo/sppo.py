@@ -31,7 +31,7 @@ from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.estimators import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 from rllib_sppo.env_runner import EpisodeEnvRunner
-from rllib_sppo.monitoring import export_metrics
+from rllib_sppo.monitoring import BEFORE_TRAINING, PrometheusExport
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
 
 
@@ -58,7 +58,7 @@ class SPPOConfig(AlgorithmConfig):
         self.env_runner_cls = EpisodeEnvRunner  # fresh start states in every batch (RLlib re-seeds them)
         self.num_env_runners = 0
         # SPPO's metrics as Prometheus series for the Ray dashboard (rllib_sppo/monitoring.py).
-        self.callbacks_on_train_result = export_metrics
+        self.callbacks_on_train_result = PrometheusExport()
         #: Critic learning rate (its own AdamW).
         self.critic_lr = 5e-6
         #: AdamW weight decay of the policy optimizer.
@@ -378,6 +378,9 @@ class SPPO(Algorithm):
         self.metrics.log_value(("timing_s", name), time.perf_counter() - start, window=1)
 
     def training_step(self) -> None:
+        # Not again in a restored run; "auto" duration only evaluates alongside a training step.
+        if self.iteration == 0 and self.config.evaluation_interval and self.config.evaluation_duration != "auto":
+            self._evaluate_before_training()
         with self._phase("sample", ENV_RUNNER_SAMPLING_TIMER):
             episodes, runner_metrics = synchronous_parallel_sample(
                 worker_set=self.env_runner_group, max_env_steps=self.config.total_train_batch_size,
@@ -433,6 +436,13 @@ class SPPO(Algorithm):
                 f"weight sync: EnvRunner(s) {stuck} did not load the new policy weights within weight_sync_timeout_s="
                 f"{self.config.weight_sync_timeout_s} s (an engine stuck loading, or a runner out of memory); see the "
                 f"runner's log, or raise weight_sync_timeout_s for very large policies.")
+
+    def _evaluate_before_training(self) -> None:
+        """Evaluates the untrained policy, reported in the first result as ``evaluation_before_training/...``: the
+        curves and the progress line start from iteration 0."""
+        results = self.evaluate().get(ENV_RUNNER_RESULTS, {})
+        scalars = {k: float(v) for k, v in results.items() if isinstance(v, (int, float, np.number))}
+        self.metrics.log_dict(scalars, key=BEFORE_TRAINING, window=1)
 
     def _learner_data(self, episodes) -> dict:
         """The sampled episodes as ``LearnerGroup.update`` takes them.

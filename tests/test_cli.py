@@ -1,6 +1,7 @@
 """The `rllib` command: YAML runs through Tune, and bad input gives one line and exit code 2."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,16 @@ def write(tmp_path, text, name="exp.yaml"):
     ("x:\n  run: SPPO\n  env: CartPole-v1\n  config: {env_runner_cls: no.such.Runner}\n", "cannot import 'no.such.Runner'"),
     ("x:\n  env: CartPole-v1\n", "needs 'run'"),
     ("x:\n  run: SPPO\n  stopp: {}\n", "unknown key(s) ['stopp']"),
+    ("x:\n  run: PPOO\n  env: CartPole-v1\n", "unknown algorithm 'PPOO' (did you mean 'PPO'?)"),
+    ("x:\n  run: SPPO\n  env: no_such_module:Foo-v0\n", "cannot import module 'no_such_module'"),
+    ("x:\n  run: SPPO\n  env: envs:CartPol-v1\n", "unknown env 'envs:CartPol-v1' (did you mean 'envs:CartPole-v1'?)"),
+    ("x:\n  run: SPPO\n  env: no_such.module.Env\n", "env 'no_such.module.Env': cannot import it"),
+    ("x:\n  run: SPPO\n  env: Acrobot-v1\n  config: {env_config: {outcome: sucess}}\n",
+     "env_config outcome must be 'success' or {return_range: [low, high]} with low < high, got 'sucess'"),
+    ("x:\n  run: SPPO\n  env: Acrobot-v1\n  config: {env_config: {outcome: {return_range: [0, -500]}}}\n",
+     "got {'return_range': [0, -500]}"),
+    ("x:\n  run: SPPO\n  env: OutcomeCartPole-v1\n  config: {env_config: {outcome: success}}\n",
+     "OutcomeCartPole-v1 already pays its own outcome; to choose one, use env: CartPole-v1"),
 ])
 def test_bad_yaml_is_one_line_and_exit_2(tmp_path, capsys, text, message):
     path = write(tmp_path, text)
@@ -35,11 +46,69 @@ def test_bad_yaml_is_one_line_and_exit_2(tmp_path, capsys, text, message):
     assert len(err.splitlines()) == 1
 
 
-def test_console_script_reports_missing_file(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "train", "file", str(tmp_path / "none.yaml")],
-                         capture_output=True, text=True)
+@pytest.mark.parametrize("text, message", [
+    (None, "cannot read"),
+    ("a: [1, 2\n", "malformed YAML"),
+    ("x:\n  run: NoSuchAlgo\n  env: CartPole-v1\n", "unknown algorithm"),
+    ("x:\n  run: PPO\n  env: CartPole-v1\n  config: {lrr: 0.1}\n", "unknown config key 'lrr'"),
+    ("x:\n  run: SPPO\n  env: CartPole-v1\n  config: {minibatch_size: 512, train_batch_size_per_learner: 256}\n",
+     "invalid config"),
+])
+def test_console_script_prints_nothing_before_the_error(tmp_path, text, message):
+    """A fresh process, as a user runs it: the error line is all of stderr (no warning, notice or traceback)."""
+    path = write(tmp_path, text) if text is not None else str(tmp_path / "none.yaml")
+    out = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
-    assert "cannot read" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.startswith("rllib: error: ") and message in out.stderr, out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stdout == ""
+
+
+def test_acrobot_outcome_from_yaml_alone(tmp_path, capsys, ray_session):
+    """tuned_examples/acrobot_sppo.yaml: a plain gymnasium id under env_config.outcome, sampled by a remote
+    EnvRunner, through the console script in a fresh process; its console has nothing but progress, the summary and
+    Ray's own start line; the checkpoint evaluates (in this process) on the same outcome."""
+    from rllib_sppo.monitoring import KNOWN_NOISE
+
+    storage = tmp_path / "results"
+    out = subprocess.run(
+        [sys.executable, "-m", "rllib_sppo.cli", "train", "file", "tuned_examples/acrobot_sppo.yaml",
+         "--stop", '{"training_iteration": 2}', "--storage-path", str(storage),
+         "--config", '{"num_env_runners": 1, "train_batch_size_per_learner": 500, "minibatch_size": 250}'],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["env"] == "Acrobot-v1" and summary["training_iteration"] == 2 and summary["env_steps"] >= 1000
+    assert 0.0 <= summary["episode_return_mean"] <= 1.0
+    err = out.stderr
+    for _, pattern in KNOWN_NOISE:
+        assert not re.search(pattern, err, re.M), pattern
+    assert "Warning" not in err and "WARN" not in err, err
+    checkpoint = summary["best_checkpoint"]
+    assert f"rllib: evaluate it: rllib evaluate {checkpoint}\n" in err
+    assert f"rllib: curves: {summary['curves']}" in err and "rllib: done: acrobot-sppo (SPPO on Acrobot-v1)" in err
+    assert main(["evaluate", checkpoint, "--episodes", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["episodes"] == 2 and -500.0 <= report["raw_return_mean"] <= 0.0
+    # The return_range [-500, 0] outcome of each episode: (raw return + 500) / 500.
+    assert report["episode_return_mean"] == pytest.approx((report["raw_return_mean"] + 500.0) / 500.0)
+
+
+def test_failed_trial_is_one_line_naming_the_cause_and_exit_1(tmp_path, capsys, ray_session):
+    path = write(tmp_path, """
+        too-long:
+          run: SPPO
+          env: ray.rllib.examples.envs.classes.simple_corridor.SimpleCorridor
+          stop: {training_iteration: 1}
+          config: {env_config: {corridor_length: 1000}}
+    """)
+    assert main(["train", "file", path, "--storage-path", str(tmp_path / "results")]) == 1
+    out, err = capsys.readouterr()
+    [line] = [line for line in err.splitlines() if line.startswith("rllib: trial ")]
+    assert re.fullmatch(r"rllib: trial SPPO_\S+ failed: AssertionError: The maximum `corridor_length` allowed is 999! "
+                        rf"\(traceback in {tmp_path}/results/too-long/SPPO_\S+/error\.txt\)", line), line
+    assert out == ""  # no summary for a failed trial
 
 
 def test_yaml_runs_through_tune_and_evaluates(tmp_path, capsys):

@@ -1,23 +1,31 @@
 """Monitoring for real: SPPO's series on Ray's Prometheus endpoint, the dashboard in headless Chromium, and the
 CLI's progress lines and curves PNG."""
 
+import copy
 import json
+import logging
 import math
 import os
+import pickle
 import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.cli import main
+from rllib_sppo.monitoring import (
+    ACCURACY, BEFORE_TRAINING, ENV_STEPS, KNOWN_NOISE, accuracy_curve, quiet_console,
+)
 
 SERIES = re.compile(r"^ray_(sppo_\w+)\{(.*)\} (\S+)$", re.M)
 HEADLESS_CHROMIUM = Path(__file__).with_name("headless_chromium.py")
@@ -40,18 +48,22 @@ def ray_with_dashboard():
 
 
 def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys, tiny_llm_experiment):
-    path = tiny_llm_experiment("tiny-arith", evaluation_interval=1, eval_samples_per_prompt=2,
+    path = tiny_llm_experiment("tiny-arith", evaluation_interval=2, eval_samples_per_prompt=2,
                                custom_evaluation_function="rllib_sppo.llm.evaluation.heldout_accuracy")
     assert main(["train", "file", str(path), "--storage-path", str(tmp_path / "results")]) == 0
     out, err = capsys.readouterr()
     progress = [line for line in err.splitlines() if line.startswith("rllib: SPPO_")]
     assert progress, err[-2000:]
-    assert re.search(r"iter 1/2 \| return [\d.e-]+ \| accuracy/avg@2 [\d.]+ \| accuracy/pass@2 [\d.]+ \| "
-                     r"tokens/s \d+ \| ETA \d+:\d\d:\d\d$", progress[0]), progress[0]
+    # Iteration 1 has no evaluation of its own: the line shows the one before the first update (iteration 0).
+    assert re.search(r"iter 1/2 \| return [\d.e-]+ \| accuracy/avg@2 [\d.]+ \(iter 0\) \| accuracy/pass@2 [\d.]+ "
+                     r"\(iter 0\) \| tokens/s \d+ \| ETA \d+:\d\d:\d\d$", progress[0]), progress[0]
     summary = json.loads(out.strip().splitlines()[-1])
-    curves = summary["curves"]
+    curves, checkpoint = summary["curves"], summary["best_checkpoint"]
+    assert re.search(rf"^rllib: best checkpoint: {re.escape(checkpoint)} \(accuracy/avg@2 [\d.e-]+ at iteration 2\)$",
+                     err, re.M), err[-2000:]
+    assert f"rllib: evaluate it: rllib evaluate {checkpoint}\n" in err
     # rllib evaluate on the LLM checkpoint: the held-out split, 2 samples each
-    assert main(["evaluate", summary["checkpoint"]]) == 0
+    assert main(["evaluate", checkpoint]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["problems"] == 8 and 0 <= report["accuracy/avg@2"] <= report["accuracy/pass@2"] <= 1
     assert curves.startswith(str(tmp_path / "results" / "tiny-arith"))
@@ -62,6 +74,12 @@ def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys, ti
     with Image.open(curves) as image:
         image.verify()
         assert image.size[0] > 500  # return and two accuracy columns
+    # The accuracy curve: the evaluation before training at iteration 0 (0 env steps), then iteration 2's; not
+    # iteration 1's result, which repeats the last evaluation.
+    df = pd.read_csv(Path(curves).with_name("progress.csv"))
+    data = accuracy_curve(df, f"{ACCURACY}avg@2", {"evaluation_interval": 2})
+    assert data["training_iteration"].tolist() == [0, 2] and data[ENV_STEPS].tolist()[0] == 0
+    assert data[f"{ACCURACY}avg@2"].iloc[0] == df[f"{BEFORE_TRAINING}/accuracy/avg@2"].iloc[0]
 
 
 def test_sppo_series_reach_prometheus(ray_with_dashboard):
@@ -78,8 +96,13 @@ def test_sppo_series_reach_prometheus(ray_with_dashboard):
         time.sleep(1)
         text = urllib.request.urlopen(metrics, timeout=10).read().decode()
         found = {name: (tags, float(value)) for name, tags, value in SERIES.findall(text)}
+    export = algo.config.callbacks_on_train_result
     algo.stop()
     assert expected <= set(found), sorted(found)
+    # The gauges live in this algorithm's export object: a new config, or a copy (a checkpoint's), has none yet.
+    assert {"sppo_critic_abs_error_mean", "sppo_episode_return_mean"} <= set(export._gauges)
+    assert SPPOConfig().callbacks_on_train_result._gauges == {}
+    assert pickle.loads(pickle.dumps(export))._gauges == {} and copy.deepcopy(export)._gauges == {}
     for name in expected:
         tags, value = found[name]
         assert math.isfinite(value) and 'trial="default"' in tags, (name, tags, value)
@@ -96,3 +119,66 @@ def test_dashboard_renders_in_headless_chromium(ray_with_dashboard):
     assert re.search(r"Chrome/\d+", page["user_agent"]), page["user_agent"]  # Chromium's engine rendered it
     assert page["title"].endswith("Ray Dashboard"), page["title"]  # (the app sets "Overview | ..." a moment later)
     assert {"Overview", "Jobs", "Cluster"} <= set(page["root"].split()), page["root"][:500]  # the app's navigation
+
+
+def test_quiet_console_shows_this_packages_progress_on_the_current_stderr(monkeypatch):
+    import io
+
+    quiet_console()
+    for _ in range(2):  # a closed earlier stream (another test's) is never written to again
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        logging.getLogger("rllib_sppo.llm.engines").info("starting the %s engine on %s", "vllm", "/m")
+        logging.getLogger("rllib_sppo.llm.engines").debug("not shown")
+        assert stream.getvalue() == "rllib: starting the vllm engine on /m\n"
+        stream.close()
+
+
+def test_quiet_console_drops_only_the_known_lines():
+    """Each KNOWN_NOISE line is dropped by its logger; another warning of the same logger, or the same text from
+    another logger, still shows."""
+    quiet_console()
+    quiet_console()  # twice: still one filter each
+    samples = {
+        "ray.rllib.algorithms.algorithm_config": "You are running SPPO on the new API stack! This is the new default "
+                                                 "behavior for this algorithm. If you don't want ...",
+        "ray._common.deprecation": "DeprecationWarning: `RLModule(config=[RLModuleConfig object])` has been "
+                                   "deprecated. Use `RLModule(observation_space=..)` instead.",
+        "ray.tune.utils.util": "Install gputil for GPU system monitoring.",
+        "ray.tune.trainable.trainable": "Trainable.setup took 16.534 seconds. If your trainable is slow to initialize, "
+                                        "consider setting reuse_actors=True to reduce actor creation overheads.",
+        "ray.tune.tune": "Wrote the latest version of all result files and experiment state to '/x' in 0.01s.",
+        "torch._library.triton": "Triton not available, find_triton_kernels = []",
+        "ray._private.authentication.authentication_token_setup":
+            "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. ...",
+    }
+    assert set(samples) == {name for name, _ in KNOWN_NOISE}
+    for name, message in samples.items():
+        logger, seen = logging.getLogger(name), []
+        assert sum(type(f).__name__ == "_DropMessage" for f in logger.filters) == 1
+        handler = logging.Handler()
+        handler.emit = seen.append
+        logger.addHandler(handler)
+        other = logging.getLogger("some.other.logger")
+        other.addHandler(handler)
+        try:
+            logger.warning(message)
+            logger.warning("Something else went wrong: %s", message)
+            other.warning(message)
+        finally:
+            logger.removeHandler(handler)
+            other.removeHandler(handler)
+        assert [r.getMessage() for r in seen] == [f"Something else went wrong: {message}", message], name
+    # The Python warnings: ignored from their own module only.
+    with warnings.catch_warnings(record=True) as caught:
+        for module in ("vllm.triton_utils.dispatcher", "my_module"):
+            warnings.warn_explicit("`torch.distributed.reduce_op` is deprecated, please use `torch.distributed.ReduceOp` "
+                                   "instead", FutureWarning, "dispatcher.py", 138, module=module, registry={})
+    assert len(caught) == 1 and caught[0].category is FutureWarning  # the one from my_module
+    texts = [f"\x1b[33mWARN: Overriding environment {name} already in registry.\x1b[0m"
+             for name in ("rllib-single-agent-env-v0", "MyEnv-v0")]
+    with warnings.catch_warnings(record=True) as caught:
+        for text, module in [(texts[0], "gymnasium.envs.registration"), (texts[0], "my_module"),
+                             (texts[1], "gymnasium.envs.registration")]:
+            warnings.warn_explicit(text, UserWarning, "registration.py", 636, module=module, registry={})
+    assert [str(w.message) for w in caught] == texts

@@ -145,3 +145,81 @@ def test_periodic_evaluation_reports_the_outcome(ray_session):
     algo.stop()
     evaluation = result["evaluation"]["env_runners"]
     assert evaluation["num_episodes"] == 3 and 0 < evaluation["episode_return_mean"] <= 1.0
+
+
+CORRIDOR = "ray.rllib.examples.envs.classes.simple_corridor.SimpleCorridor"  # an env class taking its config
+
+
+def run_episode(env, action):
+    env.reset(seed=0)
+    rewards, done = [], False
+    while not done:
+        _, reward, terminated, truncated, info = env.step(action)
+        rewards.append(reward)
+        done = terminated or truncated
+    return rewards, terminated, info
+
+
+def test_outcome_wrapper_for_any_gymnasium_env():
+    from envs.classic import make_env
+
+    # Acrobot pays -1 per step and times out after 500: return_range [-500, 0] maps the -500 to 0.
+    rewards, terminated, info = run_episode(make_env("Acrobot-v1", {"outcome": {"return_range": [-500, 0]}}), 1)
+    assert len(rewards) == 500 and not terminated and set(rewards) == {0.0}
+    assert info["raw_return"] == -500.0 and info["outcome"] == 0.0
+    # [-1000, 0] maps it to 0.5; `success` pays 0 for a timeout.
+    assert run_episode(make_env("Acrobot-v1", {"outcome": {"return_range": [-1000, 0]}}), 1)[0][-1] == 0.5
+    assert run_episode(make_env("Acrobot-v1", {"outcome": "success"}), 1)[0][-1] == 0.0
+    # A dotted path to an env class gets the env_config without `outcome`: a corridor of 3 steps, walked right, ends
+    # in 3 steps with a return of 1 - 2 * 0.01 (and `success` pays 1).
+    env = make_env(CORRIDOR, {"corridor_length": 3, "outcome": {"return_range": [0, 2]}})
+    rewards, terminated, info = run_episode(env, 1)
+    assert rewards == [0.0, 0.0, pytest.approx(0.49)] and terminated and info["raw_return"] == pytest.approx(0.98)
+    assert run_episode(make_env(CORRIDOR, {"corridor_length": 3, "outcome": "success"}), 1)[0] == [0.0, 0.0, 1.0]
+    assert make_env(CORRIDOR, {"corridor_length": 3}).step(1)[1] == -0.01  # no outcome: the env's own reward
+
+
+def test_env_specs_module_id_and_creators(tmp_path, monkeypatch):
+    """gymnasium's module:Id imports the module that registers Id; a dotted creator gets RLlib's EnvContext (worker
+    and vector index kept) without `outcome`; unknown specs fail with one line and a did-you-mean hint."""
+    import gymnasium as gym
+    from ray.rllib.env.env_context import EnvContext
+
+    from envs.classic import check_env_spec, make_env
+
+    (tmp_path / "my_corridors.py").write_text(
+        "import gymnasium as gym\n"
+        f"gym.register('MyCorridor-v0', entry_point='{CORRIDOR.rpartition('.')[0]}:SimpleCorridor')\n"
+        "seen = []\n"
+        "def create(config):\n"
+        "    seen.append(config)\n"
+        f"    return gym.make('CartPole-v1')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "MyCorridor-v0" not in gym.registry
+    check_env_spec("my_corridors:MyCorridor-v0")
+    env = make_env("my_corridors:MyCorridor-v0", {"config": {"corridor_length": 2}, "outcome": "success"})
+    assert run_episode(env, 1)[0] == [0.0, 1.0]
+    context = EnvContext({"a": 1, "outcome": "success"}, worker_index=3, vector_index=2)
+    make_env("my_corridors.create", context)
+    import my_corridors
+
+    (seen,) = my_corridors.seen
+    assert dict(seen) == {"a": 1} and (seen.worker_index, seen.vector_index) == (3, 2)
+    for spec, message in [("Acrobt-v1", "unknown env 'Acrobt-v1' (did you mean 'Acrobot-v1'?)"),
+                          ("my_corridors:MyCoridor-v0", "did you mean 'my_corridors:MyCorridor-v0'?"),
+                          ("my_corridors.nothing", "cannot import it as an env class or creator"),
+                          ("my_corridors.seen", "is a list, not an env class or creator function")]:
+        with pytest.raises(ValueError, match=None) as e:
+            check_env_spec(spec)
+        assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sppo_trains_on_a_dotted_env_with_an_outcome(ray_session):
+    """SPPOConfig in Python, no CLI: its EnvRunner registers the spec itself (here: a remote one)."""
+    config = (SPPOConfig().environment(CORRIDOR, env_config={"corridor_length": 3, "outcome": "success"})
+              .training(lr=1e-3, train_batch_size_per_learner=64, minibatch_size=32)
+              .env_runners(num_env_runners=1).debugging(seed=0))
+    algo = config.build_algo()
+    result = algo.train()
+    algo.stop()
+    assert result["env_runners"]["episode_return_mean"] == 1.0  # every corridor episode ends at its goal

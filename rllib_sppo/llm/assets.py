@@ -4,9 +4,11 @@ Both are built once and cached under ``$RLLIB_SPPO_CACHE`` (default ``~/.cache/r
 """
 
 import copy
+import datetime
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
 import string
@@ -134,6 +136,7 @@ def sft_arithmetic(model_dir, out_dir, target=(0.30, 0.60), seed=0, max_seconds=
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     lo, hi = target
     start, step, history, snapshot, acc = time.monotonic(), 0, [], None, None
+    logged = -math.inf  # a progress line at most every 30 s
     while time.monotonic() - start < max_seconds:
         model.train()
         idx = torch.randint(len(ids), (batch_size,))
@@ -147,7 +150,11 @@ def sft_arithmetic(model_dir, out_dir, target=(0.30, 0.60), seed=0, max_seconds=
         acc = arithmetic_accuracy(model, tok, test)
         history.append({"step": step, "seconds": round(time.monotonic() - start, 1), "loss": round(loss.item(), 4),
                         "accuracy": acc})
-        log.info("sft %s", history[-1])
+        elapsed = time.monotonic() - start
+        if elapsed - logged >= 30:
+            logged = elapsed
+            log.info("supervising the model on a+b: step %d, held-out accuracy %.2f (target %.2f-%.2f), %s elapsed, "
+                     "at most %s left", step, acc, lo, hi, _clock(elapsed), _clock(max_seconds - elapsed))
         if lo <= acc <= hi:
             break
         if acc > hi and snapshot is not None:
@@ -163,6 +170,10 @@ def sft_arithmetic(model_dir, out_dir, target=(0.30, 0.60), seed=0, max_seconds=
     tok.save_pretrained(out_dir)
     Path(out_dir, "sft_log.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(max(0.0, seconds))))
 
 
 def _cached(path: Path, build) -> str:
@@ -186,6 +197,8 @@ def _cached(path: Path, build) -> str:
 def tiny_arith_model(cache_dir=None, max_seconds=1200.0) -> str:
     """Path of the tiny Llama supervised on a+b into the 30-60% band; trained once, then cached."""
     def build(tmp):
+        log.info("building the tiny arithmetic model once (cached in %s): supervising it until its held-out accuracy "
+                 "is in 30-60%%, at most %s", cache_root(cache_dir) / TINY_ARITH, _clock(max_seconds))
         build_tiny_llama(tmp / "init")
         sft_arithmetic(tmp / "init", tmp, max_seconds=max_seconds)
         shutil.rmtree(tmp / "init")
@@ -214,6 +227,8 @@ def smollm2_model(cache_dir=None) -> str:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+        log.info("converting SmolLM2-135M-Instruct from %s once (cached in %s)", gguf.name,
+                 cache_root(cache_dir) / SMOLLM2)
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if hasattr(config, "quantization_config"):
             del config.quantization_config

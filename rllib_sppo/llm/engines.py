@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -157,4 +160,8 @@ ENGINES = {"vllm": VLLMEngine, "transformers": HFEngine}
 def make_engine(kind: str, model_dir: str, **kwargs):
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {sorted(ENGINES)}")
-    return ENGINES[kind](model_dir, **kwargs)
+    log.info("starting the %s engine on %s", kind, model_dir)
+    start = time.perf_counter()
+    engine = ENGINES[kind](model_dir, **kwargs)
+    log.info("%s engine ready in %.0f s", kind, time.perf_counter() - start)
+    return engine
