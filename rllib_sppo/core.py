@@ -254,3 +254,72 @@ def token_budget_micro_batches(lengths: list[int], max_tokens: int | None) -> li
             out.append([i])
             width = lengths[i]
     return out
+
+
+# The critic as an instrument: choosing prompts by its prediction, and how well calibrated it is.
+
+def selection_weights(critic_logits: torch.Tensor, floor: float) -> torch.Tensor:
+    """How much a prompt is worth sampling, from the critic's logit z before any generation: p (1 - p) + ``floor``
+    with p = sigmoid(z). p (1 - p) is the variance of the 0/1 outcome, E|A| of SPPO's A = R - p up to a factor 2: a
+    prompt the policy always (p = 1) or never (p = 0) solves teaches nothing. The floor keeps every prompt's weight
+    above 0."""
+    p = torch.sigmoid(critic_logits.detach().double())
+    return p * (1.0 - p) + floor
+
+
+def reliability_bins(p: torch.Tensor, rate: torch.Tensor, bins: int = 10):
+    """Problems binned by their predicted p into ``bins`` equal-width bins of [0, 1] (p = 1 in the last one): per
+    bin ``(count, mean p, mean rate)``, the means NaN where a bin is empty."""
+    p, rate = p.double(), rate.double()
+    index = (p * bins).floor().long().clamp(0, bins - 1)
+    count = torch.bincount(index, minlength=bins).double()
+    mean = lambda x: torch.bincount(index, x, minlength=bins) / count  # noqa: E731 (0 / 0 = NaN: empty bin)
+    return count, mean(p), mean(rate)
+
+
+def expected_calibration_error(p: torch.Tensor, rate: torch.Tensor, bins: int = 10) -> torch.Tensor:
+    """ECE: sum over equal-width bins of p of (problems in the bin / problems) x |mean p - mean solve rate|."""
+    count, p_mean, rate_mean = reliability_bins(p, rate, bins)
+    full = count > 0
+    return (count[full] * (p_mean[full] - rate_mean[full]).abs()).sum() / count.sum()
+
+
+def brier_score(p: torch.Tensor, solved: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of p [P] against each of the k outcomes of its problem, ``solved`` [P, k] (0/1): the Brier
+    score, = mean (p - rate)^2 + mean rate (1 - rate), the second term being the outcomes' own noise."""
+    return (p.double()[:, None] - solved.double()).pow(2).mean()
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of ``x``, ties sharing the mean of the ranks they span."""
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    return (ends - (counts.double() - 1) / 2)[inverse]
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Area under the ROC curve of ``scores`` for the 0/1 ``labels``: the chance that a positive outscores a
+    negative, ties counting 1/2 (Mann-Whitney U). NaN when one class is empty."""
+    labels = labels.bool()
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if pos == 0 or neg == 0:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    return (average_ranks(scores)[labels].sum() - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation (Pearson's on average ranks). NaN when either side is constant."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.pow(2).sum() * ry.pow(2).sum()).sqrt()
+    return (rx * ry).sum() / denominator if denominator > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def critic_calibration(p: torch.Tensor, solved: torch.Tensor, bins: int = 10) -> dict[str, float]:
+    """How the critic's p [P] of each problem compares with its k outcomes ``solved`` [P, k] (0/1): Brier score,
+    expected calibration error against the solve rate, AUROC of p for "solved at least once", Spearman correlation
+    of p with the solve rate."""
+    solved = solved.double()
+    rate = solved.mean(1)
+    return {"brier": float(brier_score(p, solved)), "ece": float(expected_calibration_error(p, rate, bins)),
+            "auroc": float(auroc(p, solved.amax(1) > 0)), "spearman": float(spearman(p, rate))}

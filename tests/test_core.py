@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from rllib_sppo.core import (agg_loss, critic_bce_loss, critic_mse_loss, gae_advantage, group_advantage, kl_penalty,
-                             outcome_token_rewards, ppo_clip_loss, rloo_advantage, sequence_advantage)
+from rllib_sppo.core import (agg_loss, auroc, critic_bce_loss, critic_calibration, critic_mse_loss, gae_advantage,
+                             group_advantage, kl_penalty, outcome_token_rewards, ppo_clip_loss, reliability_bins,
+                             rloo_advantage, selection_weights, sequence_advantage, spearman)
 
 LN3 = math.log(3.0)
 
@@ -171,3 +172,44 @@ def test_token_advantages_feed_the_clip_loss():
     adv, _ = gae_advantage(GAE_REWARDS, GAE_VALUES, GAE_MASK)
     loss, _ = ppo_clip_loss(torch.zeros(2, 7), torch.zeros(2, 7), adv, GAE_MASK)
     close(loss, -(0.5 + 0.6 + 0.4 + 0.3 + 0.1 - 0.2 - 0.3) / 7)
+
+
+def test_selection_weights_are_outcome_variance_plus_floor():
+    # p = [0.5, 0.75, 0.25, ~1]: p (1 - p) = [0.25, 0.1875, 0.1875, ~0] + 0.05
+    w = selection_weights(torch.tensor([0.0, LN3, -LN3, 40.0]), floor=0.05)
+    close(w, [0.30, 0.2375, 0.2375, 0.05])
+
+
+# A made-up held-out set: 5 problems, 4 samples each. p = the critic's prediction, solved = 0/1 per sample.
+HELDOUT_P = torch.tensor([0.95, 0.62, 0.68, 0.15, 0.68])
+HELDOUT_SOLVED = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+
+
+def test_critic_calibration_by_hand():
+    m = critic_calibration(HELDOUT_P, HELDOUT_SOLVED)
+    # Brier: per problem the mean of (p - y)^2 over its 4 samples: .05^2; (.38^2 + .62^2) / 2; (.32^2 + .68^2) / 2;
+    # .15^2; .68^2.
+    assert m["brier"] == pytest.approx((0.0025 + 0.2644 + 0.2824 + 0.0225 + 0.4624) / 5)
+    # ECE, 10 bins: [0.9, 1] holds .95 (rate 1); [0.6, 0.7) holds .62, .68, .68 (mean .66, rates .5 .5 0: mean 1/3);
+    # [0.1, 0.2) holds .15 (rate 0).
+    assert m["ece"] == pytest.approx((0.05 + 3 * abs(0.66 - 1 / 3) + 0.15) / 5)
+    # AUROC for "solved at least once" (.95 .62 .68 vs .15 .68): pairs won .95: 2, .62: 1, .68: 1 + a tie (1/2).
+    assert m["auroc"] == pytest.approx(4.5 / 6)
+    # Spearman: ranks of p [5, 2, 3.5, 1, 3.5], of the rates [1, .5, .5, 0, 0]: [5, 3.5, 3.5, 1.5, 1.5];
+    # deviations from 3: [2, -1, .5, -2, .5] and [2, .5, .5, -1.5, -1.5]: 6 / sqrt(9.5 * 9).
+    assert m["spearman"] == pytest.approx(6 / math.sqrt(9.5 * 9))
+    count, p_mean, rate_mean = reliability_bins(HELDOUT_P, HELDOUT_SOLVED.double().mean(1))
+    assert count.tolist() == [0, 1, 0, 0, 0, 0, 3, 0, 0, 1]
+    close(p_mean[[1, 6, 9]], [0.15, 0.66, 0.95])
+    close(rate_mean[[1, 6, 9]], [0.0, 1 / 3, 1.0])
+    assert torch.isnan(p_mean[0]) and torch.isnan(rate_mean[0])  # an empty bin
+
+
+def test_calibration_edge_cases():
+    assert math.isnan(auroc(torch.tensor([0.2, 0.9]), torch.tensor([1, 1])))  # one class: undefined
+    assert math.isnan(spearman(torch.tensor([0.5, 0.5, 0.5]), torch.tensor([0.0, 0.5, 1.0])))  # a constant critic
+    assert auroc(torch.tensor([0.1, 0.9]), torch.tensor([0, 1])) == 1.0
+    assert spearman(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([1.0, 0.5, 0.0])) == pytest.approx(-1.0)
+    # p = 1 falls in the last bin; a perfect critic of deterministic outcomes has Brier 0 and ECE 0
+    m = critic_calibration(torch.tensor([1.0, 0.0]), torch.tensor([[1, 1], [0, 0]]))
+    assert (m["brier"], m["ece"], m["auroc"]) == (0.0, 0.0, 1.0)
