@@ -21,6 +21,7 @@ def main():
 
     from rllib_sppo.cli import build_config, load_experiments, resolve_algorithm
     from rllib_sppo.llm.engines import GenerationConfig
+    from rllib_sppo.llm.evaluation import heldout_report
     from rllib_sppo.llm.runner import LLMEnvRunner
 
     (name, exp), = load_experiments(args.yaml).items()
@@ -29,7 +30,7 @@ def main():
                               args.yaml)
         runner = LLMEnvRunner(config=config)
         start = time.perf_counter()
-        result = runner.evaluate_heldout(config.eval_samples_per_prompt)
+        result = heldout_report(runner.heldout_samples(config.eval_samples_per_prompt))
         print(json.dumps({"example": name, "seed": seed, **result, "seconds": round(time.perf_counter() - start, 1)}),
               flush=True)
         if args.show:

@@ -315,7 +315,8 @@ def wandb_callback(options: dict, run_dir: str):
 
 def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
     """Runs ``episodes`` episodes with the checkpoint's policy on its own env; for LLM bandits, scores the
-    held-out split instead (avg@k and pass@k, k = the config's ``eval_samples_per_prompt``)."""
+    held-out split instead (avg@k and pass@k, k = the config's ``eval_samples_per_prompt``, and with SPPO's critic
+    its calibration on them: ``critic/heldout_*`` and the reliability diagram's bins)."""
     import numpy as np
     from ray.rllib.algorithms.algorithm import Algorithm
     from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
@@ -333,9 +334,14 @@ def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
     runner = runner_cls(config=algo.config)
     runner.set_state({"rl_module": algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
         "learner"]["rl_module"]})
-    if hasattr(runner, "evaluate_heldout"):  # LLM bandits: the held-out split, k samples each (avg@k, pass@k)
-        report = {"checkpoint": checkpoint, "env": algo.config.env,
-                  **runner.evaluate_heldout(algo.config.eval_samples_per_prompt)}
+    if hasattr(runner, "heldout_samples"):  # LLM bandits: the held-out split, k samples each (avg@k, pass@k)
+        from rllib_sppo.llm.critic import critic_logits
+        from rllib_sppo.llm.evaluation import heldout_report
+
+        samples = runner.heldout_samples(algo.config.eval_samples_per_prompt)
+        logits = (critic_logits(algo.learner_group, samples["texts"]) if getattr(algo.config, "prompt_critic", False)
+                  else None)  # and the critic's calibration on them
+        report = {"checkpoint": checkpoint, "env": algo.config.env, **heldout_report(samples, logits)}
         runner.stop()
         algo.stop()
         return report

@@ -31,6 +31,7 @@ from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.estimators import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 from rllib_sppo.env_runner import EpisodeEnvRunner
+from rllib_sppo.llm.critic import score_prompt_candidates
 from rllib_sppo.monitoring import BEFORE_TRAINING, PrometheusExport
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
 
@@ -131,6 +132,12 @@ class SPPOConfig(AlgorithmConfig):
         self.max_tokens_per_micro_batch = None
         #: k of the held-out evaluation (avg@k, pass@k), run every ``evaluation_interval`` iterations.
         self.eval_samples_per_prompt = 4
+        #: Critic-guided prompt selection (LLM runs with SPPO's critic; None: off): {"pool": int >= 2, "weight":
+        #: "variance", "floor": float > 0}, defaults 4, "variance", 0.05. Before each sample the EnvRunners' candidate
+        #: prompts (pool x the prompts to pose) are scored by the learner's critic from the prompt alone, and the
+        #: prompts posed are drawn with probability proportional to p (1 - p) + floor; the others wait for later
+        #: rounds (``rllib_sppo.llm.sampler.PromptPool``, docs/critic.md).
+        self.prompt_selection = None
         #: DeepSpeed learner for the LLM module instead of plain torch (None): {"zero_stage": 2 or 3,
         #: "offload_optimizer": bool, "offload_param": bool (stage 3)}, defaults 2, False, False; with
         #: num_learners > 1 the learners form one ZeRO group. Needs ``pip install 'rllib-sppo[deepspeed]'``.
@@ -229,8 +236,41 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(f"critic_init={self.critic_init} is a probability for the bce critic: pick it in (0, 1).")
         if self.critic_lr <= 0 or self.lr <= 0:
             self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
+        if critic is None and {"critic", "critic_layers"} & set({**self.model_config, **spec_model_config}):
+            self._value_error(f"advantage_estimator={self.advantage_estimator!r} has no critic, so model_config's "
+                              f"critic and critic_layers do not apply; remove them.")
+        if self.prompt_selection is not None:
+            self._validate_prompt_selection()
         if self.deepspeed is not None:
             self._validate_deepspeed()
+
+    def _validate_prompt_selection(self) -> None:
+        example = "{'pool': 4, 'weight': 'variance', 'floor': 0.05}"
+        if not isinstance(self.prompt_selection, dict):
+            self._value_error(f"prompt_selection must be a dict such as {example} (or None: off), got "
+                              f"{self.prompt_selection!r}.")
+        unknown = sorted(set(self.prompt_selection) - set(PROMPT_SELECTION_DEFAULTS))
+        if unknown:
+            self._value_error(f"prompt_selection has unknown key(s) {unknown}; its keys are pool, weight and floor, "
+                              f"e.g. {example}.")
+        sel = self.resolved_prompt_selection
+        if not isinstance(sel["pool"], int) or isinstance(sel["pool"], bool) or sel["pool"] < 2:
+            self._value_error(f"prompt_selection pool={sel['pool']!r}: candidates scored per prompt posed, an int >= 2 "
+                              f"(4: score four times the prompts, pose a quarter of them).")
+        if sel["weight"] != "variance":
+            self._value_error(f"prompt_selection weight={sel['weight']!r}: 'variance' (p (1 - p), the variance of "
+                              f"the outcome the critic predicts) is the one weight.")
+        if not isinstance(sel["floor"], (int, float)) or isinstance(sel["floor"], bool) or not sel["floor"] > 0:
+            self._value_error(f"prompt_selection floor={sel['floor']!r} must be a number > 0: it keeps every prompt "
+                              f"reachable (with 0, a prompt the critic is sure about, p = 0 or 1, is never posed).")
+        if not self.prompt_critic:
+            self._value_error(f"prompt_selection scores prompts with SPPO's critic of the prompt, a probability "
+                              f"(advantage_estimator='sppo', critic_loss='bce'); advantage_estimator="
+                              f"{self.advantage_estimator!r} with critic_loss={self.resolved_critic_loss!r} has none.")
+        if not hasattr(self.env_runner_cls, "prompt_candidates"):
+            name = getattr(self.env_runner_cls, "__name__", self.env_runner_cls)
+            self._value_error(f"prompt_selection chooses the prompts of LLM runs: set env_runner_cls to "
+                              f"rllib_sppo.llm.runner.LLMEnvRunner (got {name}).")
 
     def _module_offers(self, api: type) -> tuple[bool, str]:
         """Whether the configured RLModule class implements ``api``, and the class's name (for messages)."""
@@ -285,6 +325,18 @@ class SPPOConfig(AlgorithmConfig):
             "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch}
 
     @property
+    def resolved_prompt_selection(self) -> dict | None:
+        """``prompt_selection`` with its defaults filled in; None when off."""
+        return None if self.prompt_selection is None else {**PROMPT_SELECTION_DEFAULTS, **self.prompt_selection}
+
+    @property
+    def prompt_critic(self) -> bool:
+        """Whether the critic predicts, from the prompt alone, the probability that the policy solves it (SPPO's
+        sequence critic with the bce loss): what prompt selection and the held-out calibration read."""
+        estimator = ESTIMATORS.get(self.advantage_estimator)
+        return bool(estimator and estimator.critic == "sequence" and self.resolved_critic_loss == "bce")
+
+    @property
     def resolved_critic_loss(self) -> str | None:
         """``critic_loss``, or the estimator's own when unset (None for a critic-free estimator)."""
         estimator = ESTIMATORS.get(self.advantage_estimator)
@@ -327,7 +379,7 @@ _SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "val
               "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature",
               "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
               "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed", "gpu_memory_utilization", "engine_sleep_level",
-              "weight_sync_chunk_mb", "weight_sync_timeout_s")
+              "weight_sync_chunk_mb", "weight_sync_timeout_s", "prompt_selection")
 
 
 def deal_episodes(episodes: list, n: int) -> list[list]:
@@ -343,6 +395,9 @@ def deal_episodes(episodes: list, n: int) -> list[list]:
         min(shards, key=lambda shard: sum(map(len, shard))).extend(unit)
     return shards
 
+
+#: ``SPPOConfig.prompt_selection``'s keys and their defaults.
+PROMPT_SELECTION_DEFAULTS = {"pool": 4, "weight": "variance", "floor": 0.05}
 
 #: Written last into every SPPO checkpoint: its files and their sizes.
 MANIFEST_FILE = "sppo_manifest.json"
@@ -381,6 +436,9 @@ class SPPO(Algorithm):
         # Not again in a restored run; "auto" duration only evaluates alongside a training step.
         if self.iteration == 0 and self.config.evaluation_interval and self.config.evaluation_duration != "auto":
             self._evaluate_before_training()
+        if self.config.prompt_selection is not None:  # the critic chooses among the runners' candidate prompts
+            with self._phase("prompt_scoring", "prompt_scoring_timer"):
+                score_prompt_candidates(self.env_runner_group, self.learner_group)
         with self._phase("sample", ENV_RUNNER_SAMPLING_TIMER):
             episodes, runner_metrics = synchronous_parallel_sample(
                 worker_set=self.env_runner_group, max_env_steps=self.config.total_train_batch_size,

@@ -18,7 +18,7 @@ from rllib_sppo.connectors import CRITIC_MASK, VALUES_OLD, SequenceAdvantage
 from rllib_sppo.core import ppo_clip_loss
 from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.connectors import TokenBatch
-from rllib_sppo.llm.evaluation import heldout_accuracy
+from rllib_sppo.llm.evaluation import heldout_accuracy, heldout_report
 from rllib_sppo.llm.runner import LLMEnvRunner
 from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
 
@@ -358,7 +358,7 @@ def test_heldout_accuracy_counts_only_fully_correct_answers(tiny):
         "reward_fn": "test_llm.half_credit"})
     runner = LLMEnvRunner(config=config)
     even = np.array([r["extra_info"]["index"] % 2 == 0 for r in runner.env.splits["heldout"].records])
-    result = runner.evaluate_heldout(3)
+    result = heldout_report(runner.heldout_samples(3))
     runner.stop()
     assert result["problems"] == 10 and 0 < even.mean() < 1
     assert result["accuracy/avg@3"] == result["accuracy/pass@3"] == pytest.approx(even.mean())

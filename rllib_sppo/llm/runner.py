@@ -5,7 +5,9 @@ round poses ``num_envs_per_env_runner`` prompts that the ``EpochSampler`` picks 
 training prompt once per epoch, runners drawing disjoint shards), generates every
 response in a single engine call, scores them all in one call to the env and returns
 one-step ``SingleAgentEpisode``s that carry the prompt and response token ids and the
-engine's per-token log-probs.
+engine's per-token log-probs. With ``prompt_selection`` the prompts come from a ``PromptPool``
+instead: the driver scores its candidates with the learner's critic before each ``sample()``
+(``prompt_candidates``, ``set_prompt_scores``; see ``rllib_sppo.llm.critic``).
 
 New policy weights reach the engine in place (no restart): through ``set_state`` (RLlib's
 state, e.g. after a restore, and the local runner's sync) or ``load_weight_chunks``
@@ -40,7 +42,7 @@ import envs  # noqa: F401  (registers ReasoningBandit-v0 in this process: a remo
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
 from rllib_sppo.llm.models import resolve_model
-from rllib_sppo.llm.sampler import EpochSampler
+from rllib_sppo.llm.sampler import EpochSampler, PromptPool
 
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
@@ -52,6 +54,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         # Remote runners are workers 1..N; with none, the local runner (worker 0) samples.
         self.sampler = EpochSampler(len(self.env.splits["train"].records), seed=config.seed or 0,
                                     shard=max(self.worker_index - 1, 0), num_shards=max(config.num_env_runners, 1))
+        selection = config.resolved_prompt_selection
+        self.prompt_pool = selection and PromptPool(self.sampler, selection["pool"], selection["floor"],
+                                                    seed=[config.seed or 0, self.worker_index])
         spec = config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
         self.model_dir = resolve_model(spec.model_config["policy"])
         self._engine = None
@@ -101,21 +106,40 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def sample(self, *, num_timesteps=None, num_episodes=None, explore=True, random_actions=False,
                force_reset=False, **kwargs) -> list[SingleAgentEpisode]:
         """``n`` one-step episodes; responses are always sampled at the training temperature."""
-        n = num_episodes or num_timesteps or max(
-            1, self.config.total_train_batch_size // max(1, self.config.num_env_runners))
+        n = num_episodes or num_timesteps or self._episodes_per_sample()
         episodes, per_prompt = [], self.config.samples_per_prompt
         per_round = max(1, self.config.num_envs_per_env_runner)
         while len(episodes) < n:
             episodes += self._sample_round(min(per_round, -(-(n - len(episodes)) // per_prompt)))
+        if self.prompt_pool:
+            self.metrics.log_dict(self.prompt_pool.metrics(), window=1)
         if self.sleep_level:  # the learner updates next: free what the engine holds until the new weights arrive
             self._engine.sleep(self.sleep_level)
             self._asleep = True
         return episodes
 
+    def _episodes_per_sample(self) -> int:
+        """How many episodes a ``sample()`` returns when RLlib does not say: this runner's share of the batch."""
+        return max(1, self.config.total_train_batch_size // max(1, self.config.num_env_runners))
+
+    def prompt_candidates(self) -> dict:
+        """Prompt selection: the pool's candidates for the next ``sample()``, to be scored by the critic:
+        ``{"worker": this runner's index, "indices": [...], "texts": [...]}``."""
+        n = -(-self._episodes_per_sample() // self.config.samples_per_prompt)
+        indices = self.prompt_pool.candidates(n)
+        texts = self.env.splits["train"].texts
+        return {"worker": self.worker_index, "indices": indices, "texts": [texts[i] for i in indices]}
+
+    def set_prompt_scores(self, indices: list[int], logits) -> None:
+        """Prompt selection: the critic's logits of ``prompt_candidates``' prompts."""
+        self.prompt_pool.score(indices, logits)
+
     def _sample_round(self, k: int) -> list[SingleAgentEpisode]:
-        """k prompts from the sampler, ``samples_per_prompt`` responses each: one engine call, one scoring call."""
+        """k prompts from the sampler (or the prompt pool), ``samples_per_prompt`` responses each: one engine call,
+        one scoring call."""
         engine = self.engine
-        resets = [self.env.reset(options={"index": i}) for i in self.sampler.draw(k)]
+        indices = self.prompt_pool.take(k) if self.prompt_pool else self.sampler.draw(k)
+        resets = [self.env.reset(options={"index": i}) for i in indices]
         prompt_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in resets]
         gen = GenerationConfig(temperature=self.config.temperature, top_p=self.config.top_p,
                                max_tokens=self.config.max_response_tokens, n=self.config.samples_per_prompt)
@@ -142,10 +166,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self._log_round(episodes, tokens, gen_s)
         return episodes
 
-    def evaluate_heldout(self, k: int) -> dict:
-        """Every held-out problem, ``k`` samples each at the training temperature. A sample counts as solved only
-        when its reward is 1.0 (fully correct): ``accuracy/avg@k`` (solved share), ``accuracy/pass@k`` (share of
-        problems solved at least once); ``reward/avg@k`` is the mean reward, partial credit included."""
+    def heldout_samples(self, k: int) -> dict:
+        """Every held-out problem, ``k`` samples each at the training temperature: ``{"texts": [P], "rewards":
+        [P, k], "parsed": [P * k]}`` (``rllib_sppo.llm.evaluation.heldout_report`` turns them into metrics)."""
         texts = self.env.splits["heldout"].texts
         if not texts:
             raise ValueError("held-out evaluation needs held-out problems: set env_config heldout_size > 0")
@@ -156,11 +179,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             max_tokens=self.config.max_response_tokens, n=k))
         rewards, infos = self.env.score([i for i, group in enumerate(groups) for _ in group],
                                         [s.text for group in groups for s in group], split="heldout")
-        rewards = np.reshape(rewards, (len(texts), k))
-        solved = rewards == 1.0
-        return {"problems": len(texts), f"accuracy/avg@{k}": float(solved.mean()),
-                f"accuracy/pass@{k}": float(solved.any(1).mean()), f"reward/avg@{k}": float(rewards.mean()),
-                "rollout/parse_failure_rate": float(1.0 - np.mean([info["parsed"] for info in infos]))}
+        return {"texts": list(texts), "rewards": np.reshape(np.asarray(rewards, np.float64), (len(texts), k)),
+                "parsed": [bool(info["parsed"]) for info in infos]}
 
     def _log_round(self, episodes, tokens: int, gen_s: float) -> None:
         m, n = self.metrics, len(episodes)
@@ -190,7 +210,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
         if self._check_component("data", components, not_components):  # the place in the epochs of prompts
-            state["data"] = {"sampler": self.sampler.get_state(), "num_prompts": self._num_prompts}
+            state["data"] = {"sampler": self.sampler.get_state(), "num_prompts": self._num_prompts,
+                             **({"prompt_pool": self.prompt_pool.get_state()} if self.prompt_pool else {})}
         return state
 
     def set_state(self, state) -> None:
@@ -205,6 +226,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if "data" in state:  # a resumed run draws the prompts the uninterrupted one would have
             self.sampler.set_state(state["data"]["sampler"])
             self._num_prompts = state["data"]["num_prompts"]
+            if self.prompt_pool and "prompt_pool" in state["data"]:
+                self.prompt_pool.set_state(state["data"]["prompt_pool"])
 
     def load_weight_chunks(self, chunks: list, seq_no: int) -> int:
         """SPPO's weight sync: the policy's weights as object-store chunks ({name: tensor}), fetched and loaded one

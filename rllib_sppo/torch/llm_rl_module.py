@@ -6,6 +6,9 @@
   critic (str, optional): model directory of the critic's backbone (default: the policy's).
       It may use another tokenizer: prompts are then re-tokenised from their text
       (not with a per-token critic: tokens of two tokenizers cannot be aligned).
+  critic_layers (int, optional): a smaller critic: only the first N transformer layers of that
+      backbone (its embeddings, those N layers and its final norm, with their pretrained weights;
+      the value head is new). None: all of them.
   critic_kind: "sequence" (read at the last prompt token), "token" (at every response token,
       token-level PPO) or None (no critic is built: GRPO, RLOO); set by ``SPPOConfig`` from
       ``advantage_estimator`` (``rllib_sppo.estimators``).
@@ -28,6 +31,9 @@ backward pass instead of kept: no [B, L, vocabulary] tensor exists. The critic i
 part of the inference-only (EnvRunner) weights.
 """
 
+import logging
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -41,6 +47,37 @@ from rllib_sppo.core import token_budget_micro_batches
 #: Columns that hold the critic's prompt (their own width); the others are [B, L] or [B, L - 1] (or [B]).
 CRITIC_PROMPT_COLUMNS = ("critic_input_ids", "critic_attention_mask")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def first_layers(model_dir: str, layers: int | None):
+    """The config of ``model_dir``'s model cut to its first ``layers`` transformer layers (None: all of them);
+    ``from_pretrained`` with it loads the pretrained weights of those layers and leaves out the others."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if layers is None:
+        return config
+    total = config.num_hidden_layers
+    if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= total:
+        raise ValueError(f"model_config critic_layers={layers!r}: the critic's backbone {model_dir} has {total} layers; "
+                         f"pick an int from 1 to {total} (or None: all of them)")
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):  # per-layer attention kinds (sliding or full), one per layer
+        config.layer_types = config.layer_types[:layers]
+    return config
+
+
+@contextmanager
+def _quiet_load_report(quiet: bool):
+    """Without transformers' load report (a warning listing the checkpoint's weights a model did not take)."""
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -127,7 +164,9 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         if self.critic_kind:
             critic_dir = resolve_model(cfg.get("critic") or cfg["policy"])
             self.critic_tokenizer = AutoTokenizer.from_pretrained(critic_dir)
-            self.critic = AutoModel.from_pretrained(critic_dir, dtype=torch.float32)
+            config = first_layers(critic_dir, cfg.get("critic_layers"))
+            with _quiet_load_report(cfg.get("critic_layers") is not None):  # (it lists the layers left out)
+                self.critic = AutoModel.from_pretrained(critic_dir, dtype=torch.float32, config=config)
             self.value_head = nn.Linear(self.critic.config.hidden_size, 1)
             nn.init.zeros_(self.value_head.weight)
             nn.init.constant_(self.value_head.bias, cfg.get("critic_bias") or 0.0)
@@ -222,6 +261,23 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
     # TokenValueAPI: the critic at every next-token position of prompt + response, [B, L-1].
     def compute_token_values(self, batch):
         return self._runners["critic"](batch["input_ids"], batch["attention_mask"])[:, :-1]
+
+    @torch.no_grad()
+    def prompt_values(self, texts: list[str]) -> torch.Tensor:
+        """The sequence critic's output for each prompt text (a logit for the bce critic), [len(texts)] on the CPU,
+        before any response exists: the prompt tokenised as the EnvRunner does (then for the critic, as
+        ``critic_inputs``), read in micro-batches of at most ``max_tokens_per_micro_batch`` tokens."""
+        from rllib_sppo.llm.connectors import pad
+
+        ids = self.critic_inputs(texts, self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+        device = next(self.critic.parameters()).device
+        out = torch.empty(len(ids))
+        for rows in token_budget_micro_batches([len(i) for i in ids], self.max_tokens):
+            input_ids, mask = pad([ids[r] for r in rows], self.tokenizer.pad_token_id or 0)
+            values = self.compute_values({"critic_input_ids": input_ids.to(device),
+                                          "critic_attention_mask": mask.to(device)})
+            out[rows] = values.float().cpu()
+        return out
 
     def critic_inputs(self, prompt_texts: list[str], prompt_ids: list[list[int]]) -> list[list[int]]:
         """The critic's token ids of each prompt: the policy's ids, or the text re-tokenised."""

@@ -139,6 +139,11 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
             chunks.append(ray.put(chunk))
         return chunks, self._weights_seq_no
 
+    def prompt_values(self, texts: list[str]):
+        """The sequence critic's logit for each prompt text, before any response (``SPPOLLMModule.prompt_values``),
+        as numpy: what prompt selection and the held-out calibration read (``rllib_sppo.llm.critic``)."""
+        return self.module[DEFAULT_MODULE_ID].unwrapped().prompt_values(texts).numpy()
+
     # The accumulation steps, which the DeepSpeed learner replaces.
 
     def _zero_gradients(self) -> None:
