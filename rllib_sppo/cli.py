@@ -164,7 +164,7 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
                    resume: bool = False):
     from ray import tune
 
-    from rllib_sppo.monitoring import Progress, plot_curves
+    from rllib_sppo.monitoring import Progress, plot_curves, plot_reliability
 
     algo_cls = resolve_algorithm(exp["run"], where)
     config = build_config(algo_cls, exp.get("env"), exp.get("config"), where)
@@ -225,6 +225,7 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             "checkpoint": r.checkpoint.path if r.checkpoint else None,
             "best_checkpoint": best["path"] if best else None,
             "curves": curves,
+            "reliability": plot_reliability(r),
         }
         print_summary(summary, r, best)
         print(json.dumps(summary), flush=True)
@@ -282,6 +283,8 @@ def print_summary(summary: dict, result, best: dict | None) -> None:
                   f"evaluate it: rllib evaluate {shlex.quote(best['path'])}"]
     if summary["curves"]:
         lines.append(f"curves: {summary['curves']}")
+    if summary["reliability"]:
+        lines.append(f"critic's reliability diagram: {summary['reliability']}")
     for line in lines:
         print(f"rllib: {line}", file=sys.stderr)
     sys.stderr.flush()

@@ -10,6 +10,8 @@ training curves.
   progress lines (building a model, starting an engine) on stderr; ``rllib train`` runs it in every process.
 - ``Progress``: a Tune callback printing one line per result (at most every ``interval_s``).
 - ``plot_curves``: a finished trial's return and held-out accuracy vs iteration and env steps, as a PNG.
+- ``plot_reliability``: the critic's reliability diagram on the held-out split and its calibration metrics vs
+  iteration, as a PNG next to it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ _GROUP = re.compile(r"^(evaluation/env_runners|env_runners|learners/[^/]+)/(.+)$
 
 RETURN = "env_runners/episode_return_mean"
 ACCURACY = "evaluation/env_runners/accuracy/"
+#: The critic's calibration on the held-out split (``rllib_sppo.llm.evaluation``).
+CALIBRATION = tuple(f"evaluation/env_runners/critic/heldout_{m}" for m in ("brier", "ece", "auroc", "spearman"))
 #: The untrained policy's evaluation (SPPO runs one before its first update when ``evaluation_interval`` is set),
 #: reported in the first result under this key: iteration 0 of the progress line and the curves.
 BEFORE_TRAINING = "evaluation_before_training"
@@ -225,5 +229,50 @@ def plot_curves(result) -> str | None:
             ax.grid(alpha=0.3)
     fig.suptitle(os.path.basename(result.path))
     path = os.path.join(result.path, "curves.png")
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_reliability(result) -> str | None:
+    """``reliability.png`` next to ``curves.png``: the critic's reliability diagram on the held-out split (mean
+    solve rate against mean p per bin of p, the marker's area the bin's problems) before training and at the last
+    evaluation, and its Brier score, ECE, AUROC and Spearman correlation against the iteration. None when the run
+    has no calibration (no held-out evaluation, or no critic of the prompt)."""
+    from matplotlib.figure import Figure
+
+    from rllib_sppo.llm.evaluation import RELIABILITY
+
+    df = result.metrics_dataframe
+    if df is None or CALIBRATION[0] not in df:
+        return None
+    evaluated = df[[evaluated_at(int(i), result.config) for i in df["training_iteration"]]]
+    rows = [(f"{BEFORE_TRAINING}/", df.iloc[0], "before training")] if f"{BEFORE_TRAINING}/{RELIABILITY}/bin0/problems" \
+        in df else []
+    if len(evaluated):
+        last = evaluated.iloc[-1]
+        rows.append(("evaluation/env_runners/", last, f"iteration {last['training_iteration']:.0f}"))
+    fig = Figure(figsize=(11, 4.5), layout="tight")
+    diagram, metrics = fig.subplots(1, 2)
+    diagram.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
+    for i, (prefix, row, label) in enumerate(rows):
+        column = re.compile(rf"^{re.escape(prefix + RELIABILITY)}/bin(\d+)/problems$")
+        bins = sorted(int(m.group(1)) for c in df if (m := column.match(c)) and row[c] > 0)
+        p = [row[f"{prefix}{RELIABILITY}/bin{b}/p_mean"] for b in bins]
+        rate = [row[f"{prefix}{RELIABILITY}/bin{b}/solve_rate"] for b in bins]
+        size = [20 + 4 * row[f"{prefix}{RELIABILITY}/bin{b}/problems"] for b in bins]
+        diagram.plot(p, rate, color=f"C{i}", lw=1, label=label)
+        diagram.scatter(p, rate, s=size, color=f"C{i}", alpha=0.6)
+    diagram.set(xlim=(0, 1), ylim=(0, 1), xlabel="critic's p (mean per bin)", ylabel="held-out solve rate",
+                title="reliability (area: problems)")
+    diagram.legend(fontsize=8)
+    for metric in CALIBRATION:
+        data = accuracy_curve(df, metric, result.config)
+        metrics.plot(data["training_iteration"], data[metric], marker=".", label=console_name(metric))
+    metrics.set(xlabel="training_iteration", title="critic calibration, held-out")
+    metrics.legend(fontsize=8)
+    for ax in (diagram, metrics):
+        ax.grid(alpha=0.3)
+    fig.suptitle(os.path.basename(result.path))
+    path = os.path.join(result.path, "reliability.png")
     fig.savefig(path, dpi=100)
     return path
