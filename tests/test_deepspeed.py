@@ -222,10 +222,13 @@ def test_bfloat16_trains_with_fp32_master_weights(tiny, episodes):
 
 
 def test_two_zero3_offload_learners_train_sync_the_env_runner_and_checkpoint(tiny, ray_session, tmp_path):
+    """... and choose the prompts: the critic, partitioned across the two learners, scores the candidates."""
     from transformers import AutoModelForCausalLM
 
+    from rllib_sppo.llm.critic import critic_logits
+
     algo = (config(tiny, {"zero_stage": 3, "offload_optimizer": True, "offload_param": True},
-                   max_response_tokens=12, rollout_engine="transformers")
+                   max_response_tokens=12, rollout_engine="transformers", prompt_selection={"pool": 2})
             .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 100, "heldout_size": 0,
                                                            "chat_template_model": tiny})
             .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=0, num_envs_per_env_runner=8)
@@ -240,6 +243,14 @@ def test_two_zero3_offload_learners_train_sync_the_env_runner_and_checkpoint(tin
     results = [algo.train() for _ in range(2)]
     learner = results[-1]["learners"][MODULE]
     assert np.isfinite(learner["policy/loss"]) and learner["policy/approx_kl"] != 0.0
+    # 16 prompts per batch (8 per learner), 32 candidates: 16 wait
+    assert results[-1]["timing_s"]["prompt_scoring"] > 0 and results[-1]["env_runners"]["rollout/prompts_deferred"] == 16
+    # The scores the ZeRO-3 group gives are the gathered critic's.
+    texts = algo.env_runner.env.splits["train"].texts[:6]
+    module = SPPOLLMModule(observation_space=TEXT, action_space=TEXT, model_config={"policy": tiny})
+    module.load_state_dict({k: torch.as_tensor(v) for k, v in algo.learner_group.get_state(
+        components="learner/rl_module")["learner"]["rl_module"][MODULE].items()})
+    assert np.allclose(critic_logits(algo.learner_group, texts), module.prompt_values(texts).numpy(), atol=1e-5)
     # The engine sampled the second batch with the weights the learner had after the first update.
     assert learner["rollout/engine_logp_gap"] < 1e-3
     synced = learner_weights()

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import ray
+from PIL import Image
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
@@ -62,14 +63,22 @@ def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys, ti
     assert re.search(rf"^rllib: best checkpoint: {re.escape(checkpoint)} \(accuracy/avg@2 [\d.e-]+ at iteration 2\)$",
                      err, re.M), err[-2000:]
     assert f"rllib: evaluate it: rllib evaluate {checkpoint}\n" in err
-    # rllib evaluate on the LLM checkpoint: the held-out split, 2 samples each
+    # rllib evaluate on the LLM checkpoint: the held-out split, 2 samples each, and the critic's calibration on it
     assert main(["evaluate", checkpoint]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["problems"] == 8 and 0 <= report["accuracy/avg@2"] <= report["accuracy/pass@2"] <= 1
+    assert 0 <= report["critic/heldout_brier"] <= 1 and 0 <= report["critic/heldout_ece"] <= 1
+    assert {"critic/heldout_auroc", "critic/heldout_spearman"} <= set(report)  # (NaN when undefined)
+    assert sum(b["problems"] for b in report["reliability"]) == 8
+    # The critic's reliability diagram, next to the curves
+    reliability = summary["reliability"]
+    assert reliability == str(Path(curves).with_name("reliability.png"))
+    assert f"rllib: critic's reliability diagram: {reliability}\n" in err
+    with Image.open(reliability) as image:
+        image.verify()
     assert curves.startswith(str(tmp_path / "results" / "tiny-arith"))
     with open(curves, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    from PIL import Image
 
     with Image.open(curves) as image:
         image.verify()
@@ -80,6 +89,26 @@ def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys, ti
     data = accuracy_curve(df, f"{ACCURACY}avg@2", {"evaluation_interval": 2})
     assert data["training_iteration"].tolist() == [0, 2] and data[ENV_STEPS].tolist()[0] == 0
     assert data[f"{ACCURACY}avg@2"].iloc[0] == df[f"{BEFORE_TRAINING}/accuracy/avg@2"].iloc[0]
+    # The held-out calibration is in the results, before training and at each evaluation; the reliability bins
+    # hold every held-out problem.
+    for prefix in (f"{BEFORE_TRAINING}/", "evaluation/env_runners/"):
+        last = df[[c for c in df if c.startswith(prefix)]].dropna(how="all").iloc[-1]
+        assert 0 <= last[f"{prefix}critic/heldout_brier"] <= 1
+        assert sum(last[f"{prefix}reliability/bin{b}/problems"] for b in range(10)) == 8
+
+
+def test_heldout_calibration_is_exported_beside_accuracy(ray_session):
+    """The critic's held-out calibration (evaluation results, ``critic/`` namespace) becomes gauges like accuracy;
+    the reliability diagram's bins stay in the results only."""
+    from types import SimpleNamespace
+
+    from rllib_sppo.monitoring import PrometheusExport
+
+    export = PrometheusExport()
+    export(SimpleNamespace(_trial_info=None, trial_name="default"), {"evaluation": {"env_runners": {
+        "accuracy/avg@4": 0.5, "critic/heldout_brier": 0.2, "critic/heldout_auroc": float("nan"),
+        "reliability/bin3/problems": 7}}})
+    assert set(export._gauges) == {"sppo_accuracy_avg_at_4", "sppo_critic_heldout_brier"}  # (NaN: not set)
 
 
 def test_sppo_series_reach_prometheus(ray_with_dashboard):
