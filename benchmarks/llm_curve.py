@@ -11,14 +11,20 @@ import argparse
 import csv
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from provenance import provenance
 
+#: What prompt selection logs per iteration (``rllib_sppo.llm.sampler.PromptPool.metrics``; NaN without selection).
+SELECTION = ("pool_outcome_variance", "selected_outcome_variance", "pool_p_mean", "pool_p_std")
+
 
 def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: dict) -> dict:
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
     from rllib_sppo.cli import build_config, load_experiments, resolve_algorithm
     from rllib_sppo.llm.evaluation import heldout_accuracy
 
@@ -34,7 +40,7 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
         result = heldout_accuracy(algo, None)[0]
         evaluating["s"] += time.perf_counter() - t0
         return {"seed": seed, "iteration": iteration, "train_s": train_s, "tokens": tokens,
-                **{k: v for k, v in result.items() if k.startswith(("accuracy/", "reward/"))}}
+                **{k: v for k, v in result.items() if k.startswith(("accuracy/", "reward/", "critic/"))}}
 
     stats, start, it, tokens = [], time.perf_counter(), 0, 0
     curve = [point(0, 0)]
@@ -44,15 +50,23 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
         runners = result["env_runners"]
         stats.append({"tokens_per_s": runners["rollout/tokens_per_s"], "sync_s": result["timing_s"]["weight_sync"],
                       "engine_sync_s": runners.get("timing_s/weight_sync", np.nan),
-                      "iter_s": sum(result["timing_s"].values())})
+                      "update_s": result["timing_s"]["update"],
+                      "scoring_s": result["timing_s"].get("prompt_scoring", 0.0),  # prompt selection's critic pass
+                      "iter_s": sum(result["timing_s"].values()),
+                      **{k: runners.get(f"rollout/{k}", np.nan) for k in SELECTION}})
         tokens = int(runners.get("rollout/response_tokens_lifetime", 0))  # generated in training so far
         if it % eval_every == 0:
             curve.append(point(it, tokens))
     if curve[-1]["iteration"] != it:
         curve.append(point(it, tokens))
+    module = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped() if algo.learner_group.is_local else None
+    params = {f"{part}_params": sum(p.numel() for p in getattr(module, f"{part}_parameters")()) if module else np.nan
+              for part in ("policy", "critic")}
     algo.stop()
-    mean = {k2: float(np.nanmean([s[k2] for s in stats])) for k2 in stats[0]}
-    return {"seed": seed, "key": key, "curve": curve, "iterations": it, **mean}
+    with warnings.catch_warnings():  # (a column all NaN: no prompt selection)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = {k2: float(np.nanmean([s[k2] for s in stats])) for k2 in stats[0]}
+    return {"seed": seed, "key": key, "curve": curve, "iterations": it, **params, **mean}
 
 
 def main():

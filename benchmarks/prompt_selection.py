@@ -1,0 +1,143 @@
+"""SPPO with and without critic-guided prompt selection (``prompt_selection``) on one LLM task, side by side: same
+YAML, model, seeds, machine, prompts per iteration and training wall-clock budget.
+
+    python benchmarks/prompt_selection.py tuned_examples/arith_tiny_sppo.yaml --seeds 0 1 2 --minutes 10 \
+        --out benchmarks/results/prompt_selection_arith_tiny
+    python benchmarks/prompt_selection.py tuned_examples/smollm2_rg_sppo.yaml --seeds 0 1 --minutes 12 \
+        --eval-every 5 --out benchmarks/results/prompt_selection_smollm2
+
+Each run goes through ``llm_curve.run_seed`` (held-out avg@k and pass@k of exact answers at the training
+temperature, and the critic's held-out calibration, evaluations left out of the training time). Writes, per variant:
+the final held-out accuracy (mean and range over seeds), the training seconds and generated tokens each seed needed
+to reach the no-selection run's final accuracy (the mean over its seeds), the critic's scoring seconds per iteration
+and their share of the iteration, the mean p (1 - p) of the scored pool and of the prompts posed, and the spread of
+p in the pool (selection has nothing to choose from when every prompt has about the same p), to
+``<out>.{md,csv,png}``; runs go to ``<out>_runs.jsonl`` as they finish, and a rerun skips them. Every run records the
+load average before and after it and is marked when something else loaded the machine.
+"""
+
+import argparse
+import csv
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from llm_compare import BUSY, reach
+from llm_curve import run_seed
+from provenance import provenance
+
+BASELINE = "SPPO"
+
+
+def variants(pool: int, floor: float) -> dict:
+    return {BASELINE: {}, f"SPPO + selection (pool {pool}, floor {floor:g})": {
+        "prompt_selection": {"pool": pool, "weight": "variance", "floor": floor}}}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("yaml")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock per variant and seed")
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--pool", type=int, default=4)
+    p.add_argument("--floor", type=float, default=0.05)
+    p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
+    p.add_argument("--out", default="benchmarks/results/prompt_selection", help="output path stem")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = Path(f"{out}_runs.jsonl")
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["label"], r["seed"]) for r in runs}
+    for seed in args.seeds:  # alternating variants: a benchmark cut short still compares like with like
+        for label, overrides in variants(args.pool, args.floor).items():
+            if (label, seed) in done:
+                continue
+            load_before = os.getloadavg()[0]
+            run = run_seed(args.yaml, seed, args.minutes, args.eval_every, {**json.loads(args.config), **overrides})
+            run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
+            runs.append(run)
+            with log.open("a") as f:
+                f.write(json.dumps(run) + "\n")
+            print(label, seed, run["curve"][-1], flush=True)
+            write(runs, args, out)
+
+
+def write(runs: list, args, out: Path) -> None:
+    with warnings.catch_warnings():  # (means of NaN columns: a metric a variant does not have, e.g. AUROC undefined)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _write(runs, args, out)
+
+
+def _write(runs: list, args, out: Path) -> None:
+    key = runs[0]["key"]
+    pass_key = key.replace("avg@", "pass@")
+    calibration = ("critic/heldout_brier", "critic/heldout_auroc")
+    with open(f"{out}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["variant", "seed", "iteration", "train_s", "tokens", key, pass_key,
+                                          *calibration], extrasaction="ignore")
+        w.writeheader()
+        for r in runs:
+            w.writerows({"variant": r["label"], **c} for c in r["curve"])
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    base = [r["curve"][-1][key] for r in runs if r["label"] == BASELINE]
+    target = float(np.mean(base)) if base else np.nan
+    fmt = lambda v: f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if len(v) else "-"  # noqa: E731
+    per_seed = lambda xs: " / ".join("never" if np.isnan(x) else f"{x:,.0f}" for x in xs)  # noqa: E731
+    lines = [f"# {Path(args.yaml).name}: SPPO with and without critic-guided prompt selection, held-out {key}", "",
+             *provenance(),
+             f"Exact answers only. Same prompts per iteration; {args.minutes:g} min of training per run (evaluations "
+             f"not counted). Target = SPPO's final {key} without selection, the mean over its seeds ({target:.3f}). "
+             f"Mean (min-max) over seeds. p = the critic's predicted solve rate of a prompt; p (1 - p) of the scored "
+             f"pool and of the prompts posed (selection works when the second is larger); scoring = the critic's "
+             f"pass over the pool, per iteration.", "",
+             f"| variant | seeds | {key} before | {key} after | {pass_key} after | iterations | generated tokens | "
+             f"training s to reach the target | tokens to reach it | scoring s/iter | scoring share | pool p(1-p) | "
+             f"posed p(1-p) | pool p std | held-out Brier / AUROC after |", "|---" * 15 + "|"]
+    for label in labels:
+        sel = [r for r in runs if r["label"] == label]
+        reached_s = [reach(r["curve"], key, target, "train_s") for r in sel]
+        reached_tokens = [reach(r["curve"], key, target, "tokens") for r in sel]
+        mean = lambda name: np.nanmean([r.get(name, np.nan) for r in sel])  # noqa: E731
+        last = lambda name: np.nanmean([r["curve"][-1].get(name, np.nan) for r in sel])  # noqa: E731
+        lines.append(
+            f"| {label} | {len(sel)} | {fmt([r['curve'][0][key] for r in sel])} | "
+            f"{fmt([r['curve'][-1][key] for r in sel])} | {fmt([r['curve'][-1].get(pass_key, np.nan) for r in sel])} | "
+            f"{fmt([r['iterations'] for r in sel]).replace('.000', '')} | "
+            f"{np.mean([r['curve'][-1]['tokens'] for r in sel]):,.0f} | {per_seed(reached_s)} | "
+            f"{per_seed(reached_tokens)} | {mean('scoring_s'):.3f} | {mean('scoring_s') / mean('iter_s'):.1%} | "
+            f"{mean('pool_outcome_variance'):.3f} | {mean('selected_outcome_variance'):.3f} | {mean('pool_p_std'):.3f} | "
+            f"{last(calibration[0]):.3f} / {last(calibration[1]):.3f} |".replace("nan", "-"))
+    busy = [f"{r['label']} seed {r['seed']} (load {r['load_before']} before, {r['load_after']} after)" for r in runs
+            if r["load_before"] > BUSY]
+    lines += ["", "Runs taken under load (1-minute load average above "
+              f"{BUSY} before the run; 2 cores): {', '.join(busy) if busy else 'none'}."]
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
+
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="tight")
+    axes = fig.subplots(1, 2)
+    for i, label in enumerate(labels):
+        for j, r in enumerate(r for r in runs if r["label"] == label):
+            for ax, x in zip(axes, ("train_s", "tokens")):
+                ax.plot([c[x] for c in r["curve"]], [c[key] for c in r["curve"]], marker=".", color=f"C{i}",
+                        alpha=0.8, label=label if j == 0 else None)
+    for ax in axes:
+        ax.axhline(target, color="grey", lw=0.5)
+        ax.set_ylabel(f"held-out {key}")
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("training wall-clock (s)")
+    axes[1].set_xlabel("generated response tokens")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(Path(args.yaml).stem)
+    fig.savefig(f"{out}.png", dpi=100)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
