@@ -131,6 +131,15 @@ def build_config(algo_cls, env: str | None, cfg: dict, where: str):
         close = difflib.get_close_matches(key, [k for k in vars(config) if not k.startswith("_")], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(f"{where}: unknown config key {key!r} for {algo_cls.__name__}{hint}")
+    if "llm" in cfg:  # first: the keys written beside it override what it sets
+        llm = cfg.pop("llm")
+        if not isinstance(llm, dict) or "policy" not in llm:
+            raise UsageError(f"{where}: llm must be a mapping with at least a policy, e.g. llm: {{policy: "
+                             f"builtin:tiny-arith, engine: vllm}}")
+        try:
+            config.llm(**llm)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{where}: llm: {e}") from None
     # Connector keys are stored privately; update_from_dict would set unused public attributes.
     if "learner_connector" in cfg:
         config.learners(learner_connector=cfg.pop("learner_connector"))
