@@ -91,12 +91,11 @@ def resolve_algorithm(name: str, where: str):
     """The algorithm class ``run: NAME`` names: SPPO, or one of RLlib's (importing only that one: Tune's own lookup
     imports every algorithm, DreamerV3's warnings included)."""
     from ray.rllib.algorithms.registry import ALGORITHMS
-    from ray.tune.registry import TRAINABLE_CLASS, _global_registry
 
-    import rllib_sppo  # noqa: F401  (registers SPPO)
+    from rllib_sppo import SPPO
 
-    if _global_registry.contains(TRAINABLE_CLASS, name):
-        return _global_registry.get(TRAINABLE_CLASS, name)
+    if name == "SPPO":  # (not through Tune's registry: a Ray restarted in this process has forgotten it)
+        return SPPO
     if name in ALGORITHMS:
         return ALGORITHMS[name]()[0]
     close = difflib.get_close_matches(name, ["SPPO", *ALGORITHMS], n=1)
