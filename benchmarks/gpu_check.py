@@ -51,10 +51,6 @@ def main():
 
     import envs  # noqa: F401
     from rllib_sppo import SPPOConfig
-    from rllib_sppo.llm.connectors import TokenBatch
-    from rllib_sppo.llm.runner import LLMEnvRunner
-    from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     p = argparse.ArgumentParser()
     p.add_argument("--policy", default="builtin:smollm2-135m-instruct")
@@ -66,14 +62,12 @@ def main():
     config = (SPPOConfig()
               .environment("ReasoningBandit-v0", env_config={"source": "parquet", "paths": [prompts_parquet(folder)],
                                                              "chat_template_model": args.policy})
-              .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=0, num_envs_per_env_runner=args.prompts)
-              .learners(num_gpus_per_learner=1, learner_connector=lambda *a: TokenBatch(),
-                        add_default_connectors_to_learner_pipeline=False)
-              .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config={
-                  "policy": args.policy, "dtype": "bfloat16", "gradient_checkpointing": True}))
+              .llm(policy=args.policy, engine="vllm", dtype="bfloat16", gradient_checkpointing=True)
+              .env_runners(num_env_runners=0, num_envs_per_env_runner=args.prompts)
+              .learners(num_gpus_per_learner=1)
               .training(lr=1e-6, critic_lr=5e-6, train_batch_size_per_learner=args.prompts,
                         minibatch_size=args.prompts // 2, max_response_tokens=4096, max_tokens_per_micro_batch=16384,
-                        temperature=0.6, rollout_engine="vllm",
+                        temperature=0.6,
                         engine_kwargs={"max_model_len": 4608, "dtype": "bfloat16"})
               .debugging(seed=0))
     start = time.perf_counter()

@@ -59,20 +59,14 @@ def sppo_point(job: dict) -> dict:
     import gymnasium as gym
     import torch
     from ray.rllib.core import DEFAULT_MODULE_ID
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     from rllib_sppo import SPPOConfig
-    from rllib_sppo.llm.connectors import TokenBatch
-    from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
 
     torch.set_num_threads(job["threads"])
     n, text = job["minibatch"], gym.spaces.Text(8)
-    learner = (SPPOConfig()
-               .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
+    learner = (SPPOConfig().llm(policy=POLICY, gradient_checkpointing=True)
                .training(lr=1e-6, critic_lr=1e-6, train_batch_size_per_learner=n, minibatch_size=n,
                          max_tokens_per_micro_batch=job["budget"])
-               .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config={
-                   "policy": POLICY, "gradient_checkpointing": True}))
                .build_learner(env=None, spaces={DEFAULT_MODULE_ID: (text, text)}))
     vocab = learner.module[DEFAULT_MODULE_ID].unwrapped().policy.config.vocab_size
     episodes = _episodes(n, job["prompt_len"], job["response_len"], vocab)

@@ -6,7 +6,7 @@ held-out split, the accuracy curve and the learner's memory, in one table.
     python benchmarks/small_critic.py tuned_examples/arith_tiny_sppo.yaml --seeds 0 1 2 --minutes 10 \
         --layers 1 --out benchmarks/results/small_critic_arith_tiny
 
-Variants: the example's critic (a copy of the policy's model) and ``model_config critic_layers: N``: the policy's
+Variants: the example's critic (a copy of the policy's model) and ``llm: {critic_layers: N}``: the policy's
 embeddings, first N transformer layers and final norm with their pretrained weights, and a new value head (the
 layers are cut from the policy's checkpoint, nothing is trained beforehand). Each run goes through
 ``llm_curve.run_seed`` in a process of its own (for a clean peak resident set): held-out avg@k of exact answers and
@@ -37,9 +37,9 @@ BYTES_PER_PARAM = 16  # fp32 parameter, gradient and AdamW's two moments
 
 
 def variants(exp_config: dict, layers: int) -> dict:
-    spec = exp_config["rl_module_spec"]
-    small = {**spec, "model_config": {**spec["model_config"], "critic_layers": layers}}
-    return {"critic = policy": {}, f"critic = policy's first {layers} layers": {"rl_module_spec": small}}
+    """The example's critic, and its first ``layers`` layers (the example configures its LLM with ``llm:``)."""
+    return {"critic = policy": {},
+            f"critic = policy's first {layers} layers": {"llm": {**exp_config["llm"], "critic_layers": layers}}}
 
 
 def child(job: dict) -> dict:

@@ -91,12 +91,11 @@ def resolve_algorithm(name: str, where: str):
     """The algorithm class ``run: NAME`` names: SPPO, or one of RLlib's (importing only that one: Tune's own lookup
     imports every algorithm, DreamerV3's warnings included)."""
     from ray.rllib.algorithms.registry import ALGORITHMS
-    from ray.tune.registry import TRAINABLE_CLASS, _global_registry
 
-    import rllib_sppo  # noqa: F401  (registers SPPO)
+    from rllib_sppo import SPPO
 
-    if _global_registry.contains(TRAINABLE_CLASS, name):
-        return _global_registry.get(TRAINABLE_CLASS, name)
+    if name == "SPPO":  # (not through Tune's registry: a Ray restarted in this process has forgotten it)
+        return SPPO
     if name in ALGORITHMS:
         return ALGORITHMS[name]()[0]
     close = difflib.get_close_matches(name, ["SPPO", *ALGORITHMS], n=1)
@@ -131,6 +130,15 @@ def build_config(algo_cls, env: str | None, cfg: dict, where: str):
         close = difflib.get_close_matches(key, [k for k in vars(config) if not k.startswith("_")], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UsageError(f"{where}: unknown config key {key!r} for {algo_cls.__name__}{hint}")
+    if "llm" in cfg:  # first: the keys written beside it override what it sets
+        llm = cfg.pop("llm")
+        if not isinstance(llm, dict) or "policy" not in llm:
+            raise UsageError(f"{where}: llm must be a mapping with at least a policy, e.g. llm: {{policy: "
+                             f"builtin:tiny-arith, engine: vllm}}")
+        try:
+            config.llm(**llm)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"{where}: llm: {e}") from None
     # Connector keys are stored privately; update_from_dict would set unused public attributes.
     if "learner_connector" in cfg:
         config.learners(learner_connector=cfg.pop("learner_connector"))

@@ -143,6 +143,31 @@ class SPPOConfig(AlgorithmConfig):
         #: num_learners > 1 the learners form one ZeRO group. Needs ``pip install 'rllib-sppo[deepspeed]'``.
         self.deepspeed = None
 
+    def llm(self, *, policy: str, critic: str | None = None, engine: str | None = None,
+            **model_config) -> "SPPOConfig":
+        """Wires an LLM run in one call (YAML: ``llm: {policy: ..., critic: ..., engine: ...}``): the LLM EnvRunner,
+        the LLM RLModule (``policy`` and ``critic`` model folders or ``builtin:`` names, and any other of its
+        ``model_config`` keys, e.g. ``dtype``, ``gradient_checkpointing``), the token-batch learner connector in
+        place of RLlib's default pipeline, and the held-out evaluation; ``engine`` sets ``rollout_engine``. Each
+        piece stays overridable by the usual calls afterwards; ``validate()`` refuses a set that does not fit
+        together."""
+        from rllib_sppo.llm.connectors import TokenBatch
+        from rllib_sppo.llm.evaluation import heldout_accuracy
+        from rllib_sppo.llm.runner import LLMEnvRunner
+        from rllib_sppo.torch.llm_rl_module import MODEL_CONFIG_KEYS, SPPOLLMModule
+
+        unknown = sorted(set(model_config) - MODEL_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"llm() got unknown key(s) {unknown}; the LLM module's keys are {sorted(MODEL_CONFIG_KEYS)}")
+        module_config = {"policy": policy, **({"critic": critic} if critic else {}), **model_config}
+        self.env_runners(env_runner_cls=LLMEnvRunner)
+        self.rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config=module_config))
+        self.learners(learner_connector=TokenBatch, add_default_connectors_to_learner_pipeline=False)
+        self.evaluation(custom_evaluation_function=heldout_accuracy)
+        if engine is not None:
+            self.rollout_engine = engine
+        return self
+
     def training(self, **kwargs) -> "SPPOConfig":
         """Sets SPPO's keys (see ``SPPOConfig.__init__``) and RLlib's training keys."""
         for key in _SPPO_KEYS:
@@ -239,10 +264,38 @@ class SPPOConfig(AlgorithmConfig):
         if critic is None and {"critic", "critic_layers"} & set({**self.model_config, **spec_model_config}):
             self._value_error(f"advantage_estimator={self.advantage_estimator!r} has no critic, so model_config's "
                               f"critic and critic_layers do not apply; remove them.")
+        self._validate_llm_wiring()
         if self.prompt_selection is not None:
             self._validate_prompt_selection()
         if self.deepspeed is not None:
             self._validate_deepspeed()
+
+    def _validate_llm_wiring(self) -> None:
+        """The LLM pieces (``llm()`` sets them together) agree: an LLM EnvRunner with an LLM module, the token-batch
+        connector alone, and the held-out evaluation function when evaluating."""
+        from rllib_sppo.llm.connectors import TokenBatch
+        from rllib_sppo.llm.evaluation import heldout_accuracy
+        from rllib_sppo.llm.runner import LLMEnvRunner
+        from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
+
+        runner, module_class = self.env_runner_cls, getattr(self.rl_module_spec, "module_class", None)
+        llm_runner = isinstance(runner, type) and issubclass(runner, LLMEnvRunner)
+        llm_module = isinstance(module_class, type) and issubclass(module_class, SPPOLLMModule)
+        fix = "set them together with .llm(policy=...) (YAML: llm: {policy: ...})"
+        if llm_runner != llm_module:
+            self._value_error(f"env_runner_cls {getattr(runner, '__name__', runner)} and RLModule "
+                              f"{getattr(module_class, '__name__', module_class)} do not fit together: an LLM run "
+                              f"needs LLMEnvRunner with SPPOLLMModule; {fix}.")
+        if not llm_runner:
+            return
+        connector = self._learner_connector(None, None) if self._learner_connector else None
+        if not isinstance(connector, TokenBatch) or self.add_default_connectors_to_learner_pipeline:
+            self._value_error(f"an LLM run builds its batches with the TokenBatch learner connector alone "
+                              f"(learner_connector=TokenBatch, add_default_connectors_to_learner_pipeline=False); "
+                              f"{fix}.")
+        if self.evaluation_interval and self.custom_evaluation_function is not heldout_accuracy:
+            self._value_error(f"evaluation_interval={self.evaluation_interval} on an LLM run evaluates the held-out "
+                              f"split with custom_evaluation_function=rllib_sppo.llm.evaluation.heldout_accuracy; {fix}.")
 
     def _validate_prompt_selection(self) -> None:
         example = "{'pool': 4, 'weight': 'variance', 'floor': 0.05}"

@@ -16,7 +16,6 @@ import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.connectors import TokenBatch
-from rllib_sppo.llm.runner import LLMEnvRunner
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK
 from rllib_sppo.torch.deepspeed_learner import MissingExtraError, import_deepspeed
 from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
@@ -56,12 +55,10 @@ def episodes(tiny):
 
 
 def config(tiny, deepspeed=None, **training):
-    return (SPPOConfig()
-            .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
+    return (SPPOConfig().llm(policy=tiny, engine="transformers")
             .training(**{"lr": 5e-4, "critic_lr": 2e-3,  # not AdamW's default (1e-3): RLlib must set them
                          "grad_clip": 0.5, "train_batch_size_per_learner": 8, "minibatch_size": 4,
                          "deepspeed": deepspeed, **training})
-            .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config={"policy": tiny}))
             .debugging(seed=0))
 
 
@@ -228,10 +225,10 @@ def test_two_zero3_offload_learners_train_sync_the_env_runner_and_checkpoint(tin
     from rllib_sppo.llm.critic import critic_logits
 
     algo = (config(tiny, {"zero_stage": 3, "offload_optimizer": True, "offload_param": True},
-                   max_response_tokens=12, rollout_engine="transformers", prompt_selection={"pool": 2})
+                   max_response_tokens=12, prompt_selection={"pool": 2})
             .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 100, "heldout_size": 0,
                                                            "chat_template_model": tiny})
-            .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=0, num_envs_per_env_runner=8)
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
             .learners(num_learners=2, num_cpus_per_learner=0.5)  # two learner actors: one ZeRO group
             .build_algo())
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 import envs  # noqa: F401
@@ -18,7 +17,7 @@ from rllib_sppo.connectors import CRITIC_MASK, VALUES_OLD, SequenceAdvantage
 from rllib_sppo.core import ppo_clip_loss
 from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.connectors import TokenBatch
-from rllib_sppo.llm.evaluation import heldout_accuracy, heldout_report
+from rllib_sppo.llm.evaluation import heldout_report
 from rllib_sppo.llm.runner import LLMEnvRunner
 from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
 
@@ -168,16 +167,13 @@ def test_token_level_ppo_reads_the_critic_at_every_response_token(tiny):
 
 def llm_config(tiny, engine, **training):
     defaults = dict(lr=1e-3, critic_lr=1e-3, train_batch_size_per_learner=16, minibatch_size=8,
-                    max_response_tokens=12, rollout_engine=engine, engine_kwargs={"max_model_len": 256})
-    return (SPPOConfig()
-            .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
+                    max_response_tokens=12, engine_kwargs={"max_model_len": 256})
+    return (SPPOConfig().llm(policy=tiny, engine=engine)
             .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 300, "heldout_size": 20,
                                                            "chat_template_model": tiny})
-            .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=0, num_envs_per_env_runner=16)
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=16)
             .training(**{**defaults, **training})
-            .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config={"policy": tiny}))
-            .evaluation(evaluation_interval=2,
-                        custom_evaluation_function=heldout_accuracy)
+            .evaluation(evaluation_interval=2)
             .debugging(seed=0))
 
 
@@ -389,3 +385,35 @@ def test_resume_continues_the_data_order_across_an_epoch(tiny, ray_session, tmp_
     resumed.stop()
     assert before[:2] == (0, 16) and [p[:2] for p in straight] == [(1, 12), (2, 8)]  # 48 = 20 + 20 + 8
     assert before[2] != straight[0][2] != straight[1][2]  # every epoch a new order
+
+
+def test_llm_wires_the_pieces_and_validate_refuses_a_mismatched_set(tiny):
+    from rllib_sppo.cli import build_config, resolve_algorithm
+    from rllib_sppo.llm.evaluation import heldout_accuracy
+
+    config = SPPOConfig().environment("ReasoningBandit-v0").llm(policy=tiny, engine="transformers", dtype="bfloat16")
+    assert config.env_runner_cls is LLMEnvRunner and config.rl_module_spec.module_class is SPPOLLMModule
+    assert config.rl_module_spec.model_config == {"policy": tiny, "dtype": "bfloat16"}
+    assert isinstance(config._learner_connector(None, None), TokenBatch)
+    assert not config.add_default_connectors_to_learner_pipeline
+    assert config.custom_evaluation_function is heldout_accuracy and config.rollout_engine == "transformers"
+    config.validate()
+    # The same from a YAML's config block, with a key beside it overriding what llm sets.
+    yaml_config = build_config(resolve_algorithm("SPPO", "t.yaml"), "ReasoningBandit-v0",
+                               {"llm": {"policy": tiny, "engine": "vllm"}, "rollout_engine": "transformers"}, "t.yaml")
+    assert yaml_config.env_runner_cls is LLMEnvRunner and yaml_config.rollout_engine == "transformers"
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['dtpye'\]"):
+        SPPOConfig().llm(policy=tiny, dtpye="bfloat16")
+    fix = r"set them together with \.llm\(policy=\.\.\.\)"
+    cases = [
+        (SPPOConfig().environment("ReasoningBandit-v0").env_runners(env_runner_cls=LLMEnvRunner),
+         "LLMEnvRunner and RLModule SPPOMLPModule do not fit together"),
+        (SPPOConfig().llm(policy=tiny).learners(add_default_connectors_to_learner_pipeline=True),
+         "TokenBatch learner connector alone"),
+        (SPPOConfig().llm(policy=tiny).learners(learner_connector=None), "TokenBatch learner connector alone"),
+        (SPPOConfig().llm(policy=tiny).evaluation(evaluation_interval=5, custom_evaluation_function=None),
+         "evaluates the held-out split with custom_evaluation_function"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=f"{message}.*{fix}"):
+            bad.validate()

@@ -49,8 +49,7 @@ def ray_with_dashboard():
 
 
 def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys, tiny_llm_experiment):
-    path = tiny_llm_experiment("tiny-arith", evaluation_interval=2, eval_samples_per_prompt=2,
-                               custom_evaluation_function="rllib_sppo.llm.evaluation.heldout_accuracy")
+    path = tiny_llm_experiment("tiny-arith", evaluation_interval=2, eval_samples_per_prompt=2)
     assert main(["train", "file", str(path), "--storage-path", str(tmp_path / "results")]) == 0
     out, err = capsys.readouterr()
     progress = [line for line in err.splitlines() if line.startswith("rllib: SPPO_")]

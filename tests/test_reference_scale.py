@@ -44,12 +44,9 @@ def uneven_episodes(tiny, n=8, seed=0):
 
 
 def build(tiny, dtype="float32", **training):
-    return (SPPOConfig()
-            .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
+    return (SPPOConfig().llm(policy=tiny, dtype=dtype)
             .training(**{"lr": 1e-3, "critic_lr": 1e-3, "train_batch_size_per_learner": 8, "minibatch_size": 8,
                          **training})
-            .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule,
-                                                   model_config={"policy": tiny, "dtype": dtype}))
             .debugging(seed=0)
             .build_learner(env=None, spaces={MODULE: (TEXT, TEXT)}))
 

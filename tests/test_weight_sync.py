@@ -8,14 +8,10 @@ import signal
 import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.llm.assets import build_tiny_llama
-from rllib_sppo.llm.connectors import TokenBatch
-from rllib_sppo.llm.runner import LLMEnvRunner
-from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +20,12 @@ def tiny(tmp_path_factory):
 
 
 def config(tiny, dtype="float32", **training):
-    return (SPPOConfig()
-            .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
+    return (SPPOConfig().llm(policy=tiny, engine="transformers", dtype=dtype)
             .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 200,
                                                            "chat_template_model": tiny})
-            .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=0, num_envs_per_env_runner=8)
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
             .training(**{"lr": 1e-3, "critic_lr": 1e-3, "train_batch_size_per_learner": 8, "minibatch_size": 8,
-                         "max_response_tokens": 8, "rollout_engine": "transformers", **training})
-            .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule,
-                                                   model_config={"policy": tiny, "dtype": dtype}))
+                         "max_response_tokens": 8, **training})
             .debugging(seed=0))
 
 
