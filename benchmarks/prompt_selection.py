@@ -110,7 +110,8 @@ def _write(runs: list, args, out: Path) -> None:
             f"{fmt([r['iterations'] for r in sel]).replace('.000', '')} | "
             f"{np.mean([r['curve'][-1]['tokens'] for r in sel]):,.0f} | {per_seed(reached_s)} | "
             f"{per_seed(reached_tokens)} | {mean('scoring_s'):.3f} | {mean('scoring_s') / mean('iter_s'):.1%} | "
-            f"{mean('pool_outcome_variance'):.3f} | {mean('selected_outcome_variance'):.3f} | {mean('pool_p_std'):.3f} | "
+            f"{mean('pool_outcome_variance'):.3f} | {mean('selected_outcome_variance'):.3f} | "
+            f"{mean('pool_p_std'):.3f} | "
             f"{last(calibration[0]):.3f} / {last(calibration[1]):.3f} |".replace("nan", "-"))
     busy = [f"{r['label']} seed {r['seed']} (load {r['load_before']} before, {r['load_after']} after)" for r in runs
             if r["load_before"] > BUSY]

@@ -116,7 +116,8 @@ def _write(runs: list, args, out: Path) -> None:
              f"after {args.minutes:g} min of it (evaluations not counted). Learner state: fp32 parameters, gradients "
              f"and AdamW moments ({BYTES_PER_PARAM} B a parameter). Peak RSS: the whole trial process (learner and "
              f"vLLM). Mean (min-max) over seeds.", "",
-             f"| critic | seeds | critic params (M) | learner state MB (policy + critic) | peak RSS GB | {key} before | "
+             f"| critic | seeds | critic params (M) | learner state MB (policy + critic) | peak RSS GB | "
+             f"{key} before | "
              f"{key} after | calibration before | calibration after | update s/iter | iterations |",
              "|---" * 11 + "|"]
     for label in labels:

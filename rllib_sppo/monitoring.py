@@ -246,8 +246,8 @@ def plot_reliability(result) -> str | None:
     if df is None or CALIBRATION[0] not in df:
         return None
     evaluated = df[[evaluated_at(int(i), result.config) for i in df["training_iteration"]]]
-    rows = [(f"{BEFORE_TRAINING}/", df.iloc[0], "before training")] if f"{BEFORE_TRAINING}/{RELIABILITY}/bin0/problems" \
-        in df else []
+    before = f"{BEFORE_TRAINING}/{RELIABILITY}/bin0/problems" in df
+    rows = [(f"{BEFORE_TRAINING}/", df.iloc[0], "before training")] if before else []
     if len(evaluated):
         last = evaluated.iloc[-1]
         rows.append(("evaluation/env_runners/", last, f"iteration {last['training_iteration']:.0f}"))

@@ -45,8 +45,8 @@ from rllib_sppo.apis import SeparateNetworksAPI, TokenLogpAPI, TokenValueAPI
 from rllib_sppo.core import token_budget_micro_batches
 
 #: The ``model_config`` keys the module reads (``SPPOConfig.llm`` takes them).
-MODEL_CONFIG_KEYS = {"policy", "critic", "critic_layers", "critic_kind", "temperature", "dtype", "gradient_checkpointing",
-                     "critic_bias", "max_tokens_per_micro_batch", "logp_chunk_tokens"}
+MODEL_CONFIG_KEYS = {"policy", "critic", "critic_layers", "critic_kind", "temperature", "dtype",
+                     "gradient_checkpointing", "critic_bias", "max_tokens_per_micro_batch", "logp_chunk_tokens"}
 #: Columns that hold the critic's prompt (their own width); the others are [B, L] or [B, L - 1] (or [B]).
 CRITIC_PROMPT_COLUMNS = ("critic_input_ids", "critic_attention_mask")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -62,8 +62,8 @@ def first_layers(model_dir: str, layers: int | None):
         return config
     total = config.num_hidden_layers
     if not isinstance(layers, int) or isinstance(layers, bool) or not 1 <= layers <= total:
-        raise ValueError(f"model_config critic_layers={layers!r}: the critic's backbone {model_dir} has {total} layers; "
-                         f"pick an int from 1 to {total} (or None: all of them)")
+        raise ValueError(f"model_config critic_layers={layers!r}: the critic's backbone {model_dir} has {total} "
+                         f"layers; pick an int from 1 to {total} (or None: all of them)")
     config.num_hidden_layers = layers
     if getattr(config, "layer_types", None):  # per-layer attention kinds (sliding or full), one per layer
         config.layer_types = config.layer_types[:layers]
