@@ -120,7 +120,7 @@ def build_config(algo_cls, env: str | None, cfg: dict, where: str):
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     config = algo_cls.get_default_config()
-    cfg = _resolve_classes(dict(cfg or {}), where)
+    cfg = _absolute_paths(_resolve_classes(dict(cfg or {}), where))
     if env is not None:
         resolve_env(env, cfg.get("env_config"), where)
         config.environment(env)
@@ -151,6 +151,18 @@ def build_config(algo_cls, env: str | None, cfg: dict, where: str):
         config.rl_module(rl_module_spec=RLModuleSpec(**cfg.pop("rl_module_spec")))
     config.update_from_dict(cfg)
     return config
+
+
+def _absolute_paths(value):
+    """Relative paths to files or folders that exist (strings with a path separator, e.g. ``data/train.parquet``)
+    made absolute: they are relative to where ``rllib train`` runs, and Tune runs each trial in its own folder."""
+    if isinstance(value, dict):
+        return {k: _absolute_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_absolute_paths(v) for v in value]
+    if isinstance(value, str) and os.sep in value and not os.path.isabs(value) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
 
 
 def _search_keys(value, prefix: tuple = ()) -> list[tuple]:
