@@ -63,6 +63,18 @@ def run(job: dict) -> dict:
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2), "curve": curve}
 
 
+def run_with_retries(job: dict, tries: int = 3) -> dict:
+    """``run``, again after a failure to start (a Ray that timed out starting on a loaded machine, say)."""
+    for attempt in range(tries):
+        try:
+            return run(job)
+        except Exception as e:  # noqa: BLE001  (reported once the tries are spent)
+            if attempt == tries - 1:
+                raise
+            print(f"retrying {job['task']} {job['algo']} {job['setting']} seed {job['seed']} after: {e}", flush=True)
+            time.sleep(30)
+
+
 def _metric(result: dict, key: str) -> float:
     value = result
     for part in key.split("/"):
@@ -101,7 +113,7 @@ def main():
     todo = [j for j in jobs(args.tasks, args.seeds, args.lrs, args.lambdas, args.jobs) if key(j) not in done]
     print(f"{len(todo)} runs to do, {len(rows)} already in {RUNS}", flush=True)
     with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-        for row in pool.imap_unordered(run, todo):
+        for row in pool.imap_unordered(run_with_retries, todo):
             with RUNS.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             rows.append(row)
