@@ -26,7 +26,7 @@ from ray.rllib.utils.metrics import (
     NUM_ENV_STEPS_SAMPLED_LIFETIME, SYNCH_WORKER_WEIGHTS_TIMER, TIMERS, WEIGHTS_SEQ_NO,
 )
 
-from rllib_sppo.apis import TokenValueAPI
+from rllib_sppo.apis import SamplerLogpAPI, TokenValueAPI
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.estimators import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
@@ -96,6 +96,15 @@ class SPPOConfig(AlgorithmConfig):
         self.normalize_advantage = False
         #: Entropy bonus coefficient (reference: 0).
         self.entropy_coeff = 0.0
+        #: Truncated importance sampling (verl's and TRL's TIS) of the gap between the generating engine's policy and
+        #: the learner's: each response token's policy loss is weighed by min(pi_old / pi_engine, tis_cap), the
+        #: learner's old log-prob over the engine's, detached. None: off (synchronous runs, as the reference); 2.0
+        #: is the usual cap. Needs a module whose batches carry the engine's log-probs (the LLM module).
+        self.tis_cap = None
+        #: One-step-off-policy rollouts: while the learner updates on one batch, the remote EnvRunners already sample
+        #: the next with the weights they have (the learner's of the iteration before: one update behind). Needs
+        #: num_env_runners >= 1, the LLM EnvRunner, and tis_cap (the correction of that lag).
+        self.async_rollouts = False
         # LLM rollouts (read by rllib_sppo.llm.runner.LLMEnvRunner).
         #: Sampling temperature; the learner's log-probs use logits / temperature too.
         self.temperature = 0.6
@@ -229,8 +238,50 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(f"critic_init={self.critic_init} is a probability for the bce critic: pick it in (0, 1).")
         if self.critic_lr <= 0 or self.lr <= 0:
             self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
+        if self.tis_cap is not None:
+            if not self.tis_cap >= 1:
+                self._value_error(f"tis_cap={self.tis_cap} caps importance weights pi_old / pi_engine and must be >= 1 "
+                                  f"(a cap below 1 would down-weigh on-policy tokens too); 2.0 is the usual value.")
+            offers, module_name = self._module_offers(SamplerLogpAPI)
+            if not offers:
+                self._value_error(f"tis_cap corrects the gap between an inference engine's log-probs and the learner's; "
+                                  f"{module_name} samples with the learner's own network (its batches carry no engine "
+                                  f"log-probs), so there is nothing to correct: leave tis_cap unset.")
+        if self.async_rollouts:
+            self._validate_async_rollouts()
         if self.deepspeed is not None:
             self._validate_deepspeed()
+
+    def _validate_async_rollouts(self) -> None:
+        if self.num_env_runners < 1:
+            self._value_error(
+                "async_rollouts samples the next batch on remote EnvRunners while the learner updates on this one; "
+                "with num_env_runners=0 the only EnvRunner samples in the learner's own process, so nothing can "
+                "overlap: set num_env_runners >= 1, or async_rollouts=False.")
+        if not self.llm_runner:
+            self._value_error(f"async_rollouts needs the LLM EnvRunner (rllib_sppo.llm.runner.LLMEnvRunner), not "
+                              f"{getattr(self.env_runner_cls, '__name__', self.env_runner_cls)}.")
+        if self.tis_cap is None:
+            self._value_error("async_rollouts samples each batch with weights one update behind the learner's; set "
+                              "tis_cap (e.g. 2.0) so that truncated importance sampling corrects that lag.")
+        if self.max_requests_in_flight_per_env_runner != 1:
+            self._value_error(f"async_rollouts keeps exactly one batch in flight per EnvRunner (one step off policy); "
+                              f"max_requests_in_flight_per_env_runner={self.max_requests_in_flight_per_env_runner} "
+                              f"would keep more: set it to 1.")
+
+    @property
+    def llm_runner(self) -> bool:
+        """Whether the EnvRunners are LLM ones (``rllib_sppo.llm.runner.LLMEnvRunner``: chunked weight sync, one-call
+        batches, a data position)."""
+        return hasattr(self.env_runner_cls, "load_weight_chunks")
+
+    def freeze(self) -> None:
+        # Asynchronous rollouts keep the remote EnvRunners sampling between iterations; RLlib's sync of their connector
+        # states after every iteration would wait for that sampling. As IMPALA does, it is off then (the LLM EnvRunner,
+        # the only one async_rollouts runs with, has no connector state).
+        if not self._is_frozen:
+            self._dont_auto_sync_env_runner_states = bool(self.async_rollouts)
+        super().freeze()
 
     def _module_offers(self, api: type) -> tuple[bool, str]:
         """Whether the configured RLModule class implements ``api``, and the class's name (for messages)."""
@@ -327,7 +378,7 @@ _SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "val
               "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature",
               "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
               "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed", "gpu_memory_utilization", "engine_sleep_level",
-              "weight_sync_chunk_mb", "weight_sync_timeout_s")
+              "weight_sync_chunk_mb", "weight_sync_timeout_s", "tis_cap", "async_rollouts")
 
 
 def deal_episodes(episodes: list, n: int) -> list[list]:
@@ -416,7 +467,7 @@ class SPPO(Algorithm):
                 group.local_env_runner.set_state({COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
                                                   WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]})
             return
-        if not hasattr(self.config.env_runner_cls, "load_weight_chunks"):
+        if not self.config.llm_runner:
             group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
             return
         max_bytes = int(self.config.weight_sync_chunk_mb * 2**20)

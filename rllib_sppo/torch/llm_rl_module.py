@@ -20,8 +20,8 @@
   logp_chunk_tokens (int): response positions per chunk of the LM head (default 1024).
 
 Batch columns (built by ``rllib_sppo.llm.connectors.TokenBatch``): ``input_ids``,
-``attention_mask`` (prompt + response, right-padded), ``response_mask`` and
-``old_logp`` aligned with next-token positions [B, L-1], ``critic_input_ids``,
+``attention_mask`` (prompt + response, right-padded), ``response_mask``, ``old_logp`` and
+``engine_logp`` (the generating engine's) aligned with next-token positions [B, L-1], ``critic_input_ids``,
 ``critic_attention_mask`` (prompt only; with a sequence critic). The LM head runs only
 on the response positions, a chunk at a time, its fp32 logits recomputed in the
 backward pass instead of kept: no [B, L, vocabulary] tensor exists. The critic is not
@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from rllib_sppo.apis import SeparateNetworksAPI, TokenLogpAPI, TokenValueAPI
+from rllib_sppo.apis import SamplerLogpAPI, SeparateNetworksAPI, TokenLogpAPI, TokenValueAPI
 from rllib_sppo.core import token_budget_micro_batches
 
 #: Columns that hold the critic's prompt (their own width); the others are [B, L] or [B, L - 1] (or [B]).
@@ -102,7 +102,7 @@ class ValueModel(nn.Module):
 
 
 class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI, TokenValueAPI,
-                    SeparateNetworksAPI):
+                    SamplerLogpAPI, SeparateNetworksAPI):
     def setup(self):
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -165,6 +165,10 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
 
     def action_mask(self, batch):
         return batch["response_mask"]
+
+    # SamplerLogpAPI
+    def sampler_logp(self, batch):
+        return batch["engine_logp"]
 
     def entropy(self, batch, fwd_out):
         return fwd_out["entropy"]
