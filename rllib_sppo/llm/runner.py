@@ -4,8 +4,10 @@ The runner holds one bandit env (its prompts loaded and rendered once). A sampli
 round poses ``num_envs_per_env_runner`` prompts that the ``EpochSampler`` picks (each
 training prompt once per epoch, runners drawing disjoint shards), generates every
 response in a single engine call, scores them all in one call to the env and returns
-one-step ``SingleAgentEpisode``s that carry the prompt and response token ids and the
-engine's per-token log-probs.
+one-step ``SingleAgentEpisode``s that carry the prompt and response token ids, the
+engine's per-token log-probs and the ``weights_seq_no`` of the weights that generated them.
+``sample_batch`` returns a whole batch with its metrics, data position and wall-clock
+window in one call (SPPO's asynchronous rollouts).
 
 New policy weights reach the engine in place (no restart): through ``set_state`` (RLlib's
 state, e.g. after a restore, and the local runner's sync) or ``load_weight_chunks``
@@ -112,6 +114,15 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             self._asleep = True
         return episodes
 
+    def sample_batch(self) -> dict:
+        """One training batch in one call, for SPPO's asynchronous rollouts: the ``episodes``, this runner's
+        ``metrics``, its ``data`` position after drawing them (where a run resumed from a checkpoint taken while the
+        next batch is sampled continues) and the wall-clock ``window`` (``time.time()``) it sampled in."""
+        start = time.time()
+        episodes = self.sample()
+        return {"episodes": episodes, "window": (start, time.time()), "metrics": self.get_metrics(),
+                "data": self.get_state(components="data")["data"]}
+
     def _sample_round(self, k: int) -> list[SingleAgentEpisode]:
         """k prompts from the sampler, ``samples_per_prompt`` responses each: one engine call, one scoring call."""
         engine = self.engine
@@ -138,7 +149,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     extra_model_outputs={"prompt_ids": [np.asarray(s.prompt_ids, np.int64)],
                                          "response_ids": [np.asarray(s.response_ids, np.int64)],
                                          "engine_logp": [np.asarray(s.logp, np.float32)],
-                                         GROUP_ID: [group_id]}))
+                                         GROUP_ID: [group_id], WEIGHTS_SEQ_NO: [self._weights_seq_no]}))
         self._log_round(episodes, tokens, gen_s)
         return episodes
 
@@ -174,6 +185,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         m.log_value("rollout/response_tokens_lifetime", tokens, reduce="lifetime_sum")
         m.log_value("timing_s/generate", gen_s, window=1)
         m.log_value("rollout/epoch", self.sampler.progress, window=1)
+        m.log_value(WEIGHTS_SEQ_NO, self._weights_seq_no, window=1)
         m.log_value(NUM_ENV_STEPS_SAMPLED, n, reduce="sum")
         m.log_value(NUM_EPISODES, n, reduce="sum")
         m.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, n, reduce="lifetime_sum")
