@@ -238,6 +238,7 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(f"critic_init={self.critic_init} is a probability for the bce critic: pick it in (0, 1).")
         if self.critic_lr <= 0 or self.lr <= 0:
             self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
+        self._validate_lora({**self.model_config, **spec_model_config}.get("lora"))
         if self.tis_cap is not None:
             if not self.tis_cap >= 1:
                 self._value_error(f"tis_cap={self.tis_cap} caps importance weights pi_old / pi_engine and must be >= 1 "
@@ -251,6 +252,20 @@ class SPPOConfig(AlgorithmConfig):
             self._validate_async_rollouts()
         if self.deepspeed is not None:
             self._validate_deepspeed()
+
+    def _validate_lora(self, spec) -> None:
+        from rllib_sppo.llm.lora import resolve_lora
+
+        try:
+            lora = resolve_lora(spec)
+        except ValueError as e:
+            self._value_error(str(e))
+        if lora and self.deepspeed is not None:
+            self._value_error("model_config lora trains a few adapter weights: the torch learner suffices and the "
+                              "DeepSpeed learner does not take LoRA policies yet; unset deepspeed.")
+        if lora and self.engine_sleep_level == 2:
+            self._value_error("engine_sleep_level=2 frees the engine's weights, and a LoRA policy's sync sends only its "
+                              "adapters, never the base again: use engine_sleep_level 1 (or 0).")
 
     def _validate_async_rollouts(self) -> None:
         if self.num_env_runners < 1:

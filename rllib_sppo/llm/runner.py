@@ -41,6 +41,7 @@ from ray.tune.registry import ENV_CREATOR, _global_registry
 import envs  # noqa: F401  (registers ReasoningBandit-v0 in this process: a remote EnvRunner's too)
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
+from rllib_sppo.llm.lora import resolve_lora
 from rllib_sppo.llm.models import resolve_model
 from rllib_sppo.llm.sampler import EpochSampler
 
@@ -56,12 +57,13 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                                     shard=max(self.worker_index - 1, 0), num_shards=max(config.num_env_runners, 1))
         spec = config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
         self.model_dir = resolve_model(spec.model_config["policy"])
+        self.lora = resolve_lora(spec.model_config.get("lora"))  # the engine then takes the policy's adapters alone
         self._engine = None
         self._pending_weights = None  # a callable giving the (name, tensor) pairs, for when the engine starts
         self._weights_seq_no = 0
         shares_learner_gpu = config.num_env_runners == 0 and torch.cuda.is_available()
         self.sleep_level = (config.engine_sleep_level if config.engine_sleep_level is not None
-                            else 2 if shares_learner_gpu else 0)
+                            else (1 if self.lora else 2) if shares_learner_gpu else 0)  # (a LoRA base is not resent)
         self.gpu_memory_utilization = (config.gpu_memory_utilization if config.gpu_memory_utilization is not None
                                        else 0.4 if shares_learner_gpu else 0.9)
         self._asleep = False
@@ -86,7 +88,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def engine(self):
         if self._engine is None:
             kwargs = {"seed": (self.config.seed or 0) + self.worker_index, "sleep_level": self.sleep_level,
-                      "gpu_memory_utilization": self.gpu_memory_utilization, **self.config.engine_kwargs}
+                      "gpu_memory_utilization": self.gpu_memory_utilization, "lora": self.lora,
+                      **self.config.engine_kwargs}
             self._engine = make_engine(self.config.rollout_engine, self.model_dir, **kwargs)
             self.tokenizer = self._engine.tokenizer
             if self._pending_weights is not None:
