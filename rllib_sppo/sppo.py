@@ -245,9 +245,9 @@ class SPPOConfig(AlgorithmConfig):
                                   f"(a cap below 1 would down-weigh on-policy tokens too); 2.0 is the usual value.")
             offers, module_name = self._module_offers(SamplerLogpAPI)
             if not offers:
-                self._value_error(f"tis_cap corrects the gap between an inference engine's log-probs and the learner's; "
-                                  f"{module_name} samples with the learner's own network (its batches carry no engine "
-                                  f"log-probs), so there is nothing to correct: leave tis_cap unset.")
+                self._value_error(f"tis_cap corrects the gap between an inference engine's log-probs and the "
+                                  f"learner's; {module_name} samples with the learner's own network (its batches carry "
+                                  f"no engine log-probs), so there is nothing to correct: leave tis_cap unset.")
         if self.async_rollouts and not self.in_evaluation:  # (RLlib's evaluation config has no EnvRunners of its own)
             self._validate_async_rollouts()
         if self.deepspeed is not None:
@@ -264,8 +264,8 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error("model_config lora trains a few adapter weights: the torch learner suffices and the "
                               "DeepSpeed learner does not take LoRA policies yet; unset deepspeed.")
         if lora and self.engine_sleep_level == 2:
-            self._value_error("engine_sleep_level=2 frees the engine's weights, and a LoRA policy's sync sends only its "
-                              "adapters, never the base again: use engine_sleep_level 1 (or 0).")
+            self._value_error("engine_sleep_level=2 frees the engine's weights, and a LoRA policy's sync sends only "
+                              "its adapters, never the base again: use engine_sleep_level 1 (or 0).")
 
     def _validate_async_rollouts(self) -> None:
         if self.num_env_runners < 1:
@@ -634,8 +634,8 @@ class SPPO(Algorithm):
     def _drop_in_flight(self) -> None:
         """Waits for and discards what the asynchronous rollouts have in flight (before a restore)."""
         if self.config.async_rollouts:
-            self.env_runner_group.fetch_ready_async_reqs(
-                tags=["sample", "weights"], timeout_seconds=self.config.sample_timeout_s + self.config.weight_sync_timeout_s)
+            self.env_runner_group.fetch_ready_async_reqs(tags=["sample", "weights"], timeout_seconds=(
+                self.config.sample_timeout_s + self.config.weight_sync_timeout_s))
             self._weights_in_flight = None
 
     def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:

@@ -1,4 +1,4 @@
-"""LoRA policies: ``model_config: {lora: {r, alpha, target_modules, dropout}}`` (PEFT, ``pip install 'rllib-sppo[lora]'``).
+"""LoRA policies: ``model_config: {lora: {r, alpha, target_modules, dropout}}`` (PEFT: ``rllib-sppo[lora]``).
 
 The learner's policy wears LoRA adapters (transformers' PEFT integration, ``add_adapter``): only they train (the base
 weights are frozen, the policy optimizer holds the adapters alone) and only they are synced to the EnvRunners, whose
