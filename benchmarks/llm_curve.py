@@ -48,11 +48,14 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
         result = algo.train()
         it += 1
         runners = result["env_runners"]
+        overlap = result.get("async_rollouts", {})  # (async_rollouts only; a synchronous run overlaps nothing)
         stats.append({"tokens_per_s": runners["rollout/tokens_per_s"], "sync_s": result["timing_s"]["weight_sync"],
                       "engine_sync_s": runners.get("timing_s/weight_sync", np.nan),
                       "update_s": result["timing_s"]["update"],
                       "scoring_s": result["timing_s"].get("prompt_scoring", 0.0),  # prompt selection's critic pass
-                      "iter_s": sum(result["timing_s"].values()),
+                      "iter_s": sum(result["timing_s"].values()), "overlap_s": overlap.get("overlap_s", 0.0),
+                      "overlap_fraction": overlap.get("overlap_fraction", 0.0),
+                      "policy_lag": overlap.get("policy_lag", 0.0),
                       **{k: runners.get(f"rollout/{k}", np.nan) for k in SELECTION}})
         tokens = int(runners.get("rollout/response_tokens_lifetime", 0))  # generated in training so far
         if it % eval_every == 0:

@@ -62,3 +62,13 @@ class SeparateNetworksAPI(abc.ABC):
     def run_networks_with(self, **wrappers) -> None:
         """Runs the module's forward passes through these wrappers (by network name), each calling the network
         it wraps (e.g. a DeepSpeed engine, whose forward also does ZeRO's bookkeeping)."""
+
+
+class SamplerLogpAPI(abc.ABC):
+    """A module whose actions another implementation of its policy sampled (an inference engine such as vLLM), with
+    that sampler's log-probs in the batch: truncated importance sampling (``tis_cap``) corrects the learner's old
+    log-probs towards them."""
+
+    @abc.abstractmethod
+    def sampler_logp(self, batch):
+        """The sampler's log-probs of the actions, the shape of ``action_logp``'s (0 where the mask is 0)."""

@@ -10,6 +10,7 @@ One SPPO update, read top to bottom (arXiv 2604.08865):
     A   = R - sigmoid(z)                        # sequence_advantage, before the critic update
     L_v = BCE(z, R)                             # critic_bce_loss
     L_p = PPO-clip(ratio_t, A) over tokens      # ppo_clip_loss, A broadcast to every token
+    w_t = min(pi_old / pi_engine, cap)          # truncated_is_weights (optional): each token's L_p weighed by w_t
 
 Baselines for comparison share the loss: GRPO / Dr.GRPO (``group_advantage``) and
 RLOO (``rloo_advantage``) replace the critic by N > 1 samples per prompt; token-level
@@ -189,6 +190,7 @@ def ppo_clip_loss(
     dual_clip: float | None = 3.0,
     agg: str = "token-mean",
     counts: tuple | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level PPO clipped surrogate with dual clip, as the reference runs it.
 
@@ -197,6 +199,8 @@ def ppo_clip_loss(
     and ratio statistics. ``counts`` = (valid tokens, sequences) of the minibatch this
     batch is a micro-batch of: the loss and the means are then this micro-batch's share
     (they add up over the micro-batches; ``ratio_max``/``ratio_min`` take the max/min).
+    ``weights`` [B, T] (detached, e.g. ``truncated_is_weights``) multiply each token's
+    loss before it is aggregated, whatever the ``agg`` mode (as verl and TRL apply them).
     """
     tokens, sequences = counts if counts is not None else (None, None)
     denominator = tokens if agg == "token-mean" else sequences
@@ -215,6 +219,8 @@ def ppo_clip_loss(
         negative = advantages < 0
         losses = torch.where(negative, torch.minimum(clipped, surr3), clipped)
         lower_clipfrac = masked_mean(((clipped > surr3) & negative).float(), mask, tokens)
+    if weights is not None:
+        losses = losses * weights.detach()
     loss = agg_loss(losses, mask, agg, denominator)
     m = mask.bool()
     stats = {
@@ -226,6 +232,25 @@ def ppo_clip_loss(
         "ratio_min": ratio[m].min() if m.any() else ratio.new_ones(()),
     }
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def truncated_is_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, cap: float,
+                         tokens: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance sampling (TIS, as verl's and TRL's) for responses sampled by another policy than the
+    learner's old one: an inference engine whose numerics differ, or whose weights are an update behind (asynchronous
+    rollouts). Per token, ratio = pi_old / pi_sampler = exp(old_logp - sampler_logp) and the weight min(ratio, cap),
+    detached, 0 on padding. Returns the weights and diagnostics: ``is_ratio_mean`` (over valid tokens; ``tokens``
+    replaces their count, a micro-batch's share of its minibatch's mean), ``is_ratio_max``, ``is_ratio_min`` and
+    ``is_capped_frac`` (share of tokens whose ratio exceeded the cap)."""
+    ratio = torch.exp((old_logp.detach() - sampler_logp.detach()).float().clamp(-20.0, 20.0))
+    m = mask.bool()
+    stats = {
+        "is_ratio_mean": masked_mean(ratio, mask, tokens),
+        "is_ratio_max": ratio[m].max() if m.any() else ratio.new_ones(()),
+        "is_ratio_min": ratio[m].min() if m.any() else ratio.new_ones(()),
+        "is_capped_frac": masked_mean((ratio > cap).float(), mask, tokens),
+    }
+    return ratio.clamp(max=cap) * mask.to(ratio.dtype), stats
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:

@@ -20,13 +20,13 @@ from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
-from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS, ENV_RUNNER_SAMPLING_TIMER, LEARNER_RESULTS, LEARNER_UPDATE_TIMER,
     NUM_ENV_STEPS_SAMPLED_LIFETIME, SYNCH_WORKER_WEIGHTS_TIMER, TIMERS, WEIGHTS_SEQ_NO,
 )
 
-from rllib_sppo.apis import TokenValueAPI
+from rllib_sppo.apis import SamplerLogpAPI, TokenValueAPI
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.estimators import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
@@ -97,6 +97,15 @@ class SPPOConfig(AlgorithmConfig):
         self.normalize_advantage = False
         #: Entropy bonus coefficient (reference: 0).
         self.entropy_coeff = 0.0
+        #: Truncated importance sampling (verl's and TRL's TIS) of the gap between the generating engine's policy and
+        #: the learner's: each response token's policy loss is weighed by min(pi_old / pi_engine, tis_cap), the
+        #: learner's old log-prob over the engine's, detached. None: off (synchronous runs, as the reference); 2.0
+        #: is the usual cap. Needs a module whose batches carry the engine's log-probs (the LLM module).
+        self.tis_cap = None
+        #: One-step-off-policy rollouts: while the learner updates on one batch, the remote EnvRunners already sample
+        #: the next with the weights they have (the learner's of the iteration before: one update behind). Needs
+        #: num_env_runners >= 1, the LLM EnvRunner, and tis_cap (the correction of that lag).
+        self.async_rollouts = False
         # LLM rollouts (read by rllib_sppo.llm.runner.LLMEnvRunner).
         #: Sampling temperature; the learner's log-probs use logits / temperature too.
         self.temperature = 0.6
@@ -267,6 +276,18 @@ class SPPOConfig(AlgorithmConfig):
         self._validate_llm_wiring()
         if self.prompt_selection is not None:
             self._validate_prompt_selection()
+        self._validate_lora({**self.model_config, **spec_model_config}.get("lora"))
+        if self.tis_cap is not None:
+            if not self.tis_cap >= 1:
+                self._value_error(f"tis_cap={self.tis_cap} caps importance weights pi_old / pi_engine and must be >= 1 "
+                                  f"(a cap below 1 would down-weigh on-policy tokens too); 2.0 is the usual value.")
+            offers, module_name = self._module_offers(SamplerLogpAPI)
+            if not offers:
+                self._value_error(f"tis_cap corrects the gap between an inference engine's log-probs and the "
+                                  f"learner's; {module_name} samples with the learner's own network (its batches carry "
+                                  f"no engine log-probs), so there is nothing to correct: leave tis_cap unset.")
+        if self.async_rollouts and not self.in_evaluation:  # (RLlib's evaluation config has no EnvRunners of its own)
+            self._validate_async_rollouts()
         if self.deepspeed is not None:
             self._validate_deepspeed()
 
@@ -324,6 +345,50 @@ class SPPOConfig(AlgorithmConfig):
             name = getattr(self.env_runner_cls, "__name__", self.env_runner_cls)
             self._value_error(f"prompt_selection chooses the prompts of LLM runs: set env_runner_cls to "
                               f"rllib_sppo.llm.runner.LLMEnvRunner (got {name}).")
+    def _validate_lora(self, spec) -> None:
+        from rllib_sppo.llm.lora import resolve_lora
+
+        try:
+            lora = resolve_lora(spec)
+        except ValueError as e:
+            self._value_error(str(e))
+        if lora and self.deepspeed is not None:
+            self._value_error("model_config lora trains a few adapter weights: the torch learner suffices and the "
+                              "DeepSpeed learner does not take LoRA policies yet; unset deepspeed.")
+        if lora and self.engine_sleep_level == 2:
+            self._value_error("engine_sleep_level=2 frees the engine's weights, and a LoRA policy's sync sends only "
+                              "its adapters, never the base again: use engine_sleep_level 1 (or 0).")
+
+    def _validate_async_rollouts(self) -> None:
+        if self.num_env_runners < 1:
+            self._value_error(
+                "async_rollouts samples the next batch on remote EnvRunners while the learner updates on this one; "
+                "with num_env_runners=0 the only EnvRunner samples in the learner's own process, so nothing can "
+                "overlap: set num_env_runners >= 1, or async_rollouts=False.")
+        if not self.llm_runner:
+            self._value_error(f"async_rollouts needs the LLM EnvRunner (rllib_sppo.llm.runner.LLMEnvRunner), not "
+                              f"{getattr(self.env_runner_cls, '__name__', self.env_runner_cls)}.")
+        if self.tis_cap is None:
+            self._value_error("async_rollouts samples each batch with weights one update behind the learner's; set "
+                              "tis_cap (e.g. 2.0) so that truncated importance sampling corrects that lag.")
+        if self.max_requests_in_flight_per_env_runner != 1:
+            self._value_error(f"async_rollouts keeps exactly one batch in flight per EnvRunner (one step off policy); "
+                              f"max_requests_in_flight_per_env_runner={self.max_requests_in_flight_per_env_runner} "
+                              f"would keep more: set it to 1.")
+
+    @property
+    def llm_runner(self) -> bool:
+        """Whether the EnvRunners are LLM ones (``rllib_sppo.llm.runner.LLMEnvRunner``: chunked weight sync, one-call
+        batches, a data position)."""
+        return hasattr(self.env_runner_cls, "load_weight_chunks")
+
+    def freeze(self) -> None:
+        # Asynchronous rollouts keep the remote EnvRunners sampling between iterations; RLlib's sync of their connector
+        # states after every iteration would wait for that sampling. As IMPALA does, it is off then (the LLM EnvRunner,
+        # the only one async_rollouts runs with, has no connector state).
+        if not self._is_frozen:
+            self._dont_auto_sync_env_runner_states = bool(self.async_rollouts)
+        super().freeze()
 
     def _module_offers(self, api: type) -> tuple[bool, str]:
         """Whether the configured RLModule class implements ``api``, and the class's name (for messages)."""
@@ -432,7 +497,7 @@ _SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "val
               "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature",
               "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
               "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed", "gpu_memory_utilization", "engine_sleep_level",
-              "weight_sync_chunk_mb", "weight_sync_timeout_s", "prompt_selection")
+              "weight_sync_chunk_mb", "weight_sync_timeout_s", "prompt_selection", "tis_cap", "async_rollouts")
 
 
 def deal_episodes(episodes: list, n: int) -> list[list]:
@@ -451,6 +516,8 @@ def deal_episodes(episodes: list, n: int) -> list[list]:
 
 #: ``SPPOConfig.prompt_selection``'s keys and their defaults.
 PROMPT_SELECTION_DEFAULTS = {"pool": 4, "weight": "variance", "floor": 0.05}
+#: State component: each remote LLM EnvRunner's data position, by worker index.
+RUNNER_DATA = "env_runner_data"
 
 #: Written last into every SPPO checkpoint: its files and their sizes.
 MANIFEST_FILE = "sppo_manifest.json"
@@ -476,14 +543,18 @@ class SPPO(Algorithm):
             torch.set_num_threads(max(1, cpus))
         super().setup(config)
         self.metrics.log_value("torch_threads", torch.get_num_threads(), window=1)
+        self._windows = {}  # each phase's last wall-clock window (time.time()): the overlap of sampling and updates
+        self._runner_data = {}  # remote LLM EnvRunners' data positions as of the last batch trained on (async)
+        self._weights_in_flight = None  # (runner indices, chunks) of an asynchronous weight sync not yet acknowledged
 
     @contextmanager
     def _phase(self, name: str, timer: str):
         """Times one phase: RLlib's timer (EMA) and ``timing_s/<name>`` (this iteration's wall-clock)."""
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         with self.metrics.log_time((TIMERS, timer)):
             yield
         self.metrics.log_value(("timing_s", name), time.perf_counter() - start, window=1)
+        self._windows[name] = (wall, time.time())
 
     def training_step(self) -> None:
         # Not again in a restored run; "auto" duration only evaluates alongside a training step.
@@ -493,10 +564,11 @@ class SPPO(Algorithm):
             with self._phase("prompt_scoring", "prompt_scoring_timer"):
                 score_prompt_candidates(self.env_runner_group, self.learner_group)
         with self._phase("sample", ENV_RUNNER_SAMPLING_TIMER):
-            episodes, runner_metrics = synchronous_parallel_sample(
-                worker_set=self.env_runner_group, max_env_steps=self.config.total_train_batch_size,
-                sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True,
-                _return_metrics=True)
+            episodes, runner_metrics = self._sample_async() if self.config.async_rollouts else (
+                synchronous_parallel_sample(
+                    worker_set=self.env_runner_group, max_env_steps=self.config.total_train_batch_size,
+                    sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True,
+                    _return_metrics=True))
         if not episodes:
             return
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
@@ -509,9 +581,50 @@ class SPPO(Algorithm):
                 num_epochs=self.config.num_epochs, minibatch_size=self.config.minibatch_size,
                 shuffle_batch_per_epoch=self.config.shuffle_batch_per_epoch)
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        if self.config.async_rollouts:
+            self._log_policy_lag(episodes)
         self._stop_on_nonfinite_streak()
         with self._phase("weight_sync", SYNCH_WORKER_WEIGHTS_TIMER):
             self._sync_weights()
+
+    # Asynchronous rollouts (one step off policy). Each remote EnvRunner has at most one batch in flight, and Ray runs
+    # an actor's calls in the order they were made: a runner samples batch t+1 (started as soon as batch t was fetched)
+    # while the learner updates on batch t, then loads the weights of update t (sent after it, acknowledged in the
+    # next sync), then samples batch t+2 with them. Batch t+1 is thus sampled with the weights of update t-1.
+
+    def _sample_async(self) -> tuple[list, list]:
+        """The batch the remote EnvRunners sampled during the last update, and the next one started. A runner with no
+        batch in flight (the first iteration, after a restore, a restarted runner) starts one first, and this
+        iteration waits for it (RLlib starts no second call on a runner with one in flight)."""
+        group = self.env_runner_group
+        group.foreach_env_runner_async("sample_batch", tag="sample")
+        ready = group.fetch_ready_async_reqs(tags="sample", timeout_seconds=self.config.sample_timeout_s)
+        group.foreach_env_runner_async("sample_batch", tag="sample")
+        if not ready:
+            return [], []
+        self._runner_data.update({str(index): batch["data"] for index, batch in ready})
+        self._log_overlap([batch["window"] for _, batch in ready])
+        return [e for _, batch in ready for e in batch["episodes"]], [batch["metrics"] for _, batch in ready]
+
+    def _log_overlap(self, windows: list) -> None:
+        """``async_rollouts/overlap_s``: the seconds the learner's last update ran while the EnvRunners sampled this
+        batch (from the first runner's start to the last one's end), and ``overlap_fraction``: that share of the last
+        iteration's wall-clock (sample + update + weight sync), the time async rollouts save per iteration."""
+        if "update" not in self._windows:
+            return
+        starts, ends = zip(*windows)
+        update_start, update_end = self._windows["update"]
+        overlap = max(0.0, min(max(ends), update_end) - max(min(starts), update_start))
+        iteration = self._windows["weight_sync"][1] - self._windows["sample"][0]
+        self.metrics.log_dict({"overlap_s": overlap, "overlap_fraction": overlap / max(iteration, 1e-9)},
+                              key="async_rollouts", window=1)
+
+    def _log_policy_lag(self, episodes) -> None:
+        """``async_rollouts/policy_lag``: how many updates the weights that sampled the batch's stalest episode were
+        behind the learner's at this update (0 in the first iteration and after a restore, then 1)."""
+        learner_seq_no = self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, WEIGHTS_SEQ_NO))
+        sampled_with = min(int(e.get_extra_model_outputs(WEIGHTS_SEQ_NO, 0)) for e in episodes)
+        self.metrics.log_value(("async_rollouts", "policy_lag"), learner_seq_no - 1 - sampled_with, window=1)
 
     def _sync_weights(self) -> None:
         """The policy's weights to the EnvRunners (the critic stays on the learners).
@@ -519,8 +632,9 @@ class SPPO(Algorithm):
         A local EnvRunner (num_env_runners=0) receives the learner's state as it is: beside a local learner, the
         learner's tensors themselves (no copy, no numpy, no dtype change). Remote LLM EnvRunners receive the policy in
         its compute dtype, in object-store chunks of at most ``weight_sync_chunk_mb`` that they load one at a time,
-        each within ``weight_sync_timeout_s`` (or the iteration fails naming the runner); other remote EnvRunners
-        (classic control) through RLlib's ``sync_weights``.
+        each within ``weight_sync_timeout_s`` (or the iteration fails naming the runner); with ``async_rollouts`` the
+        chunks are queued behind each runner's sampling and the next sync checks that they were loaded. Other remote
+        EnvRunners (classic control) get them through RLlib's ``sync_weights``.
         """
         group = self.env_runner_group
         if not group.num_remote_workers():
@@ -530,7 +644,7 @@ class SPPO(Algorithm):
                 group.local_env_runner.set_state({COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
                                                   WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]})
             return
-        if not hasattr(self.config.env_runner_cls, "load_weight_chunks"):
+        if not self.config.llm_runner:
             group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
             return
         max_bytes = int(self.config.weight_sync_chunk_mb * 2**20)
@@ -539,9 +653,28 @@ class SPPO(Algorithm):
             if not result.ok:
                 raise result.get()
         chunks, seq_no = next((r.get() for r in results if r.get()[0]), ([], 0))
+        if self.config.async_rollouts:  # queued behind each runner's sampling; acknowledged in the next sync
+            self._await_weight_loads()
+            group.foreach_env_runner_async("load_weight_chunks", tag="weights",
+                                           kwargs={"chunks": chunks, "seq_no": seq_no})
+            self._weights_in_flight = (set(group.healthy_worker_ids()), chunks)
+            return
         loaded = group.foreach_env_runner(lambda runner: runner.load_weight_chunks(chunks, seq_no),
                                           local_env_runner=False, timeout_seconds=self.config.weight_sync_timeout_s)
-        stuck = sorted(set(group.healthy_worker_ids()) - set(loaded))  # (runners that died are restarted by RLlib)
+        self._raise_if_stuck(set(group.healthy_worker_ids()), loaded)
+
+    def _await_weight_loads(self) -> None:
+        """The EnvRunners' acknowledgements of the last asynchronous weight sync, each within weight_sync_timeout_s."""
+        if self._weights_in_flight is None:
+            return
+        sent, _ = self._weights_in_flight  # (the chunks are kept alive until loaded)
+        acks = self.env_runner_group.fetch_ready_async_reqs(tags="weights",
+                                                            timeout_seconds=self.config.weight_sync_timeout_s)
+        self._weights_in_flight = None
+        self._raise_if_stuck(sent & set(self.env_runner_group.healthy_worker_ids()), [index for _, index in acks])
+
+    def _raise_if_stuck(self, expected: set, loaded: list) -> None:
+        stuck = sorted(expected - set(loaded))  # (runners that died are restarted by RLlib)
         if stuck:
             raise TimeoutError(
                 f"weight sync: EnvRunner(s) {stuck} did not load the new policy weights within weight_sync_timeout_s="
@@ -584,20 +717,45 @@ class SPPO(Algorithm):
     # SPPO writes a manifest (every file and its size) last and refuses to restore without a matching one.
     # The state also holds this process's random generators, so a resumed run with num_env_runners=0 and
     # num_learners=0 (sampling and learning in this process) continues bit for bit like an uninterrupted one.
+    # Remote LLM EnvRunners' data positions are in it too (RLlib keeps only the local EnvRunner's), as of the last
+    # batch trained on: with async_rollouts the batch in flight is dropped, and a resumed run samples it again (the
+    # same prompts, with the restored weights).
 
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
         state = super().get_state(components, not_components=not_components, **kwargs)
         if self._check_component("rng", components, not_components):
             state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
                             "torch": torch.get_rng_state().numpy()}
+        if (self._check_component(RUNNER_DATA, components, not_components) and self.config.llm_runner
+                and self.env_runner_group.num_remote_workers()):
+            state[RUNNER_DATA] = dict(self._runner_data) if self.config.async_rollouts and self._runner_data else {
+                str(index): data for index, data in self.env_runner_group.foreach_env_runner(
+                    lambda r: (r.worker_index, r.get_state(components="data")["data"]), local_env_runner=False)}
         return state
 
     def set_state(self, state: dict) -> None:
+        self._drop_in_flight()
         super().set_state(state)
         if "rng" in state:
             random.setstate(state["rng"]["python"])
             np.random.set_state(state["rng"]["numpy"])
             torch.set_rng_state(torch.from_numpy(state["rng"]["torch"]))
+        if RUNNER_DATA in state:
+            data = state[RUNNER_DATA]
+            runners = [str(i) for i in self.env_runner_group.healthy_worker_ids()]
+            if sorted(data) != sorted(runners):
+                raise ValueError(f"the checkpoint holds the data positions of EnvRunners {sorted(data)}, this run has "
+                                 f"EnvRunners {sorted(runners)}: resume with the num_env_runners it was saved with.")
+            self.env_runner_group.foreach_env_runner(lambda r: r.set_state({"data": data[str(r.worker_index)]}),
+                                                     local_env_runner=False)
+            self._runner_data = dict(data)
+
+    def _drop_in_flight(self) -> None:
+        """Waits for and discards what the asynchronous rollouts have in flight (before a restore)."""
+        if self.config.async_rollouts:
+            self.env_runner_group.fetch_ready_async_reqs(tags=["sample", "weights"], timeout_seconds=(
+                self.config.sample_timeout_s + self.config.weight_sync_timeout_s))
+            self._weights_in_flight = None
 
     def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
         if filesystem is None:

@@ -7,7 +7,7 @@ import torch
 
 from rllib_sppo.core import (agg_loss, auroc, critic_bce_loss, critic_calibration, critic_mse_loss, gae_advantage,
                              group_advantage, kl_penalty, outcome_token_rewards, ppo_clip_loss, reliability_bins,
-                             rloo_advantage, selection_weights, sequence_advantage, spearman)
+                             rloo_advantage, selection_weights, sequence_advantage, spearman, truncated_is_weights)
 
 LN3 = math.log(3.0)
 
@@ -213,3 +213,31 @@ def test_calibration_edge_cases():
     # p = 1 falls in the last bin; a perfect critic of deterministic outcomes has Brier 0 and ECE 0
     m = critic_calibration(torch.tensor([1.0, 0.0]), torch.tensor([[1, 1], [0, 0]]))
     assert (m["brier"], m["ece"], m["auroc"]) == (0.0, 0.0, 1.0)
+
+
+def test_truncated_importance_weights_weigh_each_tokens_loss_in_every_aggregation():
+    """pi_old / pi_engine per token = [2, 0.5, 3 | 1, 2, pad], capped at 2.5: weights [2, 0.5, 2.5 | 1, 2, 0]. With
+    ratio pi / pi_old = 1 and A = [1, -2], the per-token losses -A = [-1 x3 | 2 x2] become [-2, -0.5, -2.5 | 2, 4]."""
+    log = lambda *p: torch.tensor(p).log()  # noqa: E731
+    old = torch.stack([log(0.5, 0.2, 0.9), log(0.6, 0.1, 0.5)]).requires_grad_()
+    engine = torch.stack([log(0.25, 0.4, 0.3), log(0.6, 0.05, 0.9)])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    weights, stats = truncated_is_weights(old, engine, mask, cap=2.5)
+    close(weights, [[2.0, 0.5, 2.5], [1.0, 2.0, 0.0]], 1e-5)
+    assert not weights.requires_grad
+    close([stats["is_ratio_mean"], stats["is_ratio_max"], stats["is_ratio_min"], stats["is_capped_frac"]],
+          [8.5 / 5, 3.0, 0.5, 1 / 5], 1e-5)
+    # A micro-batch's share of a minibatch of 10 tokens: the means divide by 10.
+    _, share = truncated_is_weights(old, engine, mask, cap=2.5, tokens=10.0)
+    close([share["is_ratio_mean"], share["is_capped_frac"]], [0.85, 0.1], 1e-5)
+    advantages = torch.tensor([1.0, -2.0])
+    expected = {"token-mean": (-5 + 6) / 5, "seq-mean-token-mean": (-5 / 3 + 6 / 2) / 2, "seq-mean-token-sum": 1 / 2}
+    for mode, value in expected.items():
+        logp = old.detach().clone().requires_grad_()
+        loss, _ = ppo_clip_loss(logp, old.detach(), advantages, mask, agg=mode, weights=weights)
+        close(loss, value, 1e-5)
+        if mode == "token-mean":  # d loss / d logp = -A w / 5 (ratio 1, unclipped); 0 on padding
+            loss.backward()
+            close(logp.grad, [[-0.4, -0.1, -0.5], [0.4, 0.8, 0.0]], 1e-5)
+    unweighted, _ = ppo_clip_loss(old.detach(), old.detach(), advantages, mask)
+    close(unweighted, (-3 + 4) / 5)  # the control: without weights, the plain token-mean

@@ -25,11 +25,12 @@ def tiny(tmp_path_factory):
 
 
 def uneven_episodes(tiny, n=8, seed=0):
-    """n one-step episodes with prompts of 4-13 and responses of 1-24 tokens, outcome 1 for every third."""
+    """n one-step episodes with prompts of 4-13 and responses of 1-24 tokens, outcome 1 for every third; the engine's
+    log-probs are drawn in [-7, -2] (around the tiny model's, so that some importance ratios exceed a cap of 2)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny)
-    rng = np.random.default_rng(seed)
+    rng, engine_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     eps = []
     for i in range(n):
         prompt = "Q: " + "".join(rng.choice(list("0123456789+"), size=1 + i % 10))
@@ -39,7 +40,7 @@ def uneven_episodes(tiny, n=8, seed=0):
             observations=[prompt, prompt], actions=[tok.decode(r)], rewards=[float(i % 3 == 0)], terminated=True,
             infos=[{}, {"data_source": "arithmetic"}], len_lookback_buffer=0,
             extra_model_outputs={"prompt_ids": [np.array(p)], "response_ids": [np.array(r)],
-                                 "engine_logp": [np.zeros(len(r), np.float32)]}))
+                                 "engine_logp": [engine_rng.uniform(-7, -2, len(r)).astype(np.float32)]}))
     return eps
 
 
@@ -51,8 +52,9 @@ def build(tiny, dtype="float32", **training):
             .build_learner(env=None, spaces={MODULE: (TEXT, TEXT)}))
 
 
-def minibatch_gradient(learner, episodes) -> dict:
-    """The gradient of one update on all ``episodes`` as one minibatch (read just before the optimizer step)."""
+def minibatch_gradient(learner, episodes) -> tuple[dict, dict]:
+    """The gradient of one update on all ``episodes`` as one minibatch (read just before the optimizer step), and the
+    update's results."""
     grads = {}
 
     def step():
@@ -60,18 +62,19 @@ def minibatch_gradient(learner, episodes) -> dict:
                       if p.grad is not None})
 
     learner._step = step
-    learner.update(episodes=episodes, num_epochs=1, minibatch_size=len(episodes))
-    return grads
+    results = learner.update(episodes=episodes, num_epochs=1, minibatch_size=len(episodes))
+    return grads, results
 
 
-@pytest.mark.parametrize("estimator, mode", [("sppo", "token-mean"), ("sppo", "seq-mean-token-mean"),
-                                             ("sppo", "seq-mean-token-sum"), ("ppo", "token-mean")])
-def test_micro_batched_gradient_equals_the_unsplit_minibatch(tiny, estimator, mode):
+@pytest.mark.parametrize("estimator, mode, tis_cap", [
+    ("sppo", "token-mean", None), ("sppo", "seq-mean-token-mean", None), ("sppo", "seq-mean-token-sum", None),
+    ("ppo", "token-mean", None), ("sppo", "token-mean", 2.0), ("sppo", "seq-mean-token-mean", 2.0)])
+def test_micro_batched_gradient_equals_the_unsplit_minibatch(tiny, estimator, mode, tis_cap):
     """Rows of 6-36 tokens under a 48-token budget: 5 micro-batches of 1-5 rows; each loss term of a micro-batch is
     normalised by its minibatch's count, so the accumulated gradient is the minibatch's, in every aggregation mode
-    (token-mean: the minibatch's tokens, not each micro-batch's)."""
+    (token-mean: the minibatch's tokens, not each micro-batch's), truncated importance weights included."""
     eps = uneven_episodes(tiny)
-    settings = {"advantage_estimator": estimator, "loss_agg_mode": mode}
+    settings = {"advantage_estimator": estimator, "loss_agg_mode": mode, "tis_cap": tis_cap}
     if estimator == "ppo":
         settings["critic_init"] = 0.3  # an mse critic with something to learn
     whole = build(tiny, **settings)
@@ -80,7 +83,7 @@ def test_micro_batched_gradient_equals_the_unsplit_minibatch(tiny, estimator, mo
     parts = split.module[MODULE].micro_batches(batch)
     assert len(parts) == 5 and sorted(len(rows) for rows, _ in parts) == [1, 1, 1, 2, 3]
     assert all(micro["input_ids"].numel() <= 48 or len(rows) == 1 for rows, micro in parts)  # trimmed to budget
-    expected, got = minibatch_gradient(whole, eps), minibatch_gradient(split, eps)
+    (expected, _), (got, results) = minibatch_gradient(whole, eps), minibatch_gradient(split, eps)
     assert expected.keys() == got.keys() and len(expected) > 30
     assert any(k.startswith("critic.") for k in expected)  # the critic's gradient too
     flat = lambda g: torch.cat([v.flatten() for v in g.values()])  # noqa: E731
@@ -88,6 +91,13 @@ def test_micro_batched_gradient_equals_the_unsplit_minibatch(tiny, estimator, mo
     assert error < 1e-5, error
     # Wrong normalisation (each micro-batch's own token count) would be far off: the control this test can fail on.
     assert (split.module[MODULE].action_mask(batch).sum() / parts[0][1]["response_mask"].sum()) > 2
+    if tis_cap is not None:  # some tokens capped, some not: the weights vary within the minibatch
+        ratio = torch.exp(batch["old_logp"] - batch["engine_logp"])[batch["response_mask"] == 1]
+        assert 0.05 < (ratio > tis_cap).float().mean() < 0.95
+        stats = results[MODULE]
+        assert float(stats["rollout/is_ratio_max"]) == pytest.approx(float(ratio.max()), rel=1e-5)
+        capped = float((ratio > tis_cap).float().mean())
+        assert float(stats["rollout/is_capped_frac"]) == pytest.approx(capped, rel=1e-5)
 
 
 def test_log_probs_from_the_lm_head_on_response_positions_equal_the_full_log_softmax(tiny):

@@ -28,10 +28,12 @@ class TokenBatch(ConnectorV2):
     Each episode carries ``prompt_ids``, ``response_ids`` and ``engine_logp`` as extra
     model outputs of its single step, and the prompt text as its observation. The
     old log-probs are recomputed by the learner's policy before any update (as the
-    reference does), in the module's micro-batches; their mean absolute gap to the
-    engine's log-probs on the same tokens is logged as ``rollout/engine_logp_gap``:
-    large means the weight sync failed. The critic's prompt columns are built only
-    for a sequence critic.
+    reference does), in the module's micro-batches; the engine's are kept beside them
+    (``engine_logp``, for truncated importance sampling) and their mean absolute gap on
+    the same tokens is logged as ``rollout/engine_logp_gap``: large in a synchronous run
+    means the weight sync failed (with ``async_rollouts`` it also holds the one update
+    the engine's weights are behind). The critic's prompt columns are built only for a
+    sequence critic.
     """
 
     def __call__(self, *, rl_module, episodes, batch, metrics=None, **kwargs) -> Any:
@@ -57,9 +59,10 @@ class TokenBatch(ConnectorV2):
         cols = {k: v.to(device) for k, v in cols.items()}
         old = in_micro_batches(module, cols, module.response_logp, width=response_mask.shape[1])
         cols["old_logp"] = old * cols["response_mask"]
+        cols["engine_logp"] = engine.to(device) * cols["response_mask"]
         if metrics is not None:
             m = cols["response_mask"]
-            gap = ((old - engine.to(device)).abs() * m).sum() / m.sum().clamp(min=1)
+            gap = ((cols["old_logp"] - cols["engine_logp"]).abs() * m).sum() / m.sum().clamp(min=1)
             metrics.log_dict({"rollout/engine_logp_gap": float(gap),
                               "rollout/response_len_mean": float(m.sum(-1).mean())},
                              key=DEFAULT_MODULE_ID, window=1)

@@ -4,7 +4,10 @@ Both take prompt token ids, sample ``n`` responses per prompt at a temperature, 
 return the response token ids with their per-token log-probs computed from the
 temperature-scaled distribution (what the learner recomputes). Both take new
 policy weights in place (``update_weights``, from an iterator of (name, tensor), so
-weights can arrive chunk by chunk), without a restart. Both can sleep while the
+weights can arrive chunk by chunk), without a restart. Built with ``lora`` (a resolved
+``model_config["lora"]``), they hold the frozen base and take the LoRA adapters alone
+(named as PEFT saves them): vLLM serves them as a LoRA adapter, the transformers engine
+wears the same adapters. Both can sleep while the
 learner updates (``sleep(level)``: 1 moves the weights off the accelerator and drops
 the KV cache, 2 drops the weights too) and ``wake_up``; after level 2 the caller
 loads weights before generating.
@@ -14,11 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+from rllib_sppo.llm.lora import VLLM_LORA_RANKS, peft_config
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +50,15 @@ class HFEngine:
 
     name = "transformers"
 
-    def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, **_):
+    def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, lora: dict | None = None, **_):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval().to(self.device)
+        self.lora = lora
+        if lora:
+            self.model.add_adapter(peft_config(lora))
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
 
@@ -78,6 +87,13 @@ class HFEngine:
         return [samples[i * cfg.n:(i + 1) * cfg.n] for i in range(len(prompts))]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.lora:  # PEFT names the adapters' parameters with the adapter's name ("default") inside
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, dict(named_tensors))
+            if result.unexpected_keys:
+                raise ValueError(f"adapter weights the engine's adapters do not have: {result.unexpected_keys[:3]}")
+            return
         params = dict(self.model.named_parameters(remove_duplicate=False))
         with torch.no_grad():
             for name, tensor in named_tensors:
@@ -108,7 +124,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, sleep_level: int = 0, **_):
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, sleep_level: int = 0,
+                 lora: dict | None = None, **_):
         # In-process engine core: required for in-place weight reloads via collective_rpc.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -126,6 +143,12 @@ class VLLMEngine:
                 raise ValueError(f"engine_sleep_level={sleep_level}: vLLM's sleep mode frees GPU memory and needs a "
                                  f"CUDA GPU; on a CPU machine set engine_sleep_level to 0 (nothing to free).")
             kwargs["enable_sleep_mode"] = True
+        self.lora, self._adapter = lora, None  # the LoRARequest of the adapter loaded last
+        if lora:
+            kwargs |= {"enable_lora": True, "max_loras": 1,
+                       "max_lora_rank": min(rank for rank in VLLM_LORA_RANKS if rank >= lora["r"])}
+            self._adapter_dir = tempfile.mkdtemp(prefix="sppo_lora_")
+            peft_config(lora).save_pretrained(self._adapter_dir)  # adapter_config.json
         self.llm = vllm.LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
                             enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
@@ -136,16 +159,35 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[Sample]]:
         params = self._vllm.SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
                                            max_tokens=cfg.max_tokens, logprobs=0)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                    lora_request=self._adapter)
         return [[Sample(list(o.prompt_token_ids), list(c.token_ids), c.text,
                         [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
                  for c in o.outputs] for o in outputs]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        # The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the iterator is consumed lazily,
-        # a chunk of weights at a time.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        if self.lora:
+            self._load_adapter(named_tensors)
+        else:
+            # The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the iterator is consumed
+            # lazily, a chunk of weights at a time.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         self.llm.reset_prefix_cache()
+
+    def _load_adapter(self, named_tensors) -> None:
+        """vLLM loads LoRA adapters from a folder: the new adapter is written over the last one, which is dropped, and
+        loaded under a new id (now, not at the next generate)."""
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        save_file({f"base_model.model.{name}": tensor.contiguous() for name, tensor in named_tensors},
+                  f"{self._adapter_dir}/adapter_model.safetensors")
+        adapter_id = 1
+        if self._adapter is not None:
+            adapter_id = self._adapter.lora_int_id + 1
+            self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
+        self._adapter = LoRARequest(f"policy-{adapter_id}", adapter_id, self._adapter_dir)
+        self.llm.llm_engine.add_lora(self._adapter)
 
     def sleep(self, level: int) -> None:
         self.llm.sleep(level=level)

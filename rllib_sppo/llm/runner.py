@@ -4,10 +4,13 @@ The runner holds one bandit env (its prompts loaded and rendered once). A sampli
 round poses ``num_envs_per_env_runner`` prompts that the ``EpochSampler`` picks (each
 training prompt once per epoch, runners drawing disjoint shards), generates every
 response in a single engine call, scores them all in one call to the env and returns
-one-step ``SingleAgentEpisode``s that carry the prompt and response token ids and the
-engine's per-token log-probs. With ``prompt_selection`` the prompts come from a ``PromptPool``
-instead: the driver scores its candidates with the learner's critic before each ``sample()``
-(``prompt_candidates``, ``set_prompt_scores``; see ``rllib_sppo.llm.critic``).
+one-step ``SingleAgentEpisode``s that carry the prompt and response token ids, the
+engine's per-token log-probs and the ``weights_seq_no`` of the weights that generated them.
+``sample_batch`` returns a whole batch with its metrics, data position and wall-clock
+window in one call (SPPO's asynchronous rollouts). With ``prompt_selection`` the prompts
+come from a ``PromptPool`` instead: the driver scores its candidates with the learner's
+critic before each ``sample()`` (``prompt_candidates``, ``set_prompt_scores``; see
+``rllib_sppo.llm.critic``).
 
 New policy weights reach the engine in place (no restart): through ``set_state`` (RLlib's
 state, e.g. after a restore, and the local runner's sync) or ``load_weight_chunks``
@@ -41,6 +44,7 @@ from ray.tune.registry import ENV_CREATOR, _global_registry
 import envs  # noqa: F401  (registers ReasoningBandit-v0 in this process: a remote EnvRunner's too)
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
+from rllib_sppo.llm.lora import resolve_lora
 from rllib_sppo.llm.models import resolve_model
 from rllib_sppo.llm.sampler import EpochSampler, PromptPool
 
@@ -59,12 +63,13 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                                                     seed=[config.seed or 0, self.worker_index])
         spec = config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
         self.model_dir = resolve_model(spec.model_config["policy"])
+        self.lora = resolve_lora(spec.model_config.get("lora"))  # the engine then takes the policy's adapters alone
         self._engine = None
         self._pending_weights = None  # a callable giving the (name, tensor) pairs, for when the engine starts
         self._weights_seq_no = 0
         shares_learner_gpu = config.num_env_runners == 0 and torch.cuda.is_available()
         self.sleep_level = (config.engine_sleep_level if config.engine_sleep_level is not None
-                            else 2 if shares_learner_gpu else 0)
+                            else (1 if self.lora else 2) if shares_learner_gpu else 0)  # (a LoRA base is not resent)
         self.gpu_memory_utilization = (config.gpu_memory_utilization if config.gpu_memory_utilization is not None
                                        else 0.4 if shares_learner_gpu else 0.9)
         self._asleep = False
@@ -89,7 +94,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def engine(self):
         if self._engine is None:
             kwargs = {"seed": (self.config.seed or 0) + self.worker_index, "sleep_level": self.sleep_level,
-                      "gpu_memory_utilization": self.gpu_memory_utilization, **self.config.engine_kwargs}
+                      "gpu_memory_utilization": self.gpu_memory_utilization, "lora": self.lora,
+                      **self.config.engine_kwargs}
             self._engine = make_engine(self.config.rollout_engine, self.model_dir, **kwargs)
             self.tokenizer = self._engine.tokenizer
             if self._pending_weights is not None:
@@ -133,6 +139,14 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def set_prompt_scores(self, indices: list[int], logits) -> None:
         """Prompt selection: the critic's logits of ``prompt_candidates``' prompts."""
         self.prompt_pool.score(indices, logits)
+    def sample_batch(self) -> dict:
+        """One training batch in one call, for SPPO's asynchronous rollouts: the ``episodes``, this runner's
+        ``metrics``, its ``data`` position after drawing them (where a run resumed from a checkpoint taken while the
+        next batch is sampled continues) and the wall-clock ``window`` (``time.time()``) it sampled in."""
+        start = time.time()
+        episodes = self.sample()
+        return {"episodes": episodes, "window": (start, time.time()), "metrics": self.get_metrics(),
+                "data": self.get_state(components="data")["data"]}
 
     def _sample_round(self, k: int) -> list[SingleAgentEpisode]:
         """k prompts from the sampler (or the prompt pool), ``samples_per_prompt`` responses each: one engine call,
@@ -162,7 +176,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     extra_model_outputs={"prompt_ids": [np.asarray(s.prompt_ids, np.int64)],
                                          "response_ids": [np.asarray(s.response_ids, np.int64)],
                                          "engine_logp": [np.asarray(s.logp, np.float32)],
-                                         GROUP_ID: [group_id]}))
+                                         GROUP_ID: [group_id], WEIGHTS_SEQ_NO: [self._weights_seq_no]}))
         self._log_round(episodes, tokens, gen_s)
         return episodes
 
@@ -194,6 +208,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         m.log_value("rollout/response_tokens_lifetime", tokens, reduce="lifetime_sum")
         m.log_value("timing_s/generate", gen_s, window=1)
         m.log_value("rollout/epoch", self.sampler.progress, window=1)
+        m.log_value(WEIGHTS_SEQ_NO, self._weights_seq_no, window=1)
         m.log_value(NUM_ENV_STEPS_SAMPLED, n, reduce="sum")
         m.log_value(NUM_EPISODES, n, reduce="sum")
         m.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, n, reduce="lifetime_sum")

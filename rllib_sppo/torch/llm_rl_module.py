@@ -21,10 +21,13 @@
   max_tokens_per_micro_batch (int, optional): the token budget of one forward/backward (set by
       ``SPPOConfig``); None: a whole minibatch at once.
   logp_chunk_tokens (int): response positions per chunk of the LM head (default 1024).
+  lora (dict, optional): {r, alpha, target_modules, dropout}: train LoRA adapters of the policy only, its base frozen
+      (``rllib_sppo.llm.lora``); the EnvRunners then receive only the adapters, and ``hf_policy/`` is the adapter
+      folder. None: full fine-tuning.
 
 Batch columns (built by ``rllib_sppo.llm.connectors.TokenBatch``): ``input_ids``,
-``attention_mask`` (prompt + response, right-padded), ``response_mask`` and
-``old_logp`` aligned with next-token positions [B, L-1], ``critic_input_ids``,
+``attention_mask`` (prompt + response, right-padded), ``response_mask``, ``old_logp`` and
+``engine_logp`` (the generating engine's) aligned with next-token positions [B, L-1], ``critic_input_ids``,
 ``critic_attention_mask`` (prompt only; with a sequence critic). The LM head runs only
 on the response positions, a chunk at a time, its fp32 logits recomputed in the
 backward pass instead of kept: no [B, L, vocabulary] tensor exists. The critic is not
@@ -41,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
-from rllib_sppo.apis import SeparateNetworksAPI, TokenLogpAPI, TokenValueAPI
+from rllib_sppo.apis import SamplerLogpAPI, SeparateNetworksAPI, TokenLogpAPI, TokenValueAPI
 from rllib_sppo.core import token_budget_micro_batches
 
 #: The ``model_config`` keys the module reads (``SPPOConfig.llm`` takes them).
@@ -142,10 +145,11 @@ class ValueModel(nn.Module):
 
 
 class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI, TokenValueAPI,
-                    SeparateNetworksAPI):
+                    SamplerLogpAPI, SeparateNetworksAPI):
     def setup(self):
         from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+        from rllib_sppo.llm.lora import peft_config, resolve_lora
         from rllib_sppo.llm.models import resolve_model
 
         cfg = {"temperature": 0.6, "dtype": "float32", "gradient_checkpointing": False, "critic_kind": "sequence",
@@ -164,6 +168,9 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         policy_dir = resolve_model(cfg["policy"])
         self.tokenizer = AutoTokenizer.from_pretrained(policy_dir)
         self.policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+        self.lora = resolve_lora(cfg.get("lora"))
+        if self.lora:  # adapters injected in place (the same model class): only they require gradients
+            self.policy.add_adapter(peft_config(self.lora))
         if self.critic_kind:
             critic_dir = resolve_model(cfg.get("critic") or cfg["policy"])
             self.critic_tokenizer = AutoTokenizer.from_pretrained(critic_dir)
@@ -208,6 +215,10 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
     def action_mask(self, batch):
         return batch["response_mask"]
 
+    # SamplerLogpAPI
+    def sampler_logp(self, batch):
+        return batch["engine_logp"]
+
     def entropy(self, batch, fwd_out):
         return fwd_out["entropy"]
 
@@ -243,7 +254,7 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         return out
 
     def policy_parameters(self):
-        return list(self.policy.parameters())
+        return [p for p in self.policy.parameters() if p.requires_grad]  # (a LoRA policy's: the adapters)
 
     def critic_parameters(self):
         return list(self.critic.parameters()) + list(self.value_head.parameters()) if self.critic_kind else []
@@ -293,14 +304,19 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
 
     def get_state(self, components=None, *, not_components=None, inference_only=False, **kwargs):
         """The parameters as torch tensors, as they are (views, no numpy round trip; the critic left out if
-        ``inference_only``): RLlib's ``set_state``, checkpoints and the EnvRunners take them."""
+        ``inference_only``): RLlib's ``set_state``, checkpoints and the EnvRunners take them. What the EnvRunners
+        need of a LoRA policy (``inference_only``) is its adapters, named as PEFT saves them: their engines hold
+        the frozen base."""
+        if inference_only and self.lora:
+            return {f"policy.{k}": v.detach() for k, v in self.policy.get_adapter_state_dict().items()}
         skip = self.get_non_inference_attributes() if inference_only and not self.inference_only else []
         return {k: v.detach() for k, v in self.state_dict().items() if k.split(".")[0] not in skip}
 
     def save_to_path(self, path=None, *, state=None, **kwargs) -> str:
         """RLlib's checkpoint, plus the policy as a Hugging Face folder ``hf_policy/`` that transformers and vLLM load
         directly (in the compute dtype), both written from one state (a DeepSpeed learner's is gathered from its
-        ZeRO partitions)."""
+        ZeRO partitions). A LoRA policy's ``hf_policy/`` is its adapter folder (PEFT's format, over the ``policy``
+        base), which ``AutoModelForCausalLM.from_pretrained`` loads with its base."""
         state = self.get_state() if state is None else state
         path = super().save_to_path(path, state=state, **kwargs)
         policy = {k.removeprefix("policy."): torch.as_tensor(v).to(self.compute_dtype)

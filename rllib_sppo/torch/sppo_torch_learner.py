@@ -17,7 +17,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
 from rllib_sppo.connectors import CRITIC_MASK, VALUES_OLD, critic_output
-from rllib_sppo.core import critic_bce_loss, critic_mse_loss, masked_mean, ppo_clip_loss
+from rllib_sppo.core import critic_bce_loss, critic_mse_loss, masked_mean, ppo_clip_loss, truncated_is_weights
 from rllib_sppo.estimators import ESTIMATORS
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
 
@@ -86,16 +86,21 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
         return fwd_out, losses, {}
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
-        """The PPO-clip policy loss, plus the critic's loss if the estimator has a critic; this micro-batch's share
-        of its minibatch's (``batch[MINIBATCH]``), diagnostics added to it."""
+        """The PPO-clip policy loss (each token's weighed by its truncated importance weight with ``tis_cap``), plus
+        the critic's loss if the estimator has a critic; this micro-batch's share of its minibatch's
+        (``batch[MINIBATCH]``), diagnostics added to it."""
         minibatch: Minibatch = batch[MINIBATCH]
         module = self.module[module_id].unwrapped()
         logp, old_logp, mask = module.action_logp(batch, fwd_out)
+        weights, tis_stats = None, {}
+        if config.tis_cap is not None:
+            weights, tis_stats = truncated_is_weights(old_logp, module.sampler_logp(batch), mask, config.tis_cap,
+                                                      minibatch.tokens)
         total, stats = ppo_clip_loss(
             logp, old_logp, batch[Columns.ADVANTAGES], mask,
             clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=config.dual_clip,
-            agg=config.loss_agg_mode, counts=(minibatch.tokens, minibatch.sequences))
-        stats = {f"policy/{k}": v for k, v in stats.items()}
+            agg=config.loss_agg_mode, counts=(minibatch.tokens, minibatch.sequences), weights=weights)
+        stats = {**{f"policy/{k}": v for k, v in stats.items()}, **{f"rollout/{k}": v for k, v in tis_stats.items()}}
         stats["policy/loss"] = total.detach()
         critic = ESTIMATORS[config.advantage_estimator].critic
         if critic is not None:
