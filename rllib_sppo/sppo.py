@@ -296,19 +296,21 @@ class SPPOConfig(AlgorithmConfig):
         connector alone, and the held-out evaluation function when evaluating."""
         from rllib_sppo.llm.connectors import TokenBatch
         from rllib_sppo.llm.evaluation import heldout_accuracy
-        from rllib_sppo.llm.runner import LLMEnvRunner
-        from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
+        from rllib_sppo.torch.llm_rl_module import MODEL_CONFIG_KEYS, SPPOLLMModule
 
         runner, module_class = self.env_runner_cls, getattr(self.rl_module_spec, "module_class", None)
-        llm_runner = isinstance(runner, type) and issubclass(runner, LLMEnvRunner)
         llm_module = isinstance(module_class, type) and issubclass(module_class, SPPOLLMModule)
         fix = "set them together with .llm(policy=...) (YAML: llm: {policy: ...})"
-        if llm_runner != llm_module:
+        if self.llm_runner != llm_module:
             self._value_error(f"env_runner_cls {getattr(runner, '__name__', runner)} and RLModule "
                               f"{getattr(module_class, '__name__', module_class)} do not fit together: an LLM run "
                               f"needs LLMEnvRunner with SPPOLLMModule; {fix}.")
-        if not llm_runner:
+        if not self.llm_runner:
             return
+        unknown = sorted(set(getattr(self.rl_module_spec, "model_config", None) or {}) - MODEL_CONFIG_KEYS)
+        if unknown:
+            self._value_error(f"the LLM module's model_config has unknown key(s) {unknown}; its keys are "
+                              f"{sorted(MODEL_CONFIG_KEYS)}.")
         connector = self._learner_connector(None, None) if self._learner_connector else None
         if not isinstance(connector, TokenBatch) or self.add_default_connectors_to_learner_pipeline:
             self._value_error(f"an LLM run builds its batches with the TokenBatch learner connector alone "
@@ -380,7 +382,9 @@ class SPPOConfig(AlgorithmConfig):
     def llm_runner(self) -> bool:
         """Whether the EnvRunners are LLM ones (``rllib_sppo.llm.runner.LLMEnvRunner``: chunked weight sync, one-call
         batches, a data position)."""
-        return hasattr(self.env_runner_cls, "load_weight_chunks")
+        from rllib_sppo.llm.runner import LLMEnvRunner
+
+        return isinstance(self.env_runner_cls, type) and issubclass(self.env_runner_cls, LLMEnvRunner)
 
     def freeze(self) -> None:
         # Asynchronous rollouts keep the remote EnvRunners sampling between iterations; RLlib's sync of their connector

@@ -5,14 +5,10 @@ that transformers loads."""
 import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.llm.assets import build_tiny_llama
-from rllib_sppo.llm.connectors import TokenBatch
-from rllib_sppo.llm.runner import LLMEnvRunner
-from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
 from test_reference_scale import TEXT, minibatch_gradient, uneven_episodes
 
 MODULE = DEFAULT_MODULE_ID
@@ -25,17 +21,14 @@ def tiny(tmp_path_factory):
 
 
 def config(tiny, dtype="float32", lora=LORA, runners=0, engine="transformers", **training):
-    return (SPPOConfig()
-            .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
+    return (SPPOConfig().llm(policy=tiny, dtype=dtype, **({"lora": lora} if lora else {}))
             .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 200,
                                                            "chat_template_model": tiny})
-            .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=runners, num_envs_per_env_runner=8,
+            .env_runners(num_env_runners=runners, num_envs_per_env_runner=8,
                          num_cpus_per_env_runner=0.5)
             .training(**{"lr": 1e-2, "critic_lr": 1e-3, "train_batch_size_per_learner": 8, "minibatch_size": 8,
                          "max_response_tokens": 8, "rollout_engine": engine,
                          "engine_kwargs": {"max_model_len": 256} if engine == "vllm" else {}, **training})
-            .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config={
-                "policy": tiny, "dtype": dtype, **({"lora": lora} if lora else {})}))
             .debugging(seed=0))
 
 

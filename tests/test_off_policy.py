@@ -7,16 +7,13 @@ import copy
 import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from transformers import AutoModelForCausalLM
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.connectors import TokenBatch
-from rllib_sppo.llm.runner import LLMEnvRunner
 from rllib_sppo.torch import sppo_torch_learner
-from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
 
 MODULE = DEFAULT_MODULE_ID
 
@@ -27,15 +24,13 @@ def tiny(tmp_path_factory):
 
 
 def config(tiny, runners=0, **training):
-    return (SPPOConfig()
-            .learners(learner_connector=lambda *a: TokenBatch(), add_default_connectors_to_learner_pipeline=False)
+    return (SPPOConfig().llm(policy=tiny)
             .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 200,
                                                            "chat_template_model": tiny})
-            .env_runners(env_runner_cls=LLMEnvRunner, num_env_runners=runners, num_envs_per_env_runner=8,
+            .env_runners(num_env_runners=runners, num_envs_per_env_runner=8,
                          num_cpus_per_env_runner=0.5)
             .training(**{"lr": 1e-3, "critic_lr": 1e-3, "train_batch_size_per_learner": 8, "minibatch_size": 8,
                          "max_response_tokens": 8, "rollout_engine": "transformers", **training})
-            .rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config={"policy": tiny}))
             .debugging(seed=0))
 
 
@@ -92,7 +87,9 @@ def test_async_rollouts_sample_each_batch_with_the_weights_one_update_behind(tin
     """One remote EnvRunner, async: iteration t (from 1) trains on a batch sampled with the weights of update t-2
     (the first two with the initial ones), while the runner samples the next. The fingerprint: the engine's log-probs
     of each batch are those of the learner's policy after update t-2, not after t-1."""
-    algo = config(tiny, runners=1, async_rollouts=True, tis_cap=2.0).build_algo()
+    # Several passes over each batch: an update outlasts the runner's load of the previous weights (which precedes its
+    # sampling of the next batch), so that the update and the sampling overlap.
+    algo = config(tiny, runners=1, async_rollouts=True, tis_cap=2.0, num_epochs=6).build_algo()
     learner = algo.learner_group._learner
     policies = [copy.deepcopy(learner.module[MODULE].unwrapped().policy)]  # after update 0, 1, 2, ...
     batches = []

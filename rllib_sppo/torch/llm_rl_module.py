@@ -49,7 +49,8 @@ from rllib_sppo.core import token_budget_micro_batches
 
 #: The ``model_config`` keys the module reads (``SPPOConfig.llm`` takes them).
 MODEL_CONFIG_KEYS = {"policy", "critic", "critic_layers", "critic_kind", "temperature", "dtype",
-                     "gradient_checkpointing", "critic_bias", "max_tokens_per_micro_batch", "logp_chunk_tokens"}
+                     "gradient_checkpointing", "critic_bias", "max_tokens_per_micro_batch", "logp_chunk_tokens",
+                     "lora"}
 #: Columns that hold the critic's prompt (their own width); the others are [B, L] or [B, L - 1] (or [B]).
 CRITIC_PROMPT_COLUMNS = ("critic_input_ids", "critic_attention_mask")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
