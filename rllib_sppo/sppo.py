@@ -6,6 +6,7 @@ response) as one action of a contextual bandit, with a scalar critic V(s_0).
 
 import importlib.util
 import json
+import logging
 import os
 import random
 import tempfile
@@ -33,6 +34,9 @@ from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 from rllib_sppo.env_runner import EpisodeEnvRunner
 from rllib_sppo.monitoring import BEFORE_TRAINING, PrometheusExport
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
+from rllib_sppo.watchdog import deadline
+
+logger = logging.getLogger(__name__)
 
 
 class SPPOConfig(AlgorithmConfig):
@@ -122,6 +126,18 @@ class SPPOConfig(AlgorithmConfig):
         #: A remote EnvRunner that has not loaded new weights within this many seconds fails the iteration with an
         #: error naming it (instead of a hang).
         self.weight_sync_timeout_s = 600.0
+        #: One generation engine call (a sampling round, or the held-out evaluation) that has not returned within
+        #: this many seconds ends its EnvRunner's process with an error naming it (``rllib_sppo.watchdog``): RLlib
+        #: restarts a remote EnvRunner; with num_env_runners=0 the process is the trial's, restarted by Tune from its
+        #: checkpoint (``max_failures``).
+        self.generation_timeout_s = 1800.0
+        #: One learner update (all its minibatches) that has not finished within this many seconds ends the
+        #: algorithm's process (the trial's) with an error naming it; Tune restarts the trial (``max_failures``).
+        self.learner_update_timeout_s = 1800.0
+        # RLlib's key: a remote EnvRunner that has not returned its sample within this many seconds is named in an
+        # error and restarted (RLlib alone would drop the late sample and ask again: a silent stall). RLlib's 60 s
+        # is short for LLM sampling.
+        self.sample_timeout_s = 3600.0
         #: Stop the run (saving a checkpoint of the last good weights) after this many optimizer steps
         #: in a row were skipped for a non-finite loss or gradient.
         self.max_nonfinite_updates = 3
@@ -245,9 +261,13 @@ class SPPOConfig(AlgorithmConfig):
                               "instead (one place).")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             self._value_error(f"gpu_memory_utilization={self.gpu_memory_utilization} is a share of the GPU: (0, 1].")
-        if self.weight_sync_chunk_mb <= 0 or self.weight_sync_timeout_s <= 0:
-            self._value_error(f"weight_sync_chunk_mb ({self.weight_sync_chunk_mb}) and weight_sync_timeout_s "
-                              f"({self.weight_sync_timeout_s}) must be > 0.")
+        if self.weight_sync_chunk_mb <= 0:
+            self._value_error(f"weight_sync_chunk_mb must be > 0, got {self.weight_sync_chunk_mb}.")
+        for key in TIMEOUT_KEYS:
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or value <= 0:
+                self._value_error(f"{key}={value!r}: give a number of seconds > 0 (past it the stuck part is named and "
+                                  f"restarted; without a bound a stuck part would hang the run).")
         if self.temperature <= 0:
             self._value_error(f"temperature must be > 0 (log-probs divide by it), got {self.temperature}.")
         if self.critic_init is not None and self.resolved_critic_loss == "bce" and not 0 < self.critic_init < 1:
@@ -380,7 +400,14 @@ _SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "val
               "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature",
               "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
               "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed", "gpu_memory_utilization", "engine_sleep_level",
-              "weight_sync_chunk_mb", "weight_sync_timeout_s")
+              "weight_sync_chunk_mb", "weight_sync_timeout_s", "generation_timeout_s", "learner_update_timeout_s")
+#: The seconds after which a stuck part of a run is named and restarted (docs/reliability.md).
+TIMEOUT_KEYS = ("sample_timeout_s", "generation_timeout_s", "learner_update_timeout_s", "weight_sync_timeout_s")
+
+
+def _loads_weight_chunks(config) -> bool:
+    """Whether the EnvRunners take SPPO's chunked weight sync (LLM EnvRunners) rather than RLlib's."""
+    return hasattr(config.env_runner_cls, "load_weight_chunks")
 
 
 def deal_episodes(episodes: list, n: int) -> list[list]:
@@ -399,6 +426,18 @@ def deal_episodes(episodes: list, n: int) -> list[list]:
 
 #: Written last into every SPPO checkpoint: its files and their sizes.
 MANIFEST_FILE = "sppo_manifest.json"
+#: Checkpoint state: each remote LLM EnvRunner's place in the data, by runner index.
+RUNNER_PLACES = "env_runner_places"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a failed copy to storage); earlier checkpoints are intact."""
+
+
+def _cause(error: BaseException) -> str:
+    """The last line of an error's text: the innermost cause of a Ray error, the message of an OSError."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _file_sizes(filesystem, path) -> dict:
@@ -419,6 +458,8 @@ class SPPO(Algorithm):
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
             torch.set_num_threads(max(1, cpus))
+        self._runner_places = {}  # remote LLM EnvRunner index -> its place in the data, to give back on a restart
+        self._last_checkpoint = None  # the newest checkpoint this trial wrote or restored (named if a write fails)
         super().setup(config)
         self.metrics.log_value("torch_threads", torch.get_num_threads(), window=1)
 
@@ -439,11 +480,13 @@ class SPPO(Algorithm):
                 worker_set=self.env_runner_group, max_env_steps=self.config.total_train_batch_size,
                 sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True,
                 _return_metrics=True)
+        self._probe_remote_runners()
         if not episodes:
             return
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
         # Learner: old log-probs and critic values -> advantages (connector), then critic and policy updates.
-        with self._phase("update", LEARNER_UPDATE_TIMER):
+        with self._phase("update", LEARNER_UPDATE_TIMER), deadline(
+                "the learner update", self.config.learner_update_timeout_s, "learner_update_timeout_s"):
             learner_results = self.learner_group.update(
                 **self._learner_data(episodes),
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
@@ -455,24 +498,27 @@ class SPPO(Algorithm):
         with self._phase("weight_sync", SYNCH_WORKER_WEIGHTS_TIMER):
             self._sync_weights()
 
-    def _sync_weights(self) -> None:
+    def _sync_weights(self, runners: list[int] | None = None) -> None:
         """The policy's weights to the EnvRunners (the critic stays on the learners).
 
         A local EnvRunner (num_env_runners=0) receives the learner's state as it is: beside a local learner, the
         learner's tensors themselves (no copy, no numpy, no dtype change). Remote LLM EnvRunners receive the policy in
-        its compute dtype, in object-store chunks of at most ``weight_sync_chunk_mb`` that they load one at a time,
-        each within ``weight_sync_timeout_s`` (or the iteration fails naming the runner); other remote EnvRunners
-        (classic control) through RLlib's ``sync_weights``.
+        its compute dtype, in object-store chunks of at most ``weight_sync_chunk_mb`` that they load one at a time;
+        other remote EnvRunners (classic control) through RLlib's ``sync_weights``. Bounded by
+        ``weight_sync_timeout_s``: an in-process engine past it ends this process (``rllib_sppo.watchdog``), a remote
+        runner past it is named and restarted. ``runners``: only these remote runners (restarted ones).
         """
         group = self.env_runner_group
         if not group.num_remote_workers():
             if group.local_env_runner is not None:
                 state = self.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}",
                                                      inference_only=True)[COMPONENT_LEARNER]
-                group.local_env_runner.set_state({COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
-                                                  WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]})
+                with deadline("loading the policy weights into the local EnvRunner's engine",
+                              self.config.weight_sync_timeout_s, "weight_sync_timeout_s"):
+                    group.local_env_runner.set_state({COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
+                                                      WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]})
             return
-        if not hasattr(self.config.env_runner_cls, "load_weight_chunks"):
+        if not _loads_weight_chunks(self.config):
             group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
             return
         max_bytes = int(self.config.weight_sync_chunk_mb * 2**20)
@@ -482,13 +528,68 @@ class SPPO(Algorithm):
                 raise result.get()
         chunks, seq_no = next((r.get() for r in results if r.get()[0]), ([], 0))
         loaded = group.foreach_env_runner(lambda runner: runner.load_weight_chunks(chunks, seq_no),
-                                          local_env_runner=False, timeout_seconds=self.config.weight_sync_timeout_s)
-        stuck = sorted(set(group.healthy_worker_ids()) - set(loaded))  # (runners that died are restarted by RLlib)
-        if stuck:
-            raise TimeoutError(
-                f"weight sync: EnvRunner(s) {stuck} did not load the new policy weights within weight_sync_timeout_s="
-                f"{self.config.weight_sync_timeout_s} s (an engine stuck loading, or a runner out of memory); see the "
-                f"runner's log, or raise weight_sync_timeout_s for very large policies.")
+                                          local_env_runner=False, remote_worker_ids=runners,
+                                          timeout_seconds=self.config.weight_sync_timeout_s)
+        healthy = set(group.healthy_worker_ids())  # (runners that died are restarted by RLlib)
+        self._restart_stuck_runners(
+            (set(runners or healthy) & healthy) - set(loaded), "weight sync: EnvRunner(s) {} did not load the new "
+            f"policy weights within weight_sync_timeout_s={self.config.weight_sync_timeout_s:g} s", "weight_sync_timeout_s")
+
+    def _probe_remote_runners(self) -> None:
+        """After sampling, each healthy remote EnvRunner answers within ``env_runner_health_probe_timeout_s``. One
+        still busy has not returned its sample within ``sample_timeout_s`` (RLlib drops such a sample and asks again:
+        a stuck runner would stall the run silently), so it is named and restarted. LLM runners answer with their
+        place in the data, kept to give back to a runner that restarts."""
+        group = self.env_runner_group
+        if not group.num_remote_workers():
+            return
+        places = self._read_places()
+        self._runner_places.update({i: place for i, place in places.items() if place is not None})
+        self._restart_stuck_runners(
+            set(group.healthy_worker_ids()) - set(places), "sampling: EnvRunner(s) {} returned no sample within "
+            f"sample_timeout_s={self.config.sample_timeout_s:g} s and did not answer for "
+            f"env_runner_health_probe_timeout_s={self.config.env_runner_health_probe_timeout_s:g} s more",
+            "sample_timeout_s")
+
+    def _read_places(self) -> dict:
+        """{index: place in the data (None where the runner has none)} of the remote EnvRunners that answer in time."""
+        return dict(self.env_runner_group.foreach_env_runner(
+            lambda runner: (runner.worker_index, runner.get_state(components="data").get("data")),
+            local_env_runner=False, timeout_seconds=self.config.env_runner_health_probe_timeout_s))
+
+    def _restart_stuck_runners(self, stuck: set, message: str, key: str) -> None:
+        """Remote EnvRunners that did not answer in time (``message`` names them at ``{}``) are logged as an error and
+        killed, and RLlib restarts them (``fault_tolerance/num_remote_worker_restarts`` counts it; the restarted
+        runner gets the current weights and its place in the data, see ``restore_env_runners``). Without RLlib's
+        restarts (``restart_failed_env_runners=False``), a TimeoutError."""
+        if not stuck:
+            return
+        message = (f"{message.format(sorted(stuck))} (an engine or env stuck, or the runner's process stopped); see "
+                   f"the runner's log, or raise {key} if it is only slow")
+        if not self.config.restart_failed_env_runners:
+            raise TimeoutError(f"{message}. Set restart_failed_env_runners=True to restart such a runner instead.")
+        logger.error("%s. Restarting it.", message)
+        manager = self.env_runner_group._worker_manager
+        for index in stuck:
+            ray.kill(manager.actors()[index], no_restart=False)  # Ray starts the actor again (RLlib's max_restarts)
+            manager.set_actor_state(index, healthy=False)  # RLlib's probe brings it back into service
+
+    def restore_env_runners(self, env_runner_group) -> list[int]:
+        """RLlib brings restarted EnvRunners back into service and hands them the local runner's state. Restarted LLM
+        runners then also get the policy's current weights (the local runner's state holds none: they would sample
+        with the weights they started with) and their own place in the data (the local runner's is another's)."""
+        restored = super().restore_env_runners(env_runner_group)
+        if restored and env_runner_group is self.env_runner_group and _loads_weight_chunks(self.config):
+            self._give_back_places(restored)
+            self._sync_weights(restored)
+        return restored
+
+    def _give_back_places(self, runners: list[int]) -> None:
+        places = {i: self._runner_places[i] for i in runners if i in self._runner_places}
+        if places:
+            self.env_runner_group.foreach_env_runner(
+                lambda runner: runner.set_state({"data": places[runner.worker_index]}), local_env_runner=False,
+                remote_worker_ids=list(places), timeout_seconds=self.config.env_runner_health_probe_timeout_s)
 
     def _evaluate_before_training(self) -> None:
         """Evaluates the untrained policy, reported in the first result as ``evaluation_before_training/...``: the
@@ -525,13 +626,21 @@ class SPPO(Algorithm):
     # restore silently skips a missing component: a checkpoint cut short by a crash could load as fresh weights.
     # SPPO writes a manifest (every file and its size) last and refuses to restore without a matching one.
     # The state also holds this process's random generators, so a resumed run with num_env_runners=0 and
-    # num_learners=0 (sampling and learning in this process) continues bit for bit like an uninterrupted one.
+    # num_learners=0 (sampling and learning in this process) continues bit for bit like an uninterrupted one, and each
+    # remote LLM EnvRunner's place in the data (RLlib's state holds only the local runner's).
+    # A checkpoint that cannot be written (a full disk) stops training with an error naming it, its cause and the
+    # previous checkpoint, which stays intact; what was written of it is removed or, lacking its manifest, refused.
 
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
         state = super().get_state(components, not_components=not_components, **kwargs)
         if self._check_component("rng", components, not_components):
             state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
                             "torch": torch.get_rng_state().numpy()}
+        group = getattr(self, "env_runner_group", None)
+        if group and group.num_remote_workers() and self._check_component(RUNNER_PLACES, components, not_components):
+            self._runner_places.update({i: p for i, p in self._read_places().items() if p is not None})
+            if self._runner_places:
+                state[RUNNER_PLACES] = dict(self._runner_places)
         return state
 
     def set_state(self, state: dict) -> None:
@@ -540,17 +649,60 @@ class SPPO(Algorithm):
             random.setstate(state["rng"]["python"])
             np.random.set_state(state["rng"]["numpy"])
             torch.set_rng_state(torch.from_numpy(state["rng"]["torch"]))
+        if RUNNER_PLACES in state:
+            self._runner_places = dict(state[RUNNER_PLACES])
+            self._give_back_places(self.env_runner_group.healthy_worker_ids())
 
     def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
         if filesystem is None:
             filesystem, path = pyarrow.fs.FileSystem.from_uri(str(path or tempfile.mkdtemp()))
         manifest = f"{path}/{MANIFEST_FILE}"
+        fresh = filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound or not _file_sizes(filesystem, path)
         if filesystem.get_file_info(manifest).type != pyarrow.fs.FileType.NotFound:
             filesystem.delete_file(manifest)  # overwriting: incomplete until the new manifest is written
-        super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
-        with filesystem.open_output_stream(manifest) as f:
-            f.write(json.dumps(_file_sizes(filesystem, path)).encode())
+        try:
+            super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+            with filesystem.open_output_stream(manifest) as f:
+                f.write(json.dumps(_file_sizes(filesystem, path)).encode())
+        except Exception as e:
+            left = "it has no manifest, so restoring it is refused"
+            if fresh:
+                try:
+                    filesystem.delete_dir(path)
+                    left = "what was written of it is removed"
+                except OSError:
+                    pass
+            raise CheckpointWriteError(f"checkpoint {path} could not be written ({_cause(e)}); {left}") from e
         return path
+
+    def save(self, checkpoint_dir=None):
+        """Tune's checkpoint: written to a local folder, then copied to the trial's storage. A failure of either stops
+        training with an error naming the checkpoint, the cause and the previous checkpoint (intact; Tune restores it
+        when ``max_failures`` allows a retry); a copy cut short is removed from storage."""
+        storage = self._storage
+        index = storage.current_checkpoint_index if storage else None
+        try:
+            result = super().save(checkpoint_dir)
+        except Exception as e:
+            where = ""
+            if storage and storage.current_checkpoint_index != index:  # written locally, the copy to storage failed
+                where = f" to {storage.checkpoint_fs_path}"
+                try:
+                    storage.storage_filesystem.delete_dir(storage.checkpoint_fs_path)
+                except OSError:
+                    pass
+            previous = (f"the previous checkpoint {self._last_checkpoint} is intact and restores" if
+                        self._last_checkpoint else "there is no earlier checkpoint")
+            raise CheckpointWriteError(
+                f"the checkpoint of iteration {self.iteration} could not be written{where}: {_cause(e)}. Training "
+                f"stops; {previous} (free space or fix the storage, then resume: rllib train file ... --resume)."
+            ) from e
+        self._last_checkpoint = result.checkpoint.path
+        return result
+
+    def load_checkpoint(self, checkpoint_dir) -> None:
+        super().load_checkpoint(checkpoint_dir)
+        self._last_checkpoint = checkpoint_dir
 
     def restore_from_path(self, path, *, component=None, filesystem=None, **kwargs) -> None:
         if component is None:  # a whole checkpoint (not one component's folder)
