@@ -11,7 +11,9 @@ import os
 import random
 import tempfile
 import time
+import zlib
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs
@@ -424,10 +426,14 @@ def deal_episodes(episodes: list, n: int) -> list[list]:
     return shards
 
 
-#: Written last into every SPPO checkpoint: its files and their sizes.
+#: Written last into every SPPO checkpoint: its files, their sizes and CRC-32s.
 MANIFEST_FILE = "sppo_manifest.json"
 #: Checkpoint state: each remote LLM EnvRunner's place in the data, by runner index.
 RUNNER_PLACES = "env_runner_places"
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint whose files disagree with its manifest: cut short, or changed since it was written."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -445,6 +451,40 @@ def _file_sizes(filesystem, path) -> dict:
     infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
     return {i.path[len(path) + 1:]: i.size for i in infos
             if i.type == pyarrow.fs.FileType.File and i.base_name != MANIFEST_FILE}
+
+
+def _crc32(filesystem, path) -> int:
+    crc = 0
+    with filesystem.open_input_stream(path) as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _digests(filesystem, path) -> dict:
+    """{file: [size, CRC-32]} of a checkpoint's files, the manifest excepted."""
+    return {name: [size, _crc32(filesystem, f"{path}/{name}")] for name, size in _file_sizes(filesystem, path).items()}
+
+
+def check_checkpoint(path, filesystem=None) -> None:
+    """Raises ``IncompleteCheckpointError`` unless every file the checkpoint's manifest lists is there with its size
+    and CRC-32 (a checkpoint cut short by a crash or a full disk, or changed since it was written)."""
+    fs, where = (filesystem, str(path)) if filesystem else pyarrow.fs.FileSystem.from_uri(str(path))
+    try:
+        with fs.open_input_stream(f"{where}/{MANIFEST_FILE}") as f:
+            expected = json.loads(f.read())
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"{path} is not a complete SPPO checkpoint: it has no {MANIFEST_FILE} "
+                                        "(writing or copying it was cut short)") from None
+    found = _file_sizes(fs, where)
+    missing = sorted(name for name, (size, _) in expected.items() if found.get(name) != size)
+    if missing:
+        raise IncompleteCheckpointError(f"{path} is not a complete SPPO checkpoint: {len(missing)} file(s) missing or "
+                                        f"cut short, e.g. {missing[0]}")
+    changed = sorted(name for name, (_, crc) in expected.items() if _crc32(fs, f"{where}/{name}") != crc)
+    if changed:
+        raise IncompleteCheckpointError(f"{path} is not a complete SPPO checkpoint: {len(changed)} file(s) changed "
+                                        f"since it was written (CRC-32), e.g. {changed[0]}")
 
 
 class SPPO(Algorithm):
@@ -624,7 +664,8 @@ class SPPO(Algorithm):
 
     # Checkpoints. RLlib writes files in place and Tune copies them to storage in no fixed order, and RLlib's
     # restore silently skips a missing component: a checkpoint cut short by a crash could load as fresh weights.
-    # SPPO writes a manifest (every file and its size) last and refuses to restore without a matching one.
+    # SPPO writes a manifest (every file, its size and CRC-32) last and refuses to restore without a matching one
+    # (a checkpoint cut short, or corrupted since); Tune's restore of a trial then takes the newest intact one.
     # The state also holds this process's random generators, so a resumed run with num_env_runners=0 and
     # num_learners=0 (sampling and learning in this process) continues bit for bit like an uninterrupted one, and each
     # remote LLM EnvRunner's place in the data (RLlib's state holds only the local runner's).
@@ -663,7 +704,7 @@ class SPPO(Algorithm):
         try:
             super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
             with filesystem.open_output_stream(manifest) as f:
-                f.write(json.dumps(_file_sizes(filesystem, path)).encode())
+                f.write(json.dumps(_digests(filesystem, path)).encode())
         except Exception as e:
             left = "it has no manifest, so restoring it is refused"
             if fresh:
@@ -701,21 +742,30 @@ class SPPO(Algorithm):
         return result
 
     def load_checkpoint(self, checkpoint_dir) -> None:
-        super().load_checkpoint(checkpoint_dir)
-        self._last_checkpoint = checkpoint_dir
+        """Tune's restore of a trial (after a failure, or ``--resume``): a checkpoint that is incomplete or corrupt is
+        refused, and the newest intact earlier checkpoint of the trial (``checkpoint_*`` beside it) restores instead,
+        with an error naming both."""
+        try:
+            super().load_checkpoint(checkpoint_dir)
+            self._last_checkpoint = checkpoint_dir
+            return
+        except IncompleteCheckpointError as e:
+            refused = e
+        newest = Path(checkpoint_dir)
+        for earlier in sorted(newest.parent.glob("checkpoint_*"), reverse=True):
+            if earlier.name >= newest.name:
+                continue
+            try:
+                check_checkpoint(earlier)
+            except IncompleteCheckpointError:
+                continue
+            logger.error("%s; restoring the newest intact earlier checkpoint, %s, instead.", refused, earlier)
+            super().load_checkpoint(str(earlier))
+            self._last_checkpoint = str(earlier)
+            return
+        raise refused
 
     def restore_from_path(self, path, *, component=None, filesystem=None, **kwargs) -> None:
         if component is None:  # a whole checkpoint (not one component's folder)
-            fs, where = (filesystem, str(path)) if filesystem else pyarrow.fs.FileSystem.from_uri(str(path))
-            found = _file_sizes(fs, where)
-            try:
-                with fs.open_input_stream(f"{where}/{MANIFEST_FILE}") as f:
-                    expected = json.loads(f.read())
-            except FileNotFoundError:
-                raise ValueError(f"{path} is not a complete SPPO checkpoint: it has no {MANIFEST_FILE} "
-                                 "(writing or copying it was cut short)") from None
-            bad = sorted(name for name, size in expected.items() if found.get(name) != size)
-            if bad:
-                raise ValueError(f"{path} is not a complete SPPO checkpoint: {len(bad)} file(s) missing or cut "
-                                 f"short, e.g. {bad[0]}")
+            check_checkpoint(path, filesystem)
         super().restore_from_path(path, component=component, filesystem=filesystem, **kwargs)

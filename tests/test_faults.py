@@ -86,7 +86,7 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
     files = sorted(os.path.relpath(os.path.join(d, f), full) for d, _, fs in os.walk(full) for f in fs)
     assert MANIFEST_FILE in files
 
-    def copy(name, keep, truncate=None):
+    def copy(name, keep, truncate=None, garble=None):
         dst = tmp_path / name
         for rel in keep:
             os.makedirs(os.path.dirname(dst / rel), exist_ok=True)
@@ -94,6 +94,8 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
         if truncate:
             with open(dst / truncate, "r+b") as f:
                 f.truncate(os.path.getsize(dst / truncate) // 2)
+        if garble:
+            corrupt(dst / garble)
         return str(dst)
 
     module = "learner_group/learner/rl_module/default_policy/module_state.pkl"
@@ -105,6 +107,8 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
     for name, path in partial.items():
         with pytest.raises(ValueError, match="not a complete SPPO checkpoint"):
             algo.restore_from_path(path)
+    with pytest.raises(ValueError, match="1 file.s. changed since it was written .CRC-32., e.g. learner_group/"):
+        algo.restore_from_path(copy("e", files, garble=module))  # corrupted later: same size, other bytes
     out = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "evaluate", partial["no_weights"]],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -113,6 +117,16 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
     after = weights(algo)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     algo.stop()
+
+
+def corrupt(path) -> None:
+    """Overwrites the middle of a file with other bytes (its size unchanged), as a disk or copy error would."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        chunk = f.read(64)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
 
 
 def write_experiment(tmp_path, stop_iteration):
@@ -222,6 +236,40 @@ def test_killed_trial_process_restarts_from_its_checkpoint(tmp_path):
     restarts = [r for r in results if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
     assert restarts, [(r["training_iteration"], r["iterations_since_restore"]) for r in results]
     assert results[-1]["training_iteration"] == 5
+
+
+def test_a_trial_restarts_from_the_newest_intact_checkpoint_when_the_newest_is_corrupt(tmp_path):
+    """The newest checkpoint is corrupted after it was written, then the trial's process dies: Tune restores the
+    newest checkpoint, SPPO refuses it (CRC-32) and restores the one before it, naming both; the run finishes."""
+    path = write_experiment(tmp_path, stop_iteration=6)
+    experiment = tmp_path / "results" / "resume-me"
+    run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path], start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(experiment.glob("*/checkpoint_000002/" + MANIFEST_FILE)) and time.time() < deadline:
+        time.sleep(0.1)
+    [pid] = trial_processes(run.pid)
+    os.kill(pid, signal.SIGSTOP)  # no checkpoint is written while the newest is corrupted
+    time.sleep(2)  # Tune registers what was written: num_to_keep 2 deletes all but the newest two it registered
+    [trial] = experiment.glob("SPPO_*")
+    newest = sorted(trial.glob("checkpoint_*"))[1]  # (a third, newer one would not be registered yet)
+    corrupt(newest / "learner_group/learner/rl_module/default_policy/module_state.pkl")
+    os.kill(pid, signal.SIGKILL)
+    try:
+        out, err = run.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        raise
+    assert run.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 6
+    index = int(newest.name.split("_")[1])
+    earlier = trial / f"checkpoint_{index - 1:06d}"
+    assert (f"{newest} is not a complete SPPO checkpoint: 1 file(s) changed since it was written (CRC-32), e.g. "
+            f"learner_group/learner/rl_module/default_policy/module_state.pkl; restoring the newest intact earlier "
+            f"checkpoint, {earlier}, instead.") in err
+    results, _ = read_results(experiment)
+    [restart] = [r for r in results if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
+    assert restart["training_iteration"] == index + 1  # checkpoint_N holds iteration N + 1: earlier's, then one more
 
 
 def test_resume_without_an_earlier_run_is_a_usage_error(tmp_path, capsys):
