@@ -15,9 +15,11 @@ import functools
 import importlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import pickle
 import re
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from typing import Callable
@@ -207,16 +209,36 @@ def _score_in_worker(fn: RewardFn, completions: list[str], columns: dict[str, li
     return results
 
 
+def _serve(conn, fn: RewardFn, column_names: list[str]) -> None:
+    """A scoring worker: warms up, then scores each chunk that arrives on its pipe until the pipe closes."""
+    _warm_up(fn, column_names)
+    conn.send("ready")
+    while True:
+        try:
+            completions, columns, timeout_s = conn.recv()
+        except EOFError:
+            return
+        conn.send(_score_in_worker(fn, completions, columns, timeout_s))
+
+
+def _send(conn, payload: bytes) -> None:
+    try:
+        conn.send_bytes(payload)
+    except (OSError, ValueError):  # the worker was ended meanwhile
+        pass
+
+
 class RewardScorer:
-    """Scores batches with one reward function on a small pool of worker processes.
+    """Scores batches with one reward function on a few worker processes.
 
     ``scorer(completions, columns)`` scores a whole batch in one call: the batch is dealt to the workers in
-    contiguous chunks (one round trip each), and a worker calls ``fn`` on one sample at a time, each call bounded by
-    ``timeout_s``. A sample whose verifier raises, hangs or returns something malformed gets reward None and its
-    error; the others are unaffected. A worker that dies, or hangs where the timeout signal cannot reach it (inside
-    C code), costs its chunk (``timeout_s`` per sample at most) and the pool is replaced. The pool starts on the
-    first call, each worker first running ``fn`` on no samples so that its imports are not timed (bounded by
-    ``startup_timeout_s``); ``close()`` stops it.
+    contiguous chunks (one round trip each, on each worker's own pipe), and a worker calls ``fn`` on one sample at a
+    time, each call bounded by ``timeout_s``. A sample whose verifier raises, hangs or returns something malformed
+    gets reward None and its error; the others are unaffected. A worker that dies, stops, or hangs where the timeout
+    signal cannot reach it (inside C code) costs its chunk (``timeout_s`` per sample at most) and the workers are
+    replaced (killed with SIGKILL, which also ends a stopped process; no lock is shared between workers, so none can
+    be left held). The workers start on the first call, each first running ``fn`` on no samples so that its imports
+    are not timed (bounded by ``startup_timeout_s``); ``close()`` ends them.
     """
 
     startup_timeout_s = 60.0
@@ -231,7 +253,7 @@ class RewardScorer:
                              f"(picklable): {e}") from e
         self.fn, self.timeout_s, self.num_workers = fn, float(timeout_s), num_workers
         self.name = getattr(fn, "__name__", repr(fn))
-        self._pool = None
+        self._workers = []  # (process, connection), started on the first call
 
     def __call__(self, completions: Sequence[str], columns: dict[str, Sequence]
                  ) -> tuple[list[float | None], list[str | None]]:
@@ -240,34 +262,63 @@ class RewardScorer:
         n = len(completions)
         if n == 0:
             return [], []
-        budget = 0.0
-        if self._pool is None:
-            self._pool = multiprocessing.get_context("spawn").Pool(
-                self.num_workers, initializer=_warm_up, initargs=(self.fn, list(columns)))
-            budget = self.startup_timeout_s
+        if not self._workers and not self._start(list(columns)):
+            return [None] * n, [f"reward fn {self.name}: its workers did not start within {self.startup_timeout_s:g}s"
+                                f" (see their error above)"] * n
         size = -(-n // min(n, self.num_workers))
         chunks = [range(start, min(start + size, n)) for start in range(0, n, size)]
-        tasks = [self._pool.apply_async(_score_in_worker, (
-            self.fn, [completions[i] for i in ids], {k: [v[i] for i in ids] for k, v in columns.items()},
-            self.timeout_s)) for ids in chunks]
-        budget += self.timeout_s * size + 1.0
-        deadline, results, stuck = time.monotonic() + budget, [], False
-        for ids, task in zip(chunks, tasks):
+        budget = self.timeout_s * size + 1.0
+        results, waiting = {}, {}
+        for number, ((_, conn), ids) in enumerate(zip(self._workers, chunks)):
+            task = ([completions[i] for i in ids], {k: [v[i] for i in ids] for k, v in columns.items()}, self.timeout_s)
             try:
-                results += task.get(max(0.0, deadline - time.monotonic()))
-            except multiprocessing.TimeoutError:
-                stuck = True
-                results += [(None, f"reward fn {self.name}: its worker did not return {len(ids)} samples within "
-                                   f"{budget:.0f}s (stuck or died); replaced")] * len(ids)
+                payload = multiprocessing.reduction.ForkingPickler.dumps(task)
             except Exception as e:  # e.g. columns that cannot be sent to a worker
-                results += [(None, f"reward fn {self.name} could not run: {type(e).__name__}: {e}")] * len(ids)
-        if stuck:
+                results[number] = [(None, f"reward fn {self.name} could not run: {type(e).__name__}: {e}")] * len(ids)
+                continue
+            # From a thread: writing to a worker that has stopped reading must not block this call past its budget.
+            threading.Thread(target=_send, args=(conn, payload), daemon=True).start()
+            waiting[conn] = number
+        deadline, lost = time.monotonic() + budget, []
+        while waiting and time.monotonic() < deadline:
+            for conn in multiprocessing.connection.wait(list(waiting), deadline - time.monotonic()):
+                number = waiting.pop(conn)
+                try:
+                    results[number] = conn.recv()
+                except (EOFError, OSError):  # the worker died
+                    lost.append(number)
+        for number in lost + list(waiting.values()):
+            results[number] = [(None, f"reward fn {self.name}: its worker did not return {len(chunks[number])} "
+                                      f"samples within {budget:.0f}s (stuck or died); replaced")] * len(chunks[number])
+        if lost or waiting:
             self.close()
-        rewards, errors = zip(*results)
+        rewards, errors = zip(*(pair for number in range(len(chunks)) for pair in results[number]))
         return list(rewards), list(errors)
 
+    def _start(self, column_names: list[str]) -> bool:
+        """Starts the workers and waits, within ``startup_timeout_s``, until each has run its warm-up."""
+        ctx = multiprocessing.get_context("spawn")
+        for _ in range(self.num_workers):
+            conn, child = ctx.Pipe()
+            process = ctx.Process(target=_serve, args=(child, self.fn, column_names), daemon=True)
+            process.start()
+            child.close()
+            self._workers.append((process, conn))
+        deadline = time.monotonic() + self.startup_timeout_s
+        for _, conn in self._workers:
+            try:
+                ready = conn.poll(max(0.0, deadline - time.monotonic())) and conn.recv() == "ready"
+            except (EOFError, OSError):  # died while starting
+                ready = False
+            if not ready:
+                self.close()
+                return False
+        return True
+
     def close(self) -> None:
-        """Stops the worker processes (a later call starts new ones)."""
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool = None
+        """Ends the worker processes (a later call starts new ones)."""
+        for process, conn in self._workers:
+            process.kill()
+            process.join()
+            conn.close()
+        self._workers = []

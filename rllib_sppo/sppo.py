@@ -6,11 +6,14 @@ response) as one action of a contextual bandit, with a scalar critic V(s_0).
 
 import importlib.util
 import json
+import logging
 import os
 import random
 import tempfile
 import time
+import zlib
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs
@@ -34,6 +37,9 @@ from rllib_sppo.env_runner import EpisodeEnvRunner
 from rllib_sppo.llm.critic import score_prompt_candidates
 from rllib_sppo.monitoring import BEFORE_TRAINING, PrometheusExport
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
+from rllib_sppo.watchdog import deadline
+
+logger = logging.getLogger(__name__)
 
 
 class SPPOConfig(AlgorithmConfig):
@@ -132,6 +138,18 @@ class SPPOConfig(AlgorithmConfig):
         #: A remote EnvRunner that has not loaded new weights within this many seconds fails the iteration with an
         #: error naming it (instead of a hang).
         self.weight_sync_timeout_s = 600.0
+        #: One generation engine call (a sampling round, or the held-out evaluation) that has not returned within
+        #: this many seconds ends its EnvRunner's process with an error naming it (``rllib_sppo.watchdog``): RLlib
+        #: restarts a remote EnvRunner; with num_env_runners=0 the process is the trial's, restarted by Tune from its
+        #: checkpoint (``max_failures``).
+        self.generation_timeout_s = 1800.0
+        #: One learner update (all its minibatches) that has not finished within this many seconds ends the
+        #: algorithm's process (the trial's) with an error naming it; Tune restarts the trial (``max_failures``).
+        self.learner_update_timeout_s = 1800.0
+        # RLlib's key: a remote EnvRunner that has not returned its sample within this many seconds is named in an
+        # error and restarted (RLlib alone would drop the late sample and ask again: a silent stall). RLlib's 60 s
+        # is short for LLM sampling.
+        self.sample_timeout_s = 3600.0
         #: Stop the run (saving a checkpoint of the last good weights) after this many optimizer steps
         #: in a row were skipped for a non-finite loss or gradient.
         self.max_nonfinite_updates = 3
@@ -261,9 +279,13 @@ class SPPOConfig(AlgorithmConfig):
                               "instead (one place).")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             self._value_error(f"gpu_memory_utilization={self.gpu_memory_utilization} is a share of the GPU: (0, 1].")
-        if self.weight_sync_chunk_mb <= 0 or self.weight_sync_timeout_s <= 0:
-            self._value_error(f"weight_sync_chunk_mb ({self.weight_sync_chunk_mb}) and weight_sync_timeout_s "
-                              f"({self.weight_sync_timeout_s}) must be > 0.")
+        if self.weight_sync_chunk_mb <= 0:
+            self._value_error(f"weight_sync_chunk_mb must be > 0, got {self.weight_sync_chunk_mb}.")
+        for key in TIMEOUT_KEYS:
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or value <= 0:
+                self._value_error(f"{key}={value!r}: give a number of seconds > 0 (past it the stuck part is named and "
+                                  f"restarted; without a bound a stuck part would hang the run).")
         if self.temperature <= 0:
             self._value_error(f"temperature must be > 0 (log-probs divide by it), got {self.temperature}.")
         if self.critic_init is not None and self.resolved_critic_loss == "bce" and not 0 < self.critic_init < 1:
@@ -501,7 +523,10 @@ _SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "val
               "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature",
               "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
               "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed", "gpu_memory_utilization", "engine_sleep_level",
-              "weight_sync_chunk_mb", "weight_sync_timeout_s", "prompt_selection", "tis_cap", "async_rollouts")
+              "weight_sync_chunk_mb", "weight_sync_timeout_s", "prompt_selection", "tis_cap", "async_rollouts",
+              "generation_timeout_s", "learner_update_timeout_s")
+#: The seconds after which a stuck part of a run is named and restarted (docs/reliability.md).
+TIMEOUT_KEYS = ("sample_timeout_s", "generation_timeout_s", "learner_update_timeout_s", "weight_sync_timeout_s")
 
 
 def deal_episodes(episodes: list, n: int) -> list[list]:
@@ -520,11 +545,25 @@ def deal_episodes(episodes: list, n: int) -> list[list]:
 
 #: ``SPPOConfig.prompt_selection``'s keys and their defaults.
 PROMPT_SELECTION_DEFAULTS = {"pool": 4, "weight": "variance", "floor": 0.05}
-#: State component: each remote LLM EnvRunner's data position, by worker index.
-RUNNER_DATA = "env_runner_data"
 
-#: Written last into every SPPO checkpoint: its files and their sizes.
+#: Written last into every SPPO checkpoint: its files, their sizes and CRC-32s.
 MANIFEST_FILE = "sppo_manifest.json"
+#: Checkpoint state: each remote LLM EnvRunner's place in the data, by runner index.
+RUNNER_PLACES = "env_runner_places"
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint whose files disagree with its manifest: cut short, or changed since it was written."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a failed copy to storage); earlier checkpoints are intact."""
+
+
+def _cause(error: BaseException) -> str:
+    """The last line of an error's text: the innermost cause of a Ray error, the message of an OSError."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _file_sizes(filesystem, path) -> dict:
@@ -532,6 +571,40 @@ def _file_sizes(filesystem, path) -> dict:
     infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
     return {i.path[len(path) + 1:]: i.size for i in infos
             if i.type == pyarrow.fs.FileType.File and i.base_name != MANIFEST_FILE}
+
+
+def _crc32(filesystem, path) -> int:
+    crc = 0
+    with filesystem.open_input_stream(path) as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _digests(filesystem, path) -> dict:
+    """{file: [size, CRC-32]} of a checkpoint's files, the manifest excepted."""
+    return {name: [size, _crc32(filesystem, f"{path}/{name}")] for name, size in _file_sizes(filesystem, path).items()}
+
+
+def check_checkpoint(path, filesystem=None) -> None:
+    """Raises ``IncompleteCheckpointError`` unless every file the checkpoint's manifest lists is there with its size
+    and CRC-32 (a checkpoint cut short by a crash or a full disk, or changed since it was written)."""
+    fs, where = (filesystem, str(path)) if filesystem else pyarrow.fs.FileSystem.from_uri(str(path))
+    try:
+        with fs.open_input_stream(f"{where}/{MANIFEST_FILE}") as f:
+            expected = json.loads(f.read())
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"{path} is not a complete SPPO checkpoint: it has no {MANIFEST_FILE} "
+                                        "(writing or copying it was cut short)") from None
+    found = _file_sizes(fs, where)
+    missing = sorted(name for name, (size, _) in expected.items() if found.get(name) != size)
+    if missing:
+        raise IncompleteCheckpointError(f"{path} is not a complete SPPO checkpoint: {len(missing)} file(s) missing or "
+                                        f"cut short, e.g. {missing[0]}")
+    changed = sorted(name for name, (_, crc) in expected.items() if _crc32(fs, f"{where}/{name}") != crc)
+    if changed:
+        raise IncompleteCheckpointError(f"{path} is not a complete SPPO checkpoint: {len(changed)} file(s) changed "
+                                        f"since it was written (CRC-32), e.g. {changed[0]}")
 
 
 class SPPO(Algorithm):
@@ -545,10 +618,11 @@ class SPPO(Algorithm):
         if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
             cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
             torch.set_num_threads(max(1, cpus))
+        self._runner_places = {}  # remote LLM EnvRunner index -> its place in the data, to give back on a restart
+        self._last_checkpoint = None  # the newest checkpoint this trial wrote or restored (named if a write fails)
         super().setup(config)
         self.metrics.log_value("torch_threads", torch.get_num_threads(), window=1)
         self._windows = {}  # each phase's last wall-clock window (time.time()): the overlap of sampling and updates
-        self._runner_data = {}  # remote LLM EnvRunners' data positions as of the last batch trained on (async)
         self._weights_in_flight = None  # (runner indices, chunks) of an asynchronous weight sync not yet acknowledged
 
     @contextmanager
@@ -568,16 +642,20 @@ class SPPO(Algorithm):
             with self._phase("prompt_scoring", "prompt_scoring_timer"):
                 score_prompt_candidates(self.env_runner_group, self.learner_group)
         with self._phase("sample", ENV_RUNNER_SAMPLING_TIMER):
-            episodes, runner_metrics = self._sample_async() if self.config.async_rollouts else (
-                synchronous_parallel_sample(
+            if self.config.async_rollouts:
+                episodes, runner_metrics = self._sample_async()
+            else:
+                episodes, runner_metrics = synchronous_parallel_sample(
                     worker_set=self.env_runner_group, max_env_steps=self.config.total_train_batch_size,
                     sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True,
-                    _return_metrics=True))
+                    _return_metrics=True)
+                self._probe_remote_runners()
         if not episodes:
             return
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
         # Learner: old log-probs and critic values -> advantages (connector), then critic and policy updates.
-        with self._phase("update", LEARNER_UPDATE_TIMER):
+        with self._phase("update", LEARNER_UPDATE_TIMER), deadline(
+                "the learner update", self.config.learner_update_timeout_s, "learner_update_timeout_s"):
             learner_results = self.learner_group.update(
                 **self._learner_data(episodes),
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
@@ -604,9 +682,12 @@ class SPPO(Algorithm):
         group.foreach_env_runner_async("sample_batch", tag="sample")
         ready = group.fetch_ready_async_reqs(tags="sample", timeout_seconds=self.config.sample_timeout_s)
         group.foreach_env_runner_async("sample_batch", tag="sample")
+        self._restart_stuck_runners(
+            set(group.healthy_worker_ids()) - {index for index, _ in ready}, "sampling: EnvRunner(s) {} returned no "
+            f"batch within sample_timeout_s={self.config.sample_timeout_s:g} s", "sample_timeout_s")
         if not ready:
             return [], []
-        self._runner_data.update({str(index): batch["data"] for index, batch in ready})
+        self._runner_places.update({index: batch["data"] for index, batch in ready})  # as of the batch trained on
         self._log_overlap([batch["window"] for _, batch in ready])
         return [e for _, batch in ready for e in batch["episodes"]], [batch["metrics"] for _, batch in ready]
 
@@ -630,23 +711,27 @@ class SPPO(Algorithm):
         sampled_with = min(int(e.get_extra_model_outputs(WEIGHTS_SEQ_NO, 0)) for e in episodes)
         self.metrics.log_value(("async_rollouts", "policy_lag"), learner_seq_no - 1 - sampled_with, window=1)
 
-    def _sync_weights(self) -> None:
+    def _sync_weights(self, runners: list[int] | None = None) -> None:
         """The policy's weights to the EnvRunners (the critic stays on the learners).
 
         A local EnvRunner (num_env_runners=0) receives the learner's state as it is: beside a local learner, the
         learner's tensors themselves (no copy, no numpy, no dtype change). Remote LLM EnvRunners receive the policy in
-        its compute dtype, in object-store chunks of at most ``weight_sync_chunk_mb`` that they load one at a time,
-        each within ``weight_sync_timeout_s`` (or the iteration fails naming the runner); with ``async_rollouts`` the
-        chunks are queued behind each runner's sampling and the next sync checks that they were loaded. Other remote
-        EnvRunners (classic control) get them through RLlib's ``sync_weights``.
+        its compute dtype, in object-store chunks of at most ``weight_sync_chunk_mb`` that they load one at a time;
+        other remote EnvRunners (classic control) through RLlib's ``sync_weights``. Bounded by
+        ``weight_sync_timeout_s``: an in-process engine past it ends this process (``rllib_sppo.watchdog``), a remote
+        runner past it is named and restarted. With ``async_rollouts`` the chunks are queued behind each runner's
+        sampling and the next sync checks that they were loaded. ``runners``: only these remote runners (restarted
+        ones, loaded at once).
         """
         group = self.env_runner_group
         if not group.num_remote_workers():
             if group.local_env_runner is not None:
                 state = self.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}",
                                                      inference_only=True)[COMPONENT_LEARNER]
-                group.local_env_runner.set_state({COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
-                                                  WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]})
+                with deadline("loading the policy weights into the local EnvRunner's engine",
+                              self.config.weight_sync_timeout_s, "weight_sync_timeout_s"):
+                    group.local_env_runner.set_state({COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
+                                                      WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]})
             return
         if not self.config.llm_runner:
             group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
@@ -657,15 +742,17 @@ class SPPO(Algorithm):
             if not result.ok:
                 raise result.get()
         chunks, seq_no = next((r.get() for r in results if r.get()[0]), ([], 0))
-        if self.config.async_rollouts:  # queued behind each runner's sampling; acknowledged in the next sync
+        if self.config.async_rollouts and runners is None:  # queued behind sampling; acknowledged at the next sync
             self._await_weight_loads()
             group.foreach_env_runner_async("load_weight_chunks", tag="weights",
                                            kwargs={"chunks": chunks, "seq_no": seq_no})
             self._weights_in_flight = (set(group.healthy_worker_ids()), chunks)
             return
         loaded = group.foreach_env_runner(lambda runner: runner.load_weight_chunks(chunks, seq_no),
-                                          local_env_runner=False, timeout_seconds=self.config.weight_sync_timeout_s)
-        self._raise_if_stuck(set(group.healthy_worker_ids()), loaded)
+                                          local_env_runner=False, remote_worker_ids=runners,
+                                          timeout_seconds=self.config.weight_sync_timeout_s)
+        healthy = set(group.healthy_worker_ids())  # (runners that died are restarted by RLlib)
+        self._weights_not_loaded((set(runners or healthy) & healthy) - set(loaded))
 
     def _await_weight_loads(self) -> None:
         """The EnvRunners' acknowledgements of the last asynchronous weight sync, each within weight_sync_timeout_s."""
@@ -675,15 +762,68 @@ class SPPO(Algorithm):
         acks = self.env_runner_group.fetch_ready_async_reqs(tags="weights",
                                                             timeout_seconds=self.config.weight_sync_timeout_s)
         self._weights_in_flight = None
-        self._raise_if_stuck(sent & set(self.env_runner_group.healthy_worker_ids()), [index for _, index in acks])
+        self._weights_not_loaded(sent & set(self.env_runner_group.healthy_worker_ids()) - {i for _, i in acks})
 
-    def _raise_if_stuck(self, expected: set, loaded: list) -> None:
-        stuck = sorted(expected - set(loaded))  # (runners that died are restarted by RLlib)
-        if stuck:
-            raise TimeoutError(
-                f"weight sync: EnvRunner(s) {stuck} did not load the new policy weights within weight_sync_timeout_s="
-                f"{self.config.weight_sync_timeout_s} s (an engine stuck loading, or a runner out of memory); see the "
-                f"runner's log, or raise weight_sync_timeout_s for very large policies.")
+    def _weights_not_loaded(self, stuck: set) -> None:
+        self._restart_stuck_runners(stuck, "weight sync: EnvRunner(s) {} did not load the new policy weights within "
+                                    f"weight_sync_timeout_s={self.config.weight_sync_timeout_s:g} s",
+                                    "weight_sync_timeout_s")
+
+    def _probe_remote_runners(self) -> None:
+        """After sampling, each healthy remote EnvRunner answers within ``env_runner_health_probe_timeout_s``. One
+        still busy has not returned its sample within ``sample_timeout_s`` (RLlib drops such a sample and asks again:
+        a stuck runner would stall the run silently), so it is named and restarted. LLM runners answer with their
+        place in the data, kept to give back to a runner that restarts."""
+        group = self.env_runner_group
+        if not group.num_remote_workers():
+            return
+        places = self._read_places()
+        self._runner_places.update({i: place for i, place in places.items() if place is not None})
+        self._restart_stuck_runners(
+            set(group.healthy_worker_ids()) - set(places), "sampling: EnvRunner(s) {} returned no sample within "
+            f"sample_timeout_s={self.config.sample_timeout_s:g} s and did not answer for "
+            f"env_runner_health_probe_timeout_s={self.config.env_runner_health_probe_timeout_s:g} s more",
+            "sample_timeout_s")
+
+    def _read_places(self) -> dict:
+        """{index: place in the data (None where the runner has none)} of the remote EnvRunners that answer in time."""
+        return dict(self.env_runner_group.foreach_env_runner(
+            lambda runner: (runner.worker_index, runner.get_state(components="data").get("data")),
+            local_env_runner=False, timeout_seconds=self.config.env_runner_health_probe_timeout_s))
+
+    def _restart_stuck_runners(self, stuck: set, message: str, key: str) -> None:
+        """Remote EnvRunners that did not answer in time (``message`` names them at ``{}``) are logged as an error and
+        killed, and RLlib restarts them (``fault_tolerance/num_remote_worker_restarts`` counts it; the restarted
+        runner gets the current weights and its place in the data, see ``restore_env_runners``). Without RLlib's
+        restarts (``restart_failed_env_runners=False``), a TimeoutError."""
+        if not stuck:
+            return
+        message = (f"{message.format(sorted(stuck))} (an engine or env stuck, or the runner's process stopped); see "
+                   f"the runner's log, or raise {key} if it is only slow")
+        if not self.config.restart_failed_env_runners:
+            raise TimeoutError(f"{message}. Set restart_failed_env_runners=True to restart such a runner instead.")
+        logger.error("%s. Restarting it.", message)
+        manager = self.env_runner_group._worker_manager
+        for index in stuck:
+            ray.kill(manager.actors()[index], no_restart=False)  # Ray starts the actor again (RLlib's max_restarts)
+            manager.set_actor_state(index, healthy=False)  # RLlib's probe brings it back into service
+
+    def restore_env_runners(self, env_runner_group) -> list[int]:
+        """RLlib brings restarted EnvRunners back into service and hands them the local runner's state. Restarted LLM
+        runners then also get the policy's current weights (the local runner's state holds none: they would sample
+        with the weights they started with) and their own place in the data (the local runner's is another's)."""
+        restored = super().restore_env_runners(env_runner_group)
+        if restored and env_runner_group is self.env_runner_group and self.config.llm_runner:
+            self._give_back_places(restored)
+            self._sync_weights(restored)
+        return restored
+
+    def _give_back_places(self, runners: list[int]) -> None:
+        places = {i: self._runner_places[i] for i in runners if i in self._runner_places}
+        if places:
+            self.env_runner_group.foreach_env_runner(
+                lambda runner: runner.set_state({"data": places[runner.worker_index]}), local_env_runner=False,
+                remote_worker_ids=list(places), timeout_seconds=self.config.env_runner_health_probe_timeout_s)
 
     def _evaluate_before_training(self) -> None:
         """Evaluates the untrained policy, reported in the first result as ``evaluation_before_training/...``: the
@@ -718,23 +858,27 @@ class SPPO(Algorithm):
 
     # Checkpoints. RLlib writes files in place and Tune copies them to storage in no fixed order, and RLlib's
     # restore silently skips a missing component: a checkpoint cut short by a crash could load as fresh weights.
-    # SPPO writes a manifest (every file and its size) last and refuses to restore without a matching one.
+    # SPPO writes a manifest (every file, its size and CRC-32) last and refuses to restore without a matching one
+    # (a checkpoint cut short, or corrupted since); Tune's restore of a trial then takes the newest intact one.
     # The state also holds this process's random generators, so a resumed run with num_env_runners=0 and
-    # num_learners=0 (sampling and learning in this process) continues bit for bit like an uninterrupted one.
-    # Remote LLM EnvRunners' data positions are in it too (RLlib keeps only the local EnvRunner's), as of the last
-    # batch trained on: with async_rollouts the batch in flight is dropped, and a resumed run samples it again (the
-    # same prompts, with the restored weights).
+    # num_learners=0 (sampling and learning in this process) continues bit for bit like an uninterrupted one, and each
+    # remote LLM EnvRunner's place in the data (RLlib's state holds only the local runner's), as of the last batch
+    # trained on: with async_rollouts the batch in flight is dropped, and a resumed run samples it again (the same
+    # prompts, with the restored weights).
+    # A checkpoint that cannot be written (a full disk) stops training with an error naming it, its cause and the
+    # previous checkpoint, which stays intact; what was written of it is removed or, lacking its manifest, refused.
 
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
         state = super().get_state(components, not_components=not_components, **kwargs)
         if self._check_component("rng", components, not_components):
             state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
                             "torch": torch.get_rng_state().numpy()}
-        if (self._check_component(RUNNER_DATA, components, not_components) and self.config.llm_runner
-                and self.env_runner_group.num_remote_workers()):
-            state[RUNNER_DATA] = dict(self._runner_data) if self.config.async_rollouts and self._runner_data else {
-                str(index): data for index, data in self.env_runner_group.foreach_env_runner(
-                    lambda r: (r.worker_index, r.get_state(components="data")["data"]), local_env_runner=False)}
+        group = getattr(self, "env_runner_group", None)
+        if group and group.num_remote_workers() and self._check_component(RUNNER_PLACES, components, not_components):
+            if not self.config.async_rollouts:  # (async: the places of the batches trained on, kept by _sample_async)
+                self._runner_places.update({i: p for i, p in self._read_places().items() if p is not None})
+            if self._runner_places:
+                state[RUNNER_PLACES] = dict(self._runner_places)
         return state
 
     def set_state(self, state: dict) -> None:
@@ -744,15 +888,13 @@ class SPPO(Algorithm):
             random.setstate(state["rng"]["python"])
             np.random.set_state(state["rng"]["numpy"])
             torch.set_rng_state(torch.from_numpy(state["rng"]["torch"]))
-        if RUNNER_DATA in state:
-            data = state[RUNNER_DATA]
-            runners = [str(i) for i in self.env_runner_group.healthy_worker_ids()]
-            if sorted(data) != sorted(runners):
-                raise ValueError(f"the checkpoint holds the data positions of EnvRunners {sorted(data)}, this run has "
-                                 f"EnvRunners {sorted(runners)}: resume with the num_env_runners it was saved with.")
-            self.env_runner_group.foreach_env_runner(lambda r: r.set_state({"data": data[str(r.worker_index)]}),
-                                                     local_env_runner=False)
-            self._runner_data = dict(data)
+        if RUNNER_PLACES in state:
+            places, group = state[RUNNER_PLACES], self.env_runner_group
+            if not set(places) <= set(range(1, group.num_remote_workers() + 1)):
+                raise ValueError(f"the checkpoint holds the data places of EnvRunners {sorted(places)}, this run has "
+                                 f"{group.num_remote_workers()}: resume with the num_env_runners it was saved with.")
+            self._runner_places = dict(places)
+            self._give_back_places(group.healthy_worker_ids())
 
     def _drop_in_flight(self) -> None:
         """Waits for and discards what the asynchronous rollouts have in flight (before a restore)."""
@@ -765,25 +907,74 @@ class SPPO(Algorithm):
         if filesystem is None:
             filesystem, path = pyarrow.fs.FileSystem.from_uri(str(path or tempfile.mkdtemp()))
         manifest = f"{path}/{MANIFEST_FILE}"
+        fresh = filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound or not _file_sizes(filesystem, path)
         if filesystem.get_file_info(manifest).type != pyarrow.fs.FileType.NotFound:
             filesystem.delete_file(manifest)  # overwriting: incomplete until the new manifest is written
-        super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
-        with filesystem.open_output_stream(manifest) as f:
-            f.write(json.dumps(_file_sizes(filesystem, path)).encode())
+        try:
+            super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+            with filesystem.open_output_stream(manifest) as f:
+                f.write(json.dumps(_digests(filesystem, path)).encode())
+        except Exception as e:
+            left = "it has no manifest, so restoring it is refused"
+            if fresh:
+                try:
+                    filesystem.delete_dir(path)
+                    left = "what was written of it is removed"
+                except OSError:
+                    pass
+            raise CheckpointWriteError(f"checkpoint {path} could not be written ({_cause(e)}); {left}") from e
         return path
+
+    def save(self, checkpoint_dir=None):
+        """Tune's checkpoint: written to a local folder, then copied to the trial's storage. A failure of either stops
+        training with an error naming the checkpoint, the cause and the previous checkpoint (intact; Tune restores it
+        when ``max_failures`` allows a retry); a copy cut short is removed from storage."""
+        storage = self._storage
+        index = storage.current_checkpoint_index if storage else None
+        try:
+            result = super().save(checkpoint_dir)
+        except Exception as e:
+            where = ""
+            if storage and storage.current_checkpoint_index != index:  # written locally, the copy to storage failed
+                where = f" to {storage.checkpoint_fs_path}"
+                try:
+                    storage.storage_filesystem.delete_dir(storage.checkpoint_fs_path)
+                except OSError:
+                    pass
+            previous = (f"the previous checkpoint {self._last_checkpoint} is intact and restores" if
+                        self._last_checkpoint else "there is no earlier checkpoint")
+            raise CheckpointWriteError(
+                f"the checkpoint of iteration {self.iteration} could not be written{where}: {_cause(e)}. Training "
+                f"stops; {previous} (free space or fix the storage, then resume: rllib train file ... --resume)."
+            ) from e
+        self._last_checkpoint = result.checkpoint.path
+        return result
+
+    def load_checkpoint(self, checkpoint_dir) -> None:
+        """Tune's restore of a trial (after a failure, or ``--resume``): a checkpoint that is incomplete or corrupt is
+        refused, and the newest intact earlier checkpoint of the trial (``checkpoint_*`` beside it) restores instead,
+        with an error naming both."""
+        try:
+            super().load_checkpoint(checkpoint_dir)
+            self._last_checkpoint = checkpoint_dir
+            return
+        except IncompleteCheckpointError as e:
+            refused = e
+        newest = Path(checkpoint_dir)
+        for earlier in sorted(newest.parent.glob("checkpoint_*"), reverse=True):
+            if earlier.name >= newest.name:
+                continue
+            try:
+                check_checkpoint(earlier)
+            except IncompleteCheckpointError:
+                continue
+            logger.error("%s; restoring the newest intact earlier checkpoint, %s, instead.", refused, earlier)
+            super().load_checkpoint(str(earlier))
+            self._last_checkpoint = str(earlier)
+            return
+        raise refused
 
     def restore_from_path(self, path, *, component=None, filesystem=None, **kwargs) -> None:
         if component is None:  # a whole checkpoint (not one component's folder)
-            fs, where = (filesystem, str(path)) if filesystem else pyarrow.fs.FileSystem.from_uri(str(path))
-            found = _file_sizes(fs, where)
-            try:
-                with fs.open_input_stream(f"{where}/{MANIFEST_FILE}") as f:
-                    expected = json.loads(f.read())
-            except FileNotFoundError:
-                raise ValueError(f"{path} is not a complete SPPO checkpoint: it has no {MANIFEST_FILE} "
-                                 "(writing or copying it was cut short)") from None
-            bad = sorted(name for name, size in expected.items() if found.get(name) != size)
-            if bad:
-                raise ValueError(f"{path} is not a complete SPPO checkpoint: {len(bad)} file(s) missing or cut "
-                                 f"short, e.g. {bad[0]}")
+            check_checkpoint(path, filesystem)
         super().restore_from_path(path, component=component, filesystem=filesystem, **kwargs)

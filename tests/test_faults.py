@@ -3,6 +3,8 @@ run equals an uninterrupted one, and a checkpoint cut short is refused."""
 
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import pytest
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.cli import main
+from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.sppo import MANIFEST_FILE
 
 
@@ -83,7 +86,7 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
     files = sorted(os.path.relpath(os.path.join(d, f), full) for d, _, fs in os.walk(full) for f in fs)
     assert MANIFEST_FILE in files
 
-    def copy(name, keep, truncate=None):
+    def copy(name, keep, truncate=None, garble=None):
         dst = tmp_path / name
         for rel in keep:
             os.makedirs(os.path.dirname(dst / rel), exist_ok=True)
@@ -91,6 +94,8 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
         if truncate:
             with open(dst / truncate, "r+b") as f:
                 f.truncate(os.path.getsize(dst / truncate) // 2)
+        if garble:
+            corrupt(dst / garble)
         return str(dst)
 
     module = "learner_group/learner/rl_module/default_policy/module_state.pkl"
@@ -102,6 +107,8 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
     for name, path in partial.items():
         with pytest.raises(ValueError, match="not a complete SPPO checkpoint"):
             algo.restore_from_path(path)
+    with pytest.raises(ValueError, match="1 file.s. changed since it was written .CRC-32., e.g. learner_group/"):
+        algo.restore_from_path(copy("e", files, garble=module))  # corrupted later: same size, other bytes
     out = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "evaluate", partial["no_weights"]],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -110,6 +117,16 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
     after = weights(algo)
     assert all(np.array_equal(before[k], after[k]) for k in before)
     algo.stop()
+
+
+def corrupt(path) -> None:
+    """Overwrites the middle of a file with other bytes (its size unchanged), as a disk or copy error would."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        chunk = f.read(64)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
 
 
 def write_experiment(tmp_path, stop_iteration):
@@ -221,8 +238,196 @@ def test_killed_trial_process_restarts_from_its_checkpoint(tmp_path):
     assert results[-1]["training_iteration"] == 5
 
 
+def test_a_trial_restarts_from_the_newest_intact_checkpoint_when_the_newest_is_corrupt(tmp_path):
+    """The newest checkpoint is corrupted after it was written, then the trial's process dies: Tune restores the
+    newest checkpoint, SPPO refuses it (CRC-32) and restores the one before it, naming both; the run finishes."""
+    path = write_experiment(tmp_path, stop_iteration=6)
+    experiment = tmp_path / "results" / "resume-me"
+    run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path], start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(experiment.glob("*/checkpoint_000002/" + MANIFEST_FILE)) and time.time() < deadline:
+        time.sleep(0.1)
+    [pid] = trial_processes(run.pid)
+    os.kill(pid, signal.SIGSTOP)  # no checkpoint is written while the newest is corrupted
+    time.sleep(2)  # Tune registers what was written: num_to_keep 2 deletes all but the newest two it registered
+    [trial] = experiment.glob("SPPO_*")
+    newest = sorted(trial.glob("checkpoint_*"))[1]  # (a third, newer one would not be registered yet)
+    corrupt(newest / "learner_group/learner/rl_module/default_policy/module_state.pkl")
+    os.kill(pid, signal.SIGKILL)
+    try:
+        out, err = run.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        raise
+    assert run.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 6
+    index = int(newest.name.split("_")[1])
+    earlier = trial / f"checkpoint_{index - 1:06d}"
+    assert (f"{newest} is not a complete SPPO checkpoint: 1 file(s) changed since it was written (CRC-32), e.g. "
+            f"learner_group/learner/rl_module/default_policy/module_state.pkl; restoring the newest intact earlier "
+            f"checkpoint, {earlier}, instead.") in err
+    results, _ = read_results(experiment)
+    [restart] = [r for r in results if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
+    assert restart["training_iteration"] == index + 1  # checkpoint_N holds iteration N + 1: earlier's, then one more
+
+
 def test_resume_without_an_earlier_run_is_a_usage_error(tmp_path, capsys):
     path = write_experiment(tmp_path, stop_iteration=1)
     assert main(["train", "file", path, "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert "nothing to resume: no experiment 'resume-me'" in err and len(err.splitlines()) == 1
+
+
+# A full disk: RLIMIT_FSIZE makes the kernel refuse writes past a size in one process (EFBIG, "File too large"), for
+# real and without root or a mount. A checkpoint of a policy with a 512x512 layer has files of ~1 MB, past a 256 KB
+# limit; Ray's own log files stay below it in a short run.
+BIG_POLICY = {"pi_hiddens": [512, 512], "vf_hiddens": [8]}
+FSIZE_LIMIT = 256 * 1024
+
+
+def test_a_checkpoint_that_cannot_be_written_is_an_error_and_leaves_the_previous_one(ray_session, tmp_path):
+    """save_to_path under a file-size limit: an error naming the checkpoint and the cause, nothing of it left on
+    disk, and the checkpoint written before it restores."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import json, resource
+        import envs
+        from rllib_sppo import SPPOConfig
+        from rllib_sppo.sppo import CheckpointWriteError
+        algo = (SPPOConfig().environment("OutcomeCartPole-v1").training(train_batch_size_per_learner=200,
+                minibatch_size=100).rl_module(model_config={BIG_POLICY!r}).debugging(seed=0).build_algo())
+        algo.train()
+        algo.save_to_path({str(tmp_path / "good")!r})
+        algo.train()
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({FSIZE_LIMIT}, hard))  # the disk is full from here on
+        try:
+            algo.save_to_path({str(tmp_path / "full")!r})
+        except CheckpointWriteError as e:
+            print(json.dumps(str(e)))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        algo.stop()
+    """)], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr[-3000:]
+    error = json.loads(out.stdout.strip().splitlines()[-1])
+    assert re.fullmatch(f"checkpoint {tmp_path / 'full'} could not be written \\(.*File too large.*\\); what was "
+                        f"written of it is removed", error), error
+    assert not (tmp_path / "full").exists()
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    restored = Algorithm.from_checkpoint(str(tmp_path / "good"))
+    assert restored.iteration == 1
+    restored.stop()
+
+
+def test_a_full_disk_under_tune_stops_the_trial_naming_the_checkpoint_and_the_previous_one(tmp_path):
+    """The trial's process can write no file past 256 KB from its second checkpoint on: the trial stops with one
+    line naming the failed checkpoint, the cause and the previous checkpoint, which holds its manifest and restores;
+    no partial checkpoint is left in storage."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(f"""
+        full-disk:
+          run: SPPO
+          env: OutcomeCartPole-v1
+          stop: {{training_iteration: 8}}
+          storage_path: {tmp_path / "results"}
+          checkpoint_config: {{checkpoint_frequency: 1, num_to_keep: 3}}
+          config:
+            seed: 0
+            train_batch_size_per_learner: 200
+            minibatch_size: 100
+            min_time_s_per_iteration: 1
+            model_config: {BIG_POLICY}
+    """))
+    experiment = tmp_path / "results" / "full-disk"
+    run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", str(path)], start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list(experiment.glob("*/checkpoint_000000/" + MANIFEST_FILE)) and time.time() < deadline:
+        time.sleep(0.1)
+    [pid] = trial_processes(run.pid)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (FSIZE_LIMIT, resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]))
+    try:
+        out, err = run.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        raise
+    assert run.returncode == 1, err[-3000:]
+    [line] = [line for line in err.splitlines() if line.startswith("rllib: trial ") and " failed: " in line]
+    [trial] = experiment.glob("SPPO_*")
+    kept = sorted(trial.glob("checkpoint_*"))
+    assert kept and all((c / MANIFEST_FILE).exists() for c in kept)  # nothing partial in storage
+    assert re.search(r"CheckpointWriteError: the checkpoint of iteration \d+ could not be written: checkpoint \S+ could "
+                     r"not be written \(.*File too large.*\); what was written of it is removed\. Training "
+                     r"stops; the previous checkpoint (\S+) is intact and restores", line), line
+    previous = re.search(r"the previous checkpoint (\S+) is intact", line).group(1)
+    assert previous == str(kept[-1])
+    listed = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "evaluate", previous, "--episodes", "2"],
+                            capture_output=True, text=True, timeout=240)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert json.loads(listed.stdout.strip().splitlines()[-1])["episodes"] == 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def llm_config(tiny, size: int, **env_runners):
+    """An LLM run on ``size - 4`` training prompts, 16 per iteration (rounds of 8)."""
+    return (SPPOConfig().llm(policy=tiny, engine="transformers")
+            .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": size, "heldout_size": 4,
+                                                           "chat_template_model": tiny})
+            .env_runners(**{"num_env_runners": 0, "num_envs_per_env_runner": 8, **env_runners})
+            .training(lr=1e-3, critic_lr=1e-3, train_batch_size_per_learner=16, minibatch_size=8,
+                      max_response_tokens=4)
+            .debugging(seed=0))
+
+
+def test_a_run_resumed_at_an_epoch_boundary_trains_on_into_the_next_epoch(tiny, ray_session, tmp_path):
+    """16 training prompts, 16 per iteration: the checkpoint after iteration 1 falls exactly at the end of the first
+    epoch. The restored run samples and updates (16 steps trained per iteration), drawing whole new epochs (a resume
+    there that trains zero steps is a known failure of epoch-based data loaders)."""
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    algo = llm_config(tiny, size=20).build_algo()
+    algo.train()
+    sampler = algo.env_runner.sampler
+    assert (sampler.epoch, sampler.pos, len(sampler._order)) == (0, 16, 16)  # the end of the first epoch
+    path = algo.save_to_path(str(tmp_path / "ckpt"))
+    before = weights(algo)
+    algo.stop()
+    resumed = Algorithm.from_checkpoint(path)
+    results = [resumed.train() for _ in range(2)]
+    for result in results:
+        assert result["env_runners"]["num_env_steps_sampled"] == 16
+        assert result["learners"]["default_policy"]["num_module_steps_trained"] == 16
+    sampler = resumed.env_runner.sampler
+    assert (sampler.epoch, sampler.pos) == (2, 16) and results[-1]["training_iteration"] == 3  # two whole epochs more
+    after = weights(resumed)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # and the policy was updated
+    resumed.stop()
+
+
+def test_remote_runners_resume_their_own_places_in_the_data(tiny, ray_session, tmp_path):
+    """Two remote EnvRunners, each drawing its own shard of the epoch: the checkpoint holds each one's place (RLlib's
+    state holds only the local runner's, which never samples), and a restored run gives each its own back, so it
+    goes on drawing what the uninterrupted run draws."""
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    def places(algo):
+        return dict(algo.env_runner_group.foreach_env_runner(lambda r: (r.worker_index, r.sampler.get_state()),
+                                                             local_env_runner=False))
+
+    algo = llm_config(tiny, size=40, num_env_runners=2, num_cpus_per_env_runner=0.5).build_algo()
+    algo.train()  # each runner draws 8 of its 18 prompts
+    path, saved = algo.save_to_path(str(tmp_path / "ckpt")), places(algo)
+    algo.train()
+    straight = places(algo)
+    algo.stop()
+    assert saved == {1: {"epoch": 0, "pos": 8}, 2: {"epoch": 0, "pos": 8}}
+    resumed = Algorithm.from_checkpoint(path)
+    assert places(resumed) == saved
+    resumed.train()
+    assert places(resumed) == straight == {1: {"epoch": 0, "pos": 16}, 2: {"epoch": 0, "pos": 16}}
+    resumed.stop()

@@ -296,6 +296,10 @@ def test_killed_llm_env_runner_and_its_engine_are_restarted(tiny, ray_session):
     assert last["fault_tolerance"]["num_remote_worker_restarts"] == 1 and pids() != [pid]
     # The new engine generates with the learner's weights: its log-probs match the learner's after the sync.
     assert last["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
+    # The new runner went on from the old one's place in the data, not from the start of its shard: every prompt
+    # drawn was sampled once (280 training prompts: no epoch ended).
+    [place] = algo.env_runner_group.foreach_env_runner(lambda r: r.sampler.get_state(), local_env_runner=False)
+    assert place == {"epoch": 0, "pos": last["env_runners"]["num_env_steps_sampled_lifetime"]}
     algo.stop()
 
 

@@ -162,9 +162,9 @@ def test_scorer_scores_a_batch_in_workers():
     scorer = RewardScorer(math_reward, num_workers=2)
     rewards, errors = scorer([r"\boxed{2}", r"\boxed{3}", "none"], {"ground_truth": ["2", "2", "2"]})
     assert (rewards, errors) == ([1.0, 0.0, None], [None, None, None])
-    assert len(scorer._pool._pool) == 2 and scorer([], {}) == ([], [])
+    assert len(scorer._workers) == 2 and scorer([], {}) == ([], [])
     scorer.close()
-    assert scorer._pool is None
+    assert scorer._workers == []
 
 
 def test_scorer_isolates_raising_and_malformed_samples():
@@ -197,8 +197,26 @@ def test_scorer_replaces_a_stuck_or_dead_worker(bad):
     assert time.monotonic() - start < 10.0  # the chunk budget (2 samples x 1 s, plus 1 s), not 60 s
     assert rewards == [None, None, 1.0, 1.0]  # the stuck worker's chunk is lost, the other one scored
     assert errors[0] == errors[1] and "did not return 2 samples within 3s (stuck or died); replaced" in errors[0]
-    assert scorer._pool is None  # replaced: the next call starts new workers, and they score
+    assert scorer._workers == []  # replaced: the next call starts new workers, and they score
     assert scorer([r"1"], {"ground_truth": ["1"]}) == ([1.0], [None])
+    scorer.close()
+
+
+@pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL])
+def test_scorer_replaces_a_worker_stopped_or_killed_while_idle(fault):
+    """A worker stopped (SIGSTOP) or killed (the OOM killer) while it waits for work costs the next call its chunk,
+    within the chunk's budget, and the workers are replaced; the close does not hang on it. (Workers sharing
+    multiprocessing.Pool's task queue hang here: the idle worker holds the queue's lock, forever.)"""
+    scorer = RewardScorer(picky_reward, timeout_s=1.0, num_workers=2)
+    assert scorer(["1", "1"], {"ground_truth": ["1", "1"]}) == ([1.0, 1.0], [None, None])
+    victim = scorer._workers[0][0]
+    os.kill(victim.pid, fault)
+    start = time.monotonic()
+    rewards, errors = scorer(["1", "1", "1", "1"], {"ground_truth": ["1"] * 4})
+    assert time.monotonic() - start < 10.0
+    assert rewards == [None, None, 1.0, 1.0] and "did not return 2 samples within 3s (stuck or died)" in errors[0]
+    assert not victim.is_alive() and scorer._workers == []
+    assert scorer(["1"], {"ground_truth": ["1"]}) == ([1.0], [None])
     scorer.close()
 
 

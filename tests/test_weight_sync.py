@@ -3,6 +3,7 @@ tensors for a local runner, bounded chunks in the training dtype for remote ones
 timeout, and an engine that sleeps while the learner updates."""
 
 import os
+import re
 import signal
 
 import pytest
@@ -69,22 +70,41 @@ def test_remote_runners_receive_bounded_chunks_in_the_training_dtype(tiny, ray_s
     algo.stop()
 
 
-def test_a_stuck_runner_fails_the_sync_within_its_timeout_and_is_named(tiny, ray_session):
+@pytest.mark.parametrize("restart", [True, False])
+def test_a_stuck_runner_is_named_within_the_sync_timeout_and_restarted(tiny, ray_session, caplog, restart):
+    """A runner that does not load the weights in time is named in an error and killed, and RLlib restarts it; with
+    RLlib's restarts off (restart_failed_env_runners=False) the sync raises a TimeoutError naming it."""
+    import logging
     import time
 
-    algo = (config(tiny, weight_sync_timeout_s=3.0)
-            .env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5).build_algo())
+    algo = (config(tiny, weight_sync_timeout_s=3.0).env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5)
+            .fault_tolerance(restart_failed_env_runners=restart).build_algo())
     algo.train()
     [pid] = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)
     os.kill(pid, signal.SIGSTOP)  # the runner's process stops answering, as a runner stuck in its engine
+    named = r"weight sync: EnvRunner\(s\) \[1\] did not load the new policy weights within weight_sync_timeout_s=3 s"
+    start = time.monotonic()
     try:
-        start = time.monotonic()
-        with pytest.raises(TimeoutError, match=r"EnvRunner\(s\) \[1\] did not load the new policy weights within "
-                                               r"weight_sync_timeout_s=3.0"):
-            algo._sync_weights()
+        if restart:
+            with caplog.at_level(logging.ERROR, logger="rllib_sppo.sppo"):
+                algo._sync_weights()
+            assert re.search(named + r".*Restarting it", caplog.text)
+            assert algo.env_runner_group.healthy_worker_ids() == []  # killed; RLlib brings it back next iteration
+        else:
+            with pytest.raises(TimeoutError, match=named + ".*Set restart_failed_env_runners=True"):
+                algo._sync_weights()
         assert time.monotonic() - start < 30
     finally:
-        os.kill(pid, signal.SIGCONT)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:  # killed for the restart
+            pass
+    if restart:
+        for _ in range(20):  # RLlib probes the restarted runner before each iteration
+            if algo.env_runner_group.healthy_worker_ids():
+                break
+            algo.train()
+        assert algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False) != [pid]
     algo.stop()
 
 

@@ -47,6 +47,7 @@ from rllib_sppo.llm.engines import GenerationConfig, make_engine
 from rllib_sppo.llm.lora import resolve_lora
 from rllib_sppo.llm.models import resolve_model
 from rllib_sppo.llm.sampler import EpochSampler, PromptPool
+from rllib_sppo.watchdog import deadline
 
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
@@ -151,14 +152,14 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def _sample_round(self, k: int) -> list[SingleAgentEpisode]:
         """k prompts from the sampler (or the prompt pool), ``samples_per_prompt`` responses each: one engine call,
         one scoring call."""
-        engine = self.engine
+        self.engine  # started (and its tokenizer loaded) on first use
         indices = self.prompt_pool.take(k) if self.prompt_pool else self.sampler.draw(k)
         resets = [self.env.reset(options={"index": i}) for i in indices]
         prompt_ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in resets]
         gen = GenerationConfig(temperature=self.config.temperature, top_p=self.config.top_p,
                                max_tokens=self.config.max_response_tokens, n=self.config.samples_per_prompt)
         start = time.perf_counter()
-        groups = engine.generate(prompt_ids, gen)
+        groups = self._generate(prompt_ids, gen)
         gen_s = time.perf_counter() - start
         start = time.perf_counter()
         scored = zip(*self.env.score([info0["index"] for (_, info0), group in zip(resets, groups) for _ in group],
@@ -186,15 +187,23 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         texts = self.env.splits["heldout"].texts
         if not texts:
             raise ValueError("held-out evaluation needs held-out problems: set env_config heldout_size > 0")
-        engine = self.engine  # started (and its tokenizer loaded) on first use
+        self.engine  # started (and its tokenizer loaded) on first use
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        groups = engine.generate(prompt_ids, GenerationConfig(
+        groups = self._generate(prompt_ids, GenerationConfig(
             temperature=self.config.temperature, top_p=self.config.top_p,
             max_tokens=self.config.max_response_tokens, n=k))
         rewards, infos = self.env.score([i for i, group in enumerate(groups) for _ in group],
                                         [s.text for group in groups for s in group], split="heldout")
         return {"texts": list(texts), "rewards": np.reshape(np.asarray(rewards, np.float64), (len(texts), k)),
                 "parsed": [bool(info["parsed"]) for info in infos]}
+
+    def _generate(self, prompt_ids: list, gen: GenerationConfig) -> list:
+        """One engine call, bounded by ``generation_timeout_s``: past it this process ends with an error naming the
+        engine and this runner (``rllib_sppo.watchdog``), and is restarted."""
+        part = (f"EnvRunner {self.worker_index}: the {self.config.rollout_engine} engine generating {len(prompt_ids)} "
+                f"prompt(s) x {gen.n} response(s) of up to {gen.max_tokens} tokens")
+        with deadline(part, self.config.generation_timeout_s, "generation_timeout_s"):
+            return self.engine.generate(prompt_ids, gen)
 
     def _log_round(self, episodes, tokens: int, gen_s: float) -> None:
         m, n = self.metrics, len(episodes)
@@ -225,7 +234,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
         if self._check_component("data", components, not_components):  # the place in the epochs of prompts
-            state["data"] = {"sampler": self.sampler.get_state(), "num_prompts": self._num_prompts,
+            state["data"] = {"runner": self.worker_index, "sampler": self.sampler.get_state(), "num_prompts": self._num_prompts,
                              **({"prompt_pool": self.prompt_pool.get_state()} if self.prompt_pool else {})}
         return state
 
@@ -238,7 +247,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                     DEFAULT_MODULE_ID, weights).items() if k.startswith("policy.")), state.get(WEIGHTS_SEQ_NO, 0))
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
-        if "data" in state:  # a resumed run draws the prompts the uninterrupted one would have
+        # A resumed run draws the prompts the uninterrupted one would have. A place is this runner's own: RLlib hands
+        # a restarted remote runner the local runner's state, whose place (shard) is not its.
+        if state.get("data", {}).get("runner") == self.worker_index:
             self.sampler.set_state(state["data"]["sampler"])
             self._num_prompts = state["data"]["num_prompts"]
             if self.prompt_pool and "prompt_pool" in state["data"]:

@@ -1,0 +1,187 @@
+"""Nothing hangs: a part that takes longer than its timeout becomes an error naming it, and a restart where RLlib or
+Tune can restart it. Stalls are injected for real: a generation far longer than its timeout, a process stopped with
+SIGSTOP (a remote EnvRunner, a remote learner), a sleeping block under the watchdog."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from ray.rllib.core import DEFAULT_MODULE_ID
+
+import envs  # noqa: F401
+from rllib_sppo import SPPOConfig
+from rllib_sppo.llm.assets import build_tiny_llama
+from rllib_sppo.sppo import MANIFEST_FILE, TIMEOUT_KEYS
+from rllib_sppo.watchdog import STUCK_EXIT_CODE
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def llm_config(tiny, **training):
+    return (SPPOConfig().llm(policy=tiny, engine="transformers")
+            .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 100, "heldout_size": 4,
+                                                           "chat_template_model": tiny})
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
+            .training(**{"lr": 1e-3, "critic_lr": 1e-3, "train_batch_size_per_learner": 8, "minibatch_size": 8,
+                         "max_response_tokens": 8, **training})
+            .debugging(seed=0))
+
+
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+def test_the_watchdog_ends_a_stuck_process_naming_the_part():
+    out = run_python("""
+        import time
+        from rllib_sppo.watchdog import deadline
+        with deadline("a quick part", 5, "quick_timeout_s"):
+            pass
+        time.sleep(1)  # the finished part's timer is off: the process lives on
+        print("after the quick part", flush=True)
+        with deadline("the stuck part", 0.5, "stuck_timeout_s"):
+            time.sleep(60)
+        print("never")
+    """)
+    assert out.returncode == STUCK_EXIT_CODE, out.stderr[-2000:]
+    assert out.stdout == "after the quick part\n"
+    assert "stuck: the stuck part did not finish within stuck_timeout_s=0.5 s" in out.stderr
+    assert 'File "<string>", line 9' in out.stderr  # the stuck thread's stack: the sleep under the deadline
+
+
+def test_a_stuck_engine_call_ends_its_runner_process_naming_the_engine(tiny):
+    """A generation far longer than a tiny generation_timeout_s (the random tiny Llama rarely stops before 200
+    tokens): the runner's process ends, naming the runner and its engine call."""
+    out = run_python(f"""
+        import envs
+        from rllib_sppo import SPPOConfig
+        from rllib_sppo.llm.runner import LLMEnvRunner
+        config = (SPPOConfig().llm(policy={tiny!r}, engine="transformers")
+                  .environment("ReasoningBandit-v0", env_config={{"source": "arithmetic", "size": 40, "heldout_size": 4,
+                                                                  "chat_template_model": {tiny!r}}})
+                  .env_runners(num_envs_per_env_runner=8)
+                  .training(max_response_tokens=200, generation_timeout_s=0.3))
+        runner = LLMEnvRunner(config=config)
+        runner.engine  # started outside the deadline
+        runner.sample(num_episodes=8)
+        print("sampled")
+    """, timeout=300)
+    assert out.returncode == STUCK_EXIT_CODE, out.stderr[-2000:]
+    assert "sampled" not in out.stdout
+    assert ("stuck: EnvRunner 0: the transformers engine generating 8 prompt(s) x 1 response(s) of up to 200 tokens "
+            "did not finish within generation_timeout_s=0.3 s") in out.stderr
+
+
+def runner_place(algo):
+    [place] = algo.env_runner_group.foreach_env_runner(lambda r: r.sampler.get_state(), local_env_runner=False)
+    return place
+
+
+def sampled(result) -> bool:
+    return (result["env_runners"].get("num_env_steps_sampled") or 0) > 0  # (NaN when nothing was sampled)
+
+
+def test_a_frozen_remote_runner_is_named_and_restarted_with_the_weights_and_its_place(tiny, ray_session, caplog):
+    """A remote EnvRunner stopped (SIGSTOP) before sampling: its sample does not come back within sample_timeout_s
+    (RLlib alone would drop it and ask again, forever), so it is named and restarted; the restarted runner samples
+    with the learner's weights (not the ones it started with) from its own place in the data. (15 s: a restarted
+    runner's first sample starts its engine and reward workers.)"""
+    algo = (llm_config(tiny).env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5, sample_timeout_s=15)
+            .fault_tolerance(env_runner_health_probe_timeout_s=3).build_algo())
+    for _ in range(2):
+        algo.train()
+    place = runner_place(algo)
+    assert place == {"epoch": 0, "pos": 16}
+    [pid] = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)
+    os.kill(pid, signal.SIGSTOP)
+    with caplog.at_level(logging.ERROR, logger="rllib_sppo.sppo"):
+        start = time.monotonic()
+        stalled = algo.train()
+        assert time.monotonic() - start < 90
+    assert not sampled(stalled)
+    assert ("sampling: EnvRunner(s) [1] returned no sample within sample_timeout_s=15 s and did not answer for "
+            "env_runner_health_probe_timeout_s=3 s more") in caplog.text and "Restarting it" in caplog.text
+    results = []
+    while len(results) < 20 and not (results and sampled(results[-1])):
+        results.append(algo.train())  # RLlib brings the runner back (a new process), then it samples
+    last = results[-1]
+    assert last["fault_tolerance"]["num_remote_worker_restarts"] == 1
+    assert algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False) != [pid]
+    # Its first batch after the restart: sampled with the learner's weights, from where it had got to.
+    assert last["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
+    assert runner_place(algo) == {"epoch": 0, "pos": 24}
+    algo.stop()
+
+
+def learner_processes(session: int) -> list[int]:
+    """Pids of the remote learner actors (Ray Train's workers: ``ray::_WrappedExecutable``) started under ``session``."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::_WrappedExecutable") and os.getsid(int(pid)) == session:
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_stuck_learner_update_ends_the_trial_and_tune_restarts_it(tmp_path):
+    """A remote learner stopped (SIGSTOP) mid-run: the update does not finish within learner_update_timeout_s, the
+    trial's process ends naming it, and Tune (max_failures) restarts the trial from its checkpoint with a new
+    learner; the run reaches its stop."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(f"""
+        stuck-learner:
+          run: SPPO
+          env: OutcomeCartPole-v1
+          stop: {{training_iteration: 5}}
+          storage_path: {tmp_path / "results"}
+          checkpoint_config: {{checkpoint_frequency: 1, num_to_keep: 2}}
+          max_failures: 1
+          config:
+            seed: 0
+            num_learners: 1
+            num_cpus_per_learner: 0.5
+            learner_update_timeout_s: 10
+            train_batch_size_per_learner: 200
+            minibatch_size: 100
+            model_config: {{pi_hiddens: [16], vf_hiddens: [8]}}
+    """))
+    experiment = tmp_path / "results" / "stuck-learner"
+    run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", str(path)], start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list(experiment.glob("*/checkpoint_000001/" + MANIFEST_FILE)) and time.time() < deadline:
+        time.sleep(0.2)
+    [pid] = learner_processes(run.pid)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        out, err = run.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        raise
+    assert run.returncode == 0, err[-3000:]
+    assert "stuck: the learner update did not finish within learner_update_timeout_s=10 s" in err
+    assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 5
+    [trial] = experiment.glob("SPPO_*")
+    results = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+    assert any(r["iterations_since_restore"] == 1 and r["training_iteration"] > 1 for r in results)
+
+
+@pytest.mark.parametrize("key", TIMEOUT_KEYS)
+def test_timeouts_are_validated(tiny, key):
+    with pytest.raises(ValueError, match=f"{key}=0: give a number of seconds > 0"):
+        llm_config(tiny).update_from_dict({key: 0}).validate()
+    with pytest.raises(ValueError, match=f"{key}=None: give a number of seconds > 0"):
+        llm_config(tiny).update_from_dict({key: None}).validate()
