@@ -123,7 +123,7 @@ def check_env_spec(spec: str, env_config: dict | None = None) -> None:
             raise ValueError(f"{spec} already pays its own outcome; to choose one, use env: "
                              f"{OUTCOME_TASKS[spec][0]} with your outcome")
         outcome_fn(outcome)
-    if _tune_registered(spec):  # this package's envs, or one registered before
+    if registered_creator(spec) is not None:  # this package's envs, or one registered before
         return
     module, _, env_id = spec.rpartition(":")
     if module:  # gymnasium's module:Id
@@ -147,10 +147,12 @@ def check_env_spec(spec: str, env_config: dict | None = None) -> None:
                      f"env class or creator")
 
 
-def _tune_registered(spec: str) -> bool:
+def registered_creator(spec: str):
+    """The creator ``ray.tune.register_env`` registered under ``spec`` (this package's envs, or one registered before),
+    or None. (Tune's ``_global_registry`` is private: listed in ``rllib_sppo.private_api``.)"""
     from ray.tune.registry import ENV_CREATOR, _global_registry
 
-    return _global_registry.contains(ENV_CREATOR, spec)
+    return _global_registry.get(ENV_CREATOR, spec) if _global_registry.contains(ENV_CREATOR, spec) else None
 
 
 def make_env(spec: str, env_config: dict | None = None) -> gym.Env:
@@ -180,7 +182,7 @@ def register_env_spec(spec: str, env_config: dict | None = None) -> None:
     Tune already knows (this package's, or registered before) and plain gymnasium ids are left as they are."""
     from ray.tune.registry import register_env
 
-    if _tune_registered(spec):
+    if registered_creator(spec) is not None:
         return
     if (":" in spec or spec in gym.registry) and (env_config or {}).get("outcome") is None:
         return

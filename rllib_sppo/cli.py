@@ -90,15 +90,15 @@ def load_experiments(path: str) -> dict:
 def resolve_algorithm(name: str, where: str):
     """The algorithm class ``run: NAME`` names: SPPO, or one of RLlib's (importing only that one: Tune's own lookup
     imports every algorithm, DreamerV3's warnings included)."""
-    from ray.rllib.algorithms.registry import ALGORITHMS
-
     from rllib_sppo import SPPO
+    from rllib_sppo.private_api import rllib_algorithms
 
     if name == "SPPO":  # (not through Tune's registry: a Ray restarted in this process has forgotten it)
         return SPPO
-    if name in ALGORITHMS:
-        return ALGORITHMS[name]()[0]
-    close = difflib.get_close_matches(name, ["SPPO", *ALGORITHMS], n=1)
+    algorithms = rllib_algorithms()
+    if name in algorithms:
+        return algorithms[name]()[0]
+    close = difflib.get_close_matches(name, ["SPPO", *algorithms], n=1)
     hint = f"did you mean {close[0]!r}?" if close else "try SPPO, PPO, APPO, IMPALA, DQN, SAC"
     raise UsageError(f"{where}: unknown algorithm {name!r} ({hint})")
 

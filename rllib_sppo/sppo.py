@@ -36,6 +36,7 @@ from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 from rllib_sppo.env_runner import EpisodeEnvRunner
 from rllib_sppo.llm.critic import score_prompt_candidates
 from rllib_sppo.monitoring import BEFORE_TRAINING, PrometheusExport
+from rllib_sppo.private_api import remote_env_runner_actor
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
 from rllib_sppo.watchdog import deadline
 
@@ -803,9 +804,9 @@ class SPPO(Algorithm):
         if not self.config.restart_failed_env_runners:
             raise TimeoutError(f"{message}. Set restart_failed_env_runners=True to restart such a runner instead.")
         logger.error("%s. Restarting it.", message)
-        manager = self.env_runner_group._worker_manager
         for index in stuck:
-            ray.kill(manager.actors()[index], no_restart=False)  # Ray starts the actor again (RLlib's max_restarts)
+            actor, manager = remote_env_runner_actor(self.env_runner_group, index)
+            ray.kill(actor, no_restart=False)  # Ray starts the actor again (RLlib's max_restarts)
             manager.set_actor_state(index, healthy=False)  # RLlib's probe brings it back into service
 
     def restore_env_runners(self, env_runner_group) -> list[int]:

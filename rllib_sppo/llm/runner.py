@@ -39,9 +39,9 @@ from ray.rllib.utils.metrics import (
 )
 from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
-from ray.tune.registry import ENV_CREATOR, _global_registry
 
 import envs  # noqa: F401  (registers ReasoningBandit-v0 in this process: a remote EnvRunner's too)
+from envs.classic import registered_creator
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
 from rllib_sppo.llm.lora import resolve_lora
@@ -87,8 +87,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if env_config.get("chat_template_model") is not None:
             env_config["chat_template_model"] = resolve_model(env_config["chat_template_model"])
         ctx = EnvContext(env_config, worker_index=self.worker_index, vector_index=0)
-        if _global_registry.contains(ENV_CREATOR, self.config.env):
-            return _global_registry.get(ENV_CREATOR, self.config.env)(ctx).unwrapped
+        creator = registered_creator(self.config.env)
+        if creator is not None:
+            return creator(ctx).unwrapped
         return gym.make(self.config.env, env_config=ctx).unwrapped
 
     @property

@@ -23,6 +23,7 @@ import tree
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 from ray.rllib.core.learner.learner_group import LearnerGroup
 
+from rllib_sppo.private_api import disable_deepspeed_shm_comm
 from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
 
 INSTALL = "pip install 'rllib-sppo[deepspeed]'"
@@ -49,7 +50,7 @@ def _init_distributed(deepspeed) -> None:
     if deepspeed.get_accelerator().device_name() == "cpu":
         # DeepSpeed compiles a shared-memory all-reduce for CPU ranks at its first init (a C++ build, about a
         # minute on 2 cores); one process has no peer to share memory with, so gloo alone does.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        disable_deepspeed_shm_comm()
     if not torch.distributed.is_initialized():  # num_learners=0: the learner lives in this process
         torch.distributed.init_process_group(deepspeed.get_accelerator().communication_backend_name(),
                                              init_method=f"file://{tempfile.mkdtemp(prefix='sppo_ds_')}/store",
