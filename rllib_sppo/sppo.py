@@ -808,6 +808,7 @@ class SPPO(Algorithm):
             actor, manager = remote_env_runner_actor(self.env_runner_group, index)
             ray.kill(actor, no_restart=False)  # Ray starts the actor again (RLlib's max_restarts)
             manager.set_actor_state(index, healthy=False)  # RLlib's probe brings it back into service
+        self._forget_weights_in_flight(stuck)
 
     def restore_env_runners(self, env_runner_group) -> list[int]:
         """RLlib brings restarted EnvRunners back into service and hands them the local runner's state. Restarted LLM
@@ -815,9 +816,16 @@ class SPPO(Algorithm):
         with the weights they started with) and their own place in the data (the local runner's is another's)."""
         restored = super().restore_env_runners(env_runner_group)
         if restored and env_runner_group is self.env_runner_group and self.config.llm_runner:
+            self._forget_weights_in_flight(restored)
             self._give_back_places(restored)
             self._sync_weights(restored)
         return restored
+
+    def _forget_weights_in_flight(self, runners) -> None:
+        """A restarted runner lost the weights queued to it (async_rollouts); it is sent the current ones at once."""
+        if self._weights_in_flight is not None:
+            sent, chunks = self._weights_in_flight
+            self._weights_in_flight = (sent - set(runners), chunks)
 
     def _give_back_places(self, runners: list[int]) -> None:
         places = {i: self._runner_places[i] for i in runners if i in self._runner_places}

@@ -123,6 +123,32 @@ def test_a_frozen_remote_runner_is_named_and_restarted_with_the_weights_and_its_
     algo.stop()
 
 
+
+def test_a_frozen_remote_runner_with_async_rollouts_is_named_and_restarted(tiny, ray_session, caplog):
+    """async_rollouts: a remote EnvRunner stopped (SIGSTOP) with its next batch in flight returns no batch within
+    sample_timeout_s: it is named and restarted (RLlib alone would wait on it again every iteration), and the run
+    trains on with the new runner, which is restarted once only."""
+    algo = (llm_config(tiny, async_rollouts=True, tis_cap=2.0)
+            .env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5, sample_timeout_s=15)
+            .fault_tolerance(env_runner_health_probe_timeout_s=3).build_algo())
+    for _ in range(2):
+        algo.train()
+    [pid] = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)
+    os.kill(pid, signal.SIGSTOP)
+    with caplog.at_level(logging.ERROR, logger="rllib_sppo.sppo"):
+        results = [algo.train() for _ in range(2)]  # the batch fetched before the stop, then none within 15 s
+    assert "sampling: EnvRunner(s) [1] returned no batch within sample_timeout_s=15 s" in caplog.text
+    assert "Restarting it" in caplog.text
+    assert not sampled(results[-1])
+    while len(results) < 20 and not sampled(results[-1]):
+        results.append(algo.train())
+    for _ in range(3):
+        results.append(algo.train())
+    assert all(sampled(r) for r in results[-3:])
+    assert results[-1]["fault_tolerance"]["num_remote_worker_restarts"] == 1
+    assert algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False) != [pid]
+    algo.stop()
+
 def learner_processes(session: int) -> list[int]:
     """Pids of the remote learner actors (Ray Train's workers: ``ray::_WrappedExecutable``) started under ``session``."""
     pids = []
