@@ -42,6 +42,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock per estimator and seed")
     p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-every-s", type=float, help="evaluate every this many training seconds instead")
     p.add_argument("--n", type=int, default=8, help="samples per prompt of GRPO and RLOO")
     p.add_argument("--out", default="benchmarks/results/llm_compare", help="output path stem")
     args = p.parse_args()
@@ -54,12 +55,13 @@ def main():
     log = Path(f"{out}_runs.jsonl")
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     done = {(r["label"], r["seed"]) for r in runs}
-    for label, overrides in variants(cfg["train_batch_size_per_learner"], cfg["minibatch_size"], args.n).items():
-        for seed in args.seeds:
+    compared = variants(cfg["train_batch_size_per_learner"], cfg["minibatch_size"], args.n)
+    for seed in args.seeds:  # every estimator on a seed before the next seed: a run cut short compares like with like
+        for label, overrides in compared.items():
             if (label, seed) in done:
                 continue
             load_before = os.getloadavg()[0]
-            run = run_seed(args.yaml, seed, args.minutes, args.eval_every, overrides)
+            run = run_seed(args.yaml, seed, args.minutes, args.eval_every, overrides, args.eval_every_s)
             run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)
             with log.open("a") as f:

@@ -22,7 +22,11 @@ from provenance import provenance
 SELECTION = ("pool_outcome_variance", "selected_outcome_variance", "pool_p_mean", "pool_p_std")
 
 
-def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: dict) -> dict:
+def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: dict,
+             eval_every_s: float | None = None) -> dict:
+    """Trains ``minutes`` of training time (evaluations left out), evaluating the held-out split before training, every
+    ``eval_every`` iterations or, with ``eval_every_s``, every that many training seconds instead (the same time
+    resolution for estimators whose iterations take different times), and at the end."""
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     from rllib_sppo.cli import build_config, load_experiments, resolve_algorithm
@@ -58,7 +62,8 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
                       "policy_lag": overlap.get("policy_lag", 0.0),
                       **{k: runners.get(f"rollout/{k}", np.nan) for k in SELECTION}})
         tokens = int(runners.get("rollout/response_tokens_lifetime", 0))  # generated in training so far
-        if it % eval_every == 0:
+        train_s = time.perf_counter() - start - evaluating["s"]
+        if (train_s - curve[-1]["train_s"] >= eval_every_s) if eval_every_s else it % eval_every == 0:
             curve.append(point(it, tokens))
     if curve[-1]["iteration"] != it:
         curve.append(point(it, tokens))
