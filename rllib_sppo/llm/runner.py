@@ -141,6 +141,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def set_prompt_scores(self, indices: list[int], logits) -> None:
         """Prompt selection: the critic's logits of ``prompt_candidates``' prompts."""
         self.prompt_pool.score(indices, logits)
+
     def sample_batch(self) -> dict:
         """One training batch in one call, for SPPO's asynchronous rollouts: the ``episodes``, this runner's
         ``metrics``, its ``data`` position after drawing them (where a run resumed from a checkpoint taken while the
