@@ -157,8 +157,6 @@ def get_reward_fn(name: str | RewardFn) -> RewardFn:
     )
 
 
-
-
 class _Timeout(BaseException):
     """Raised in a worker when one sample's scoring runs past its timeout. A BaseException, so that a verifier's own
     ``except Exception`` cannot swallow it."""

@@ -370,6 +370,7 @@ class SPPOConfig(AlgorithmConfig):
             name = getattr(self.env_runner_cls, "__name__", self.env_runner_cls)
             self._value_error(f"prompt_selection chooses the prompts of LLM runs: set env_runner_cls to "
                               f"rllib_sppo.llm.runner.LLMEnvRunner (got {name}).")
+
     def _validate_lora(self, spec) -> None:
         from rllib_sppo.llm.lora import resolve_lora
 

@@ -147,7 +147,6 @@ def test_state_round_trips_and_nonfinite_updates_are_skipped(tiny, episodes, tmp
     assert relative_error(weights(second), weights(first), expected) < 1e-5
 
 
-
 def test_two_learners_form_one_zero3_group_and_checkpoint_every_partition(tmp_path_factory, episodes, tmp_path,
                                                                            ray_session):
     from transformers import AutoModelForCausalLM

@@ -123,7 +123,6 @@ def test_a_frozen_remote_runner_is_named_and_restarted_with_the_weights_and_its_
     algo.stop()
 
 
-
 def test_a_frozen_remote_runner_with_async_rollouts_is_named_and_restarted(tiny, ray_session, caplog):
     """async_rollouts: a remote EnvRunner stopped (SIGSTOP) with its next batch in flight returns no batch within
     sample_timeout_s: it is named and restarted (RLlib alone would wait on it again every iteration), and the run
@@ -148,6 +147,7 @@ def test_a_frozen_remote_runner_with_async_rollouts_is_named_and_restarted(tiny,
     assert results[-1]["fault_tolerance"]["num_remote_worker_restarts"] == 1
     assert algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False) != [pid]
     algo.stop()
+
 
 def learner_processes(session: int) -> list[int]:
     """Pids of the remote learner actors (Ray Train's workers: ``ray::_WrappedExecutable``) started under ``session``."""
