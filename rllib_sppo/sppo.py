@@ -186,7 +186,8 @@ class SPPOConfig(AlgorithmConfig):
 
         unknown = sorted(set(model_config) - MODEL_CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"llm() got unknown key(s) {unknown}; the LLM module's keys are {sorted(MODEL_CONFIG_KEYS)}")
+            raise ValueError(f"llm() got unknown key(s) {unknown}; the LLM module's keys are "
+                             f"{sorted(MODEL_CONFIG_KEYS)}")
         module_config = {"policy": policy, **({"critic": critic} if critic else {}), **model_config}
         self.env_runners(env_runner_cls=LLMEnvRunner)
         self.rl_module(rl_module_spec=RLModuleSpec(module_class=SPPOLLMModule, model_config=module_config))
@@ -341,7 +342,8 @@ class SPPOConfig(AlgorithmConfig):
                               f"{fix}.")
         if self.evaluation_interval and self.custom_evaluation_function is not heldout_accuracy:
             self._value_error(f"evaluation_interval={self.evaluation_interval} on an LLM run evaluates the held-out "
-                              f"split with custom_evaluation_function=rllib_sppo.llm.evaluation.heldout_accuracy; {fix}.")
+                              f"split with custom_evaluation_function=rllib_sppo.llm.evaluation.heldout_accuracy; "
+                              f"{fix}.")
 
     def _validate_prompt_selection(self) -> None:
         example = "{'pool': 4, 'weight': 'variance', 'floor': 0.05}"
@@ -524,7 +526,8 @@ _SPPO_KEYS = ("advantage_estimator", "lambda_", "critic_lr", "critic_init", "val
               "max_tokens_per_micro_batch", "weight_decay", "critic_weight_decay", "clip_low", "clip_high",
               "dual_clip", "loss_agg_mode", "critic_loss", "normalize_advantage", "entropy_coeff", "temperature",
               "top_p", "max_response_tokens", "samples_per_prompt", "rollout_engine", "engine_kwargs",
-              "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed", "gpu_memory_utilization", "engine_sleep_level",
+              "eval_samples_per_prompt", "max_nonfinite_updates", "deepspeed", "gpu_memory_utilization",
+              "engine_sleep_level",
               "weight_sync_chunk_mb", "weight_sync_timeout_s", "prompt_selection", "tis_cap", "async_rollouts",
               "generation_timeout_s", "learner_update_timeout_s")
 #: The seconds after which a stuck part of a run is named and restarted (docs/reliability.md).

@@ -236,7 +236,8 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
         if self._check_component("data", components, not_components):  # the place in the epochs of prompts
-            state["data"] = {"runner": self.worker_index, "sampler": self.sampler.get_state(), "num_prompts": self._num_prompts,
+            state["data"] = {"runner": self.worker_index, "sampler": self.sampler.get_state(),
+                             "num_prompts": self._num_prompts,
                              **({"prompt_pool": self.prompt_pool.get_state()} if self.prompt_pool else {})}
         return state
 

@@ -141,7 +141,8 @@ class ValueModel(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         with _autocast(input_ids.device, self.dtype):
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state
             return self.head(hidden).squeeze(-1).float()
 
 
