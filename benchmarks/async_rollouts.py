@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_curve import run_seed
-from provenance import provenance
+from provenance import provenance, settled_load
 
 MODES = {"synchronous": {"num_env_runners": 1},
          "asynchronous": {"num_env_runners": 1, "async_rollouts": True, "tis_cap": 2.0}}
@@ -46,7 +46,7 @@ def main():
         for mode, overrides in MODES.items():
             if (mode, seed) in done:
                 continue
-            load_before = os.getloadavg()[0]
+            load_before = settled_load(BUSY)
             # Evaluated before training and after the budget only (an evaluation waits for the batch in flight).
             run = run_seed(args.yaml, seed, args.minutes, 10**9, {**json.loads(args.config), **overrides})
             run |= {"mode": mode, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}

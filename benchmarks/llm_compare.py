@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_curve import run_seed
-from provenance import provenance
+from provenance import provenance, settled_load
 
 #: A run is marked as taken under load when the 1-minute load average before it exceeds this (2 cores, idle: < 0.5).
 BUSY = 1.0
@@ -60,7 +60,7 @@ def main():
         for label, overrides in compared.items():
             if (label, seed) in done:
                 continue
-            load_before = os.getloadavg()[0]
+            load_before = settled_load(BUSY)
             run = run_seed(args.yaml, seed, args.minutes, args.eval_every, overrides, args.eval_every_s)
             run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)

@@ -27,7 +27,7 @@ import numpy as np
 
 from llm_compare import BUSY, reach
 from llm_curve import run_seed
-from provenance import provenance
+from provenance import provenance, settled_load
 
 BASELINE = "SPPO"
 
@@ -57,7 +57,7 @@ def main():
         for label, overrides in variants(args.pool, args.floor).items():
             if (label, seed) in done:
                 continue
-            load_before = os.getloadavg()[0]
+            load_before = settled_load(BUSY)
             run = run_seed(args.yaml, seed, args.minutes, args.eval_every, {**json.loads(args.config), **overrides})
             run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_compare import BUSY
-from provenance import provenance
+from provenance import provenance, settled_load
 
 CALIBRATION = ("brier", "ece", "auroc", "spearman")
 BYTES_PER_PARAM = 16  # fp32 parameter, gradient and AdamW's two moments
@@ -78,7 +78,7 @@ def main():
                 continue
             job = {"yaml": args.yaml, "seed": seed, "minutes": args.minutes, "eval_every": args.eval_every,
                    "overrides": {**json.loads(args.config), **overrides}}
-            load_before = os.getloadavg()[0]
+            load_before = settled_load(BUSY)
             proc = subprocess.run([sys.executable, __file__, args.yaml, "--_child", json.dumps(job)],
                                   stdout=subprocess.PIPE, text=True, check=True)
             run = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
