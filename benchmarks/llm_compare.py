@@ -88,6 +88,7 @@ def write(runs: list, args, out: Path) -> None:
     grpo = [r["curve"][-1][key] for r in runs if r["label"].startswith("GRPO")]
     target = float(np.mean(grpo)) if grpo else np.nan
     fmt = lambda v: f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if len(v) else "-"  # noqa: E731
+    its = lambda v: f"{np.mean(v):.0f} ({min(v)}-{max(v)})"  # noqa: E731
     lines = [f"# {Path(args.yaml).name}: SPPO vs GRPO vs RLOO vs token-level PPO, held-out {key} and {pass_key}", "",
              *provenance(),
              f"Exact answers only (a sample counts when the verifier says it is fully right). Same prompts per "
@@ -100,18 +101,20 @@ def write(runs: list, args, out: Path) -> None:
         reached_s = [reach(r["curve"], key, target, "train_s") for r in sel]
         reached_tokens = [reach(r["curve"], key, target, "tokens") for r in sel]
         per_seed = lambda xs: " / ".join("never" if np.isnan(x) else f"{x:,.0f}" for x in xs)  # noqa: E731
+        first, last = [r["curve"][0] for r in sel], [r["curve"][-1] for r in sel]
         lines.append(
-            f"| {label} | {len(sel)} | {fmt([r['curve'][0][key] for r in sel])} | {fmt([r['curve'][-1][key] for r in sel])} "
-            f"| {fmt([r['curve'][-1].get(pass_key, np.nan) for r in sel])} | {fmt([r['iterations'] for r in sel]).replace('.000', '')} "
-            f"| {np.mean([r['curve'][-1]['tokens'] for r in sel]):,.0f} | {per_seed(reached_s)} | {per_seed(reached_tokens)} |")
+            f"| {label} | {len(sel)} | {fmt([c[key] for c in first])} | {fmt([c[key] for c in last])} "
+            f"| {fmt([c.get(pass_key, np.nan) for c in last])} | {its([r['iterations'] for r in sel])} "
+            f"| {np.mean([c['tokens'] for c in last]):,.0f} | {per_seed(reached_s)} | {per_seed(reached_tokens)} |")
     sppo = {r["seed"]: r for r in runs if r["label"].startswith("SPPO")}
-    ratios = [reach(g["curve"], key, target, "train_s") / reach(sppo[g["seed"]]["curve"], key, target, "train_s")
-              for g in runs if g["label"].startswith("GRPO") and g["seed"] in sppo]
-    ratios = [x for x in ratios if np.isfinite(x)]
-    if ratios:
-        lines += ["", f"SPPO reaches GRPO's final {key} {np.mean(ratios):.1f}x sooner in training seconds than GRPO "
-                      f"does (per seed {', '.join(f'{x:.1f}x' for x in ratios)}; range {min(ratios):.1f}-"
-                      f"{max(ratios):.1f}x)."]
+    for x, what in (("train_s", "in {:.1f}x fewer training seconds"),
+                    ("tokens", "with {:.1f}x fewer generated tokens")):
+        ratios = [reach(g["curve"], key, target, x) / reach(sppo[g["seed"]]["curve"], key, target, x)
+                  for g in runs if g["label"].startswith("GRPO") and g["seed"] in sppo]
+        ratios = [r for r in ratios if np.isfinite(r)]
+        if ratios:
+            lines += ["", f"SPPO reaches GRPO's final {key} {what.format(np.mean(ratios))} than GRPO (per seed "
+                          f"{', '.join(f'{r:.1f}x' for r in ratios)}; range {min(ratios):.1f}-{max(ratios):.1f}x)."]
     busy = [f"{r['label']} seed {r['seed']} (load {r['load_before']} before, {r['load_after']} after)" for r in runs
             if r["load_before"] > BUSY]
     lines += ["", "Runs taken under load (1-minute load average above "
