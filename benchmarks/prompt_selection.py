@@ -43,6 +43,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock per variant and seed")
     p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--eval-every-s", type=float, help="evaluate every this many training seconds instead")
     p.add_argument("--pool", type=int, default=4)
     p.add_argument("--floor", type=float, default=0.05)
     p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
@@ -58,7 +59,8 @@ def main():
             if (label, seed) in done:
                 continue
             load_before = settled_load(BUSY)
-            run = run_seed(args.yaml, seed, args.minutes, args.eval_every, {**json.loads(args.config), **overrides})
+            run = run_seed(args.yaml, seed, args.minutes, args.eval_every, {**json.loads(args.config), **overrides},
+                           args.eval_every_s)
             run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)
             with log.open("a") as f:
