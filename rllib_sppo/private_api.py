@@ -17,7 +17,7 @@ USED = (
     ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_value_error",
      "SPPOConfig.validate: RLlib's way to refuse a config (an error, or a warning when validation is lenient)"),
     ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_model_config_auto_includes",
-     "SPPOConfig: overridden, no keys added to the module's model_config"),
+     "SPPOConfig: overridden, adds the sampling temperature, critic bias and kind, and micro-batch budget"),
     ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_learner_connector",
      "SPPOConfig._validate_llm_wiring: which learner connector a config installs"),
     ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_is_frozen", "SPPOConfig.freeze"),
