@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from llm_curve import run_seed
-from provenance import provenance, settled_load
+from provenance import BUSY, provenance, settled_load, under_load
 
 MODES = {"synchronous": {"num_env_runners": 1},
          "asynchronous": {"num_env_runners": 1, "async_rollouts": True, "tis_cap": 2.0}}
-#: A run is marked as taken under load when the 1-minute load average before it exceeds this (2 cores, idle: < 0.5).
-BUSY = 1.0
 
 
 def main():
@@ -76,9 +74,7 @@ def write(runs: list, args, out: Path) -> None:
         lines.append(f"| {mode} | {len(sel)} | {np.mean([r['iterations'] for r in sel]):.1f} | "
                      f"{np.mean([r['iter_s'] for r in sel]):.1f} | {np.mean(gains):+.1f} "
                      f"({min(gains):+.1f} to {max(gains):+.1f}) |")
-    busy = [f"{r['mode']} seed {r['seed']}" for r in runs if r["load_before"] > BUSY]
-    lines += ["", f"Runs taken under load (1-minute load average above {BUSY} before the run; 2 cores): "
-                  f"{', '.join(busy) if busy else 'none'}."]
+    lines += under_load(runs, name=lambda r: f"{r['mode']} seed {r['seed']}")
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from llm_curve import run_seed
-from provenance import provenance, settled_load
+from provenance import BUSY, provenance, settled_load, under_load
 
-#: A run is marked as taken under load when the 1-minute load average before it exceeds this (2 cores, idle: < 0.5).
-BUSY = 1.0
 
 
 def variants(batch: int, minibatch: int, n: int) -> dict:
@@ -115,10 +113,7 @@ def write(runs: list, args, out: Path) -> None:
         if ratios:
             lines += ["", f"SPPO reaches GRPO's final {key} {what.format(np.mean(ratios))} than GRPO (per seed "
                           f"{', '.join(f'{r:.1f}x' for r in ratios)}; range {min(ratios):.1f}-{max(ratios):.1f}x)."]
-    busy = [f"{r['label']} seed {r['seed']} (load {r['load_before']} before, {r['load_after']} after)" for r in runs
-            if r["load_before"] > BUSY]
-    lines += ["", "Runs taken under load (1-minute load average above "
-              f"{BUSY} before the run; 2 cores): {', '.join(busy) if busy else 'none'}."]
+    lines += under_load(runs)
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
 
     from matplotlib.figure import Figure

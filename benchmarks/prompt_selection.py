@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_compare import BUSY, reach
+from llm_compare import reach
 from llm_curve import run_seed
-from provenance import provenance, settled_load
+from provenance import BUSY, provenance, settled_load, under_load
 
 BASELINE = "SPPO"
 
@@ -115,10 +115,7 @@ def _write(runs: list, args, out: Path) -> None:
             f"{mean('pool_outcome_variance'):.3f} | {mean('selected_outcome_variance'):.3f} | "
             f"{mean('pool_p_std'):.3f} | "
             f"{last(calibration[0]):.3f} / {last(calibration[1]):.3f} |".replace("nan", "-"))
-    busy = [f"{r['label']} seed {r['seed']} (load {r['load_before']} before, {r['load_after']} after)" for r in runs
-            if r["load_before"] > BUSY]
-    lines += ["", "Runs taken under load (1-minute load average above "
-              f"{BUSY} before the run; 2 cores): {', '.join(busy) if busy else 'none'}."]
+    lines += under_load(runs)
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
 
     from matplotlib.figure import Figure

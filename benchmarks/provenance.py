@@ -28,3 +28,15 @@ def settled_load(busy: float = 1.0, max_wait_s: float = 150.0) -> float:
     while os.getloadavg()[0] > busy and time.monotonic() < deadline:
         time.sleep(5)
     return os.getloadavg()[0]
+
+
+#: A run is marked as taken under load when the 1-minute load average before it exceeds this (2 cores, idle: < 0.5).
+BUSY = 1.0
+
+
+def under_load(runs: list, name=lambda r: f"{r['label']} seed {r['seed']}") -> list[str]:
+    """The results-table line naming the runs taken under load (load average above ``BUSY`` before the run)."""
+    busy = [f"{name(r)} (load {r['load_before']} before, {r['load_after']} after)" for r in runs
+            if r["load_before"] > BUSY]
+    return ["", f"Runs taken under load (1-minute load average above {BUSY} before the run; 2 cores): "
+                f"{', '.join(busy) if busy else 'none'}."]

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_compare import BUSY
-from provenance import provenance, settled_load
+from provenance import BUSY, provenance, settled_load, under_load
 
 CALIBRATION = ("brier", "ece", "auroc", "spearman")
 BYTES_PER_PARAM = 16  # fp32 parameter, gradient and AdamW's two moments
@@ -130,10 +129,7 @@ def _write(runs: list, args, out: Path) -> None:
             f"{fmt([r['curve'][-1][key] for r in sel])} | {at(sel, 0)} | {at(sel, -1)} | "
             f"{np.mean([r['update_s'] for r in sel]):.2f} | {fmt([r['iterations'] for r in sel]).replace('.000', '')} |"
             .replace("nan", "-"))
-    busy = [f"{r['label']} seed {r['seed']} (load {r['load_before']} before, {r['load_after']} after)" for r in runs
-            if r["load_before"] > BUSY]
-    lines += ["", "Runs taken under load (1-minute load average above "
-              f"{BUSY} before the run; 2 cores): {', '.join(busy) if busy else 'none'}."]
+    lines += under_load(runs)
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
 
     from matplotlib.figure import Figure
