@@ -27,17 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from learner_memory import _reset_peak as reset_peak, _rss_mb
 from provenance import provenance
 
 OUT = Path("benchmarks/results/lora_sync")
 POLICY = "builtin:smollm2-135m-instruct"
-
-
-def _rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
 
 
 def _reset_peak() -> float:
@@ -45,9 +39,7 @@ def _reset_peak() -> float:
     freed before (the warm-up's activations) is handed back to the system first (glibc's ``malloc_trim``): the
     resident set is then what is live, not what the allocator kept."""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_mb("VmRSS")
+    return reset_peak()
 
 
 def learner_memory(lora: dict | None, prompts: int) -> dict:
