@@ -136,16 +136,18 @@ class SPPOConfig(AlgorithmConfig):
         #: Remote EnvRunners receive the policy in its training (compute) dtype in chunks of at most this many MB,
         #: loaded one at a time.
         self.weight_sync_chunk_mb = 512
-        #: A remote EnvRunner that has not loaded new weights within this many seconds fails the iteration with an
-        #: error naming it (instead of a hang).
+        #: A remote EnvRunner that has not loaded new weights within this many seconds is named in an error and
+        #: restarted (instead of a hang); fetching the weights from the learners, or loading them into an in-process
+        #: engine, past it ends the algorithm's process naming it (Tune restarts the trial, ``max_failures``).
         self.weight_sync_timeout_s = 600.0
         #: One generation engine call (a sampling round, or the held-out evaluation) that has not returned within
         #: this many seconds ends its EnvRunner's process with an error naming it (``rllib_sppo.watchdog``): RLlib
         #: restarts a remote EnvRunner; with num_env_runners=0 the process is the trial's, restarted by Tune from its
         #: checkpoint (``max_failures``).
         self.generation_timeout_s = 1800.0
-        #: One learner update (all its minibatches) that has not finished within this many seconds ends the
-        #: algorithm's process (the trial's) with an error naming it; Tune restarts the trial (``max_failures``).
+        #: One learner update (all its minibatches), or reading the learners' state for a checkpoint, that has not
+        #: finished within this many seconds ends the algorithm's process (the trial's) with an error naming it; Tune
+        #: restarts the trial (``max_failures``).
         self.learner_update_timeout_s = 1800.0
         # RLlib's key: a remote EnvRunner that has not returned its sample within this many seconds is named in an
         # error and restarted (RLlib alone would drop the late sample and ask again: a silent stall). RLlib's 60 s
@@ -659,8 +661,8 @@ class SPPO(Algorithm):
             return
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
         # Learner: old log-probs and critic values -> advantages (connector), then critic and policy updates.
-        with self._phase("update", LEARNER_UPDATE_TIMER), deadline(
-                "the learner update", self.config.learner_update_timeout_s, "learner_update_timeout_s"):
+        with self._phase("update", LEARNER_UPDATE_TIMER), self._learner_deadline("the learner update",
+                                                                                 "learner_update_timeout_s"):
             learner_results = self.learner_group.update(
                 **self._learner_data(episodes),
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
@@ -695,6 +697,11 @@ class SPPO(Algorithm):
         self._runner_places.update({index: batch["data"] for index, batch in ready})  # as of the batch trained on
         self._log_overlap([batch["window"] for _, batch in ready])
         return [e for _, batch in ready for e in batch["episodes"]], [batch["metrics"] for _, batch in ready]
+
+    def _learner_deadline(self, part: str, key: str):
+        """Bounds a call into the learners by the config's ``key`` (``rllib_sppo.watchdog``): a stuck learner ends
+        this process naming ``part``, and Tune restarts the trial from its last checkpoint (``max_failures``)."""
+        return deadline(part, getattr(self.config, key), key)
 
     def _log_overlap(self, windows: list) -> None:
         """``async_rollouts/overlap_s``: the seconds the learner's last update ran while the EnvRunners sampled this
@@ -731,18 +738,22 @@ class SPPO(Algorithm):
         group = self.env_runner_group
         if not group.num_remote_workers():
             if group.local_env_runner is not None:
-                state = self.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}",
-                                                     inference_only=True)[COMPONENT_LEARNER]
-                with deadline("loading the policy weights into the local EnvRunner's engine",
-                              self.config.weight_sync_timeout_s, "weight_sync_timeout_s"):
+                with self._learner_deadline("the weight sync (the policy's weights from the learner(s) into the local "
+                                            "EnvRunner's engine)", "weight_sync_timeout_s"):
+                    state = self.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}",
+                                                         inference_only=True)[COMPONENT_LEARNER]
                     group.local_env_runner.set_state({COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
                                                       WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]})
             return
         if not self.config.llm_runner:
-            group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+            with self._learner_deadline("the weight sync (the policy's weights from the learner(s))",
+                                        "weight_sync_timeout_s"):
+                group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
             return
         max_bytes = int(self.config.weight_sync_chunk_mb * 2**20)
-        results = list(self.learner_group.foreach_learner(lambda learner: learner.weight_chunks(max_bytes)))
+        with self._learner_deadline("the weight sync (the policy's weights from the learner(s))",
+                                    "weight_sync_timeout_s"):
+            results = list(self.learner_group.foreach_learner(lambda learner: learner.weight_chunks(max_bytes)))
         for result in results:
             if not result.ok:
                 raise result.get()
@@ -882,7 +893,9 @@ class SPPO(Algorithm):
     # previous checkpoint, which stays intact; what was written of it is removed or, lacking its manifest, refused.
 
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
-        state = super().get_state(components, not_components=not_components, **kwargs)
+        with self._learner_deadline("reading the algorithm's state (the learners' weights and optimizer states, for a "
+                                    "checkpoint)", "learner_update_timeout_s"):
+            state = super().get_state(components, not_components=not_components, **kwargs)
         if self._check_component("rng", components, not_components):
             state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
                             "torch": torch.get_rng_state().numpy()}

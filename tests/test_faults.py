@@ -44,8 +44,8 @@ def test_killed_env_runner_is_restarted_and_training_goes_on(ray_session):
     [pid] = pids()
     os.kill(pid, signal.SIGKILL)
     # Iterations go on while Ray restarts the actor (their samples come back empty), then sampling resumes.
-    results = []
-    while len(results) < 30 and steps[-1] < steps[0] + 2 * 300:  # two batches from the restarted runner
+    results, back_by = [], time.monotonic() + 300  # (minutes on a loaded machine)
+    while time.monotonic() < back_by and steps[-1] < steps[0] + 2 * 300:  # two batches from the restarted runner
         results.append(algo.train())
         steps.append(results[-1]["env_runners"]["num_env_steps_sampled_lifetime"])
     assert [r["training_iteration"] for r in results] == list(range(2, len(results) + 2))
@@ -218,30 +218,11 @@ def trial_processes(session: int) -> list[int]:
     return pids
 
 
-def test_killed_trial_process_restarts_from_its_checkpoint(tmp_path):
-    """With num_env_runners=0 the EnvRunner lives in the trial's process: YAML ``max_failures`` brings it back."""
-    path = write_experiment(tmp_path, stop_iteration=5)
-    experiment = tmp_path / "results" / "resume-me"
-    run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path], start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 120
-    while not list(experiment.glob("*/checkpoint_000001/" + MANIFEST_FILE)) and time.time() < deadline:
-        time.sleep(0.2)
-    [pid] = trial_processes(run.pid)
-    os.kill(pid, signal.SIGKILL)
-    out, _ = run.communicate(timeout=180)
-    assert run.returncode == 0
-    assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 5
-    results, _ = read_results(experiment)
-    restarts = [r for r in results if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
-    assert restarts, [(r["training_iteration"], r["iterations_since_restore"]) for r in results]
-    assert results[-1]["training_iteration"] == 5
-
-
 def test_a_trial_restarts_from_the_newest_intact_checkpoint_when_the_newest_is_corrupt(tmp_path):
-    """The newest checkpoint is corrupted after it was written, then the trial's process dies: Tune restores the
+    """The newest checkpoint is corrupted after it was written, then the trial's process is killed (with
+    num_env_runners=0 the EnvRunner is in it too): Tune (YAML ``max_failures``) restarts the trial and restores the
     newest checkpoint, SPPO refuses it (CRC-32) and restores the one before it, naming both; the run finishes."""
-    path = write_experiment(tmp_path, stop_iteration=6)
+    path = write_experiment(tmp_path, stop_iteration=5)
     experiment = tmp_path / "results" / "resume-me"
     run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path], start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -261,7 +242,7 @@ def test_a_trial_restarts_from_the_newest_intact_checkpoint_when_the_newest_is_c
         os.killpg(run.pid, signal.SIGKILL)
         raise
     assert run.returncode == 0, err[-3000:]
-    assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 6
+    assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 5
     index = int(newest.name.split("_")[1])
     earlier = trial / f"checkpoint_{index - 1:06d}"
     assert (f"{newest} is not a complete SPPO checkpoint: 1 file(s) changed since it was written (CRC-32), e.g. "

@@ -5,6 +5,7 @@ timeout, and an engine that sleeps while the learner updates."""
 import os
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -75,7 +76,6 @@ def test_a_stuck_runner_is_named_within_the_sync_timeout_and_restarted(tiny, ray
     """A runner that does not load the weights in time is named in an error and killed, and RLlib restarts it; with
     RLlib's restarts off (restart_failed_env_runners=False) the sync raises a TimeoutError naming it."""
     import logging
-    import time
 
     algo = (config(tiny, weight_sync_timeout_s=3.0).env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5)
             .fault_tolerance(restart_failed_env_runners=restart).build_algo())
@@ -100,9 +100,8 @@ def test_a_stuck_runner_is_named_within_the_sync_timeout_and_restarted(tiny, ray
         except ProcessLookupError:  # killed for the restart
             pass
     if restart:
-        for _ in range(20):  # RLlib probes the restarted runner before each iteration
-            if algo.env_runner_group.healthy_worker_ids():
-                break
+        back_by = time.monotonic() + 300  # RLlib probes the restarted runner before each iteration
+        while not algo.env_runner_group.healthy_worker_ids() and time.monotonic() < back_by:
             algo.train()
         assert algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False) != [pid]
     algo.stop()
