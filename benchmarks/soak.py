@@ -117,10 +117,17 @@ class Injector:
         results = read_results(self.trial)
         return results[-1]["training_iteration"] if results else 0
 
+    def _recovered(self) -> bool:
+        """The run reported a result since the last fault (each fault meets a running trial, and is costed alone)."""
+        results = read_results(self.trial) if self.trial else []
+        return bool(results) and (not self.faults or results[-1]["timestamp"] > self.faults[-1]["time"])
+
     def step(self) -> None:
         self._watch_checkpoints()
         if self.pending:
             self.pending()
+        elif time.monotonic() >= self.next_at and not self._recovered():
+            self.next_at = time.monotonic() + 5
         elif time.monotonic() >= self.next_at:
             if not self.order:
                 self.order = self.rng.sample(self.kinds, len(self.kinds))
@@ -167,23 +174,33 @@ class Injector:
         if trial is None or not self._iteration():
             return False
         error = trial / "error.txt"
-        before = error.stat().st_mtime if error.exists() else 0.0
+
+        def failures() -> list[str]:  # the trial's failed checkpoint writes, as Tune recorded them
+            lines = error.read_text(errors="replace").splitlines() if error.exists() else []
+            return [line for line in lines if "could not be written" in line]
+
+        before = len(failures())
         stat = os.statvfs(self.storage)
         filler = self.storage / "filler"
         size = stat.f_bavail * stat.f_frsize - FREE_WHEN_FULL
         if size <= 0:
             return False
-        with open(filler, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, size)
+        try:
+            with open(filler, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, size)
+        except OSError:  # the trial wrote in between: try again shortly
+            filler.unlink(missing_ok=True)
+            return False
         fault = self._record("disk_full", filled_mb=round(size / 2**20))
         deadline = time.monotonic() + 20 * self.mean_s
 
         def wait_for_the_failed_write():
-            failed = error.exists() and error.stat().st_mtime > before
+            written = failures()
+            failed = len(written) > before
             if failed or time.monotonic() > deadline:
                 fault["effect"] = "checkpoint write failed" if failed else "no checkpoint write failed"
                 if failed:
-                    fault["error"] = error.read_text().strip().splitlines()[-1][-400:]
+                    fault["error"] = written[-1][-400:]
                 filler.unlink()
                 self.pending = None
 
@@ -275,12 +292,14 @@ def restores(log: Path) -> list[dict]:
 def redone(results: list[dict], fault: dict, until: float) -> dict:
     """What a fault cost, from the results between it and the next fault (``until``): after a trial restart (a result
     whose iterations_since_restore is 1) the iterations reported before it and trained again, and their prompts;
-    after a killed EnvRunner, the iterations without an update until it sampled again."""
+    after a killed EnvRunner, the iterations without an update until it sampled again. Survived: training went past
+    the iteration it hit."""
+    survived = any(r["timestamp"] >= fault["time"] - 1 and r["training_iteration"] > fault["iteration"]
+                   for r in results)
     after = [i for i, r in enumerate(results) if fault["time"] - 1 <= r["timestamp"] < until]
     if not after:
-        return {"survived": False}
+        return {"survived": survived}
     first = after[0]
-    survived = results[-1]["training_iteration"] > fault["iteration"]
     if fault["kind"] == "kill_env_runner":
         idle = 0
         for r in results[first:]:

@@ -649,14 +649,7 @@ class SPPO(Algorithm):
             with self._phase("prompt_scoring", "prompt_scoring_timer"):
                 score_prompt_candidates(self.env_runner_group, self.learner_group)
         with self._phase("sample", ENV_RUNNER_SAMPLING_TIMER):
-            if self.config.async_rollouts:
-                episodes, runner_metrics = self._sample_async()
-            else:
-                episodes, runner_metrics = synchronous_parallel_sample(
-                    worker_set=self.env_runner_group, max_env_steps=self.config.total_train_batch_size,
-                    sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True,
-                    _return_metrics=True)
-                self._probe_remote_runners()
+            episodes, runner_metrics = self._sample_async() if self.config.async_rollouts else self._sample()
         if not episodes:
             return
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
@@ -675,6 +668,25 @@ class SPPO(Algorithm):
         self._stop_on_nonfinite_streak()
         with self._phase("weight_sync", SYNCH_WORKER_WEIGHTS_TIMER):
             self._sync_weights()
+
+    def _sample(self) -> tuple[list, list]:
+        """One batch from the EnvRunners (RLlib's synchronous sampling), after restoring remote LLM runners that Ray
+        restarted in place since the last one (their process died between two calls, which RLlib does not see); then
+        each remote runner must answer (``_probe_remote_runners``)."""
+        group = self.env_runner_group
+        if self.config.llm_runner and group.num_remote_workers():
+            restarted = sorted(i for i, flag in group.foreach_env_runner(
+                lambda runner: (runner.worker_index, runner.restarted_in_place), local_env_runner=False,
+                timeout_seconds=self.config.env_runner_health_probe_timeout_s) if flag)
+            if restarted:
+                logger.warning("EnvRunner(s) %s were restarted by Ray after their process died: giving them back their "
+                               "places in the data and the policy's weights.", restarted)
+                self._restore_runners(restarted)
+        episodes, runner_metrics = synchronous_parallel_sample(
+            worker_set=group, max_env_steps=self.config.total_train_batch_size,
+            sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True, _return_metrics=True)
+        self._probe_remote_runners()
+        return episodes, runner_metrics
 
     # Asynchronous rollouts (one step off policy). Each remote EnvRunner has at most one batch in flight, and Ray runs
     # an actor's calls in the order they were made: a runner samples batch t+1 (started as soon as batch t was fetched)
@@ -831,10 +843,17 @@ class SPPO(Algorithm):
         with the weights they started with) and their own place in the data (the local runner's is another's)."""
         restored = super().restore_env_runners(env_runner_group)
         if restored and env_runner_group is self.env_runner_group and self.config.llm_runner:
-            self._forget_weights_in_flight(restored)
-            self._give_back_places(restored)
-            self._sync_weights(restored)
+            self._restore_runners(restored)
         return restored
+
+    def _restore_runners(self, runners: list[int]) -> None:
+        """Restarted remote LLM EnvRunners: their places in the data, the current weights, then they sample again."""
+        self._forget_weights_in_flight(runners)
+        self._give_back_places(runners)
+        self._sync_weights(runners)
+        self.env_runner_group.foreach_env_runner(lambda runner: runner.restored(), local_env_runner=False,
+                                                 remote_worker_ids=runners,
+                                                 timeout_seconds=self.config.env_runner_health_probe_timeout_s)
 
     def _forget_weights_in_flight(self, runners) -> None:
         """A restarted runner lost the weights queued to it (async_rollouts); it is sent the current ones at once."""

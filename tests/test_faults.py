@@ -412,3 +412,40 @@ def test_remote_runners_resume_their_own_places_in_the_data(tiny, ray_session, t
     resumed.train()
     assert places(resumed) == straight == {1: {"epoch": 0, "pos": 16}, 2: {"epoch": 0, "pos": 16}}
     resumed.stop()
+
+
+def test_a_runner_that_died_between_calls_is_restored_before_it_samples(tiny, ray_session, caplog):
+    """A remote EnvRunner killed while idle: Ray restarts its process before the next call, so RLlib sees no failure.
+    Before it samples, it gets back its place in the data and the learner's weights: the run draws on from where it
+    had got to (not from the start of its shard) with the current policy (not the one it started with)."""
+    import logging
+
+    import ray
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from rllib_sppo.private_api import remote_env_runner_actor
+
+    algo = llm_config(tiny, size=40, num_env_runners=1, num_cpus_per_env_runner=0.5).build_algo()
+    for _ in range(2):
+        algo.train()
+    pid = lambda: algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)  # noqa
+    place = lambda: algo.env_runner_group.foreach_env_runner(lambda r: r.sampler.get_state(), local_env_runner=False)  # noqa
+    assert place() == [{"epoch": 0, "pos": 32}]
+    [before] = pid()
+    os.kill(before, signal.SIGKILL)
+    actor, _ = remote_env_runner_actor(algo.env_runner_group, 1)
+    back_by = time.monotonic() + 300
+    while time.monotonic() < back_by:  # Ray restarts it (a new process) while nothing asks RLlib
+        try:
+            ray.get(actor.ping.remote())
+            break
+        except ray.exceptions.RayError:  # (not yet restarted)
+            time.sleep(0.5)
+    with caplog.at_level(logging.WARNING, logger="rllib_sppo.sppo"):
+        result = algo.train()
+    assert "EnvRunner(s) [1] were restarted by Ray after their process died" in caplog.text
+    assert pid() != [before] and result["fault_tolerance"]["num_remote_worker_restarts"] == 0  # (unseen by RLlib)
+    assert result["env_runners"]["num_env_steps_sampled"] == 16
+    assert result["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
+    assert place() == [{"epoch": 1, "pos": 12}]  # 36 training prompts: 32 drawn, then 4 + 12 of the next epoch
+    algo.stop()

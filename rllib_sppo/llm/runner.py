@@ -75,6 +75,10 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                                        else 0.4 if shares_learner_gpu else 0.9)
         self._asleep = False
         self._num_prompts = 0
+        # Ray restarts a remote runner whose process died (max_restarts), and RLlib does not notice when it died
+        # between two calls: it would sample from the start of its shard with the weights it started with. It refuses
+        # to sample until the driver has restored it (its place in the data, the weights; SPPO._restore_runners).
+        self.restarted_in_place = self.worker_index > 0 and ray.get_runtime_context().was_current_actor_reconstructed
 
     def _make_env(self) -> gym.Env:
         """The runner's one env (both splits, its reward workers); ``chat_template_model`` resolved to a folder."""
@@ -114,6 +118,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def sample(self, *, num_timesteps=None, num_episodes=None, explore=True, random_actions=False,
                force_reset=False, **kwargs) -> list[SingleAgentEpisode]:
         """``n`` one-step episodes; responses are always sampled at the training temperature."""
+        self._check_weights()
         n = num_episodes or num_timesteps or self._episodes_per_sample()
         episodes, per_prompt = [], self.config.samples_per_prompt
         per_round = max(1, self.config.num_envs_per_env_runner)
@@ -125,6 +130,11 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             self._engine.sleep(self.sleep_level)
             self._asleep = True
         return episodes
+
+    def _check_weights(self) -> None:
+        if self.restarted_in_place:  # (RLlib then restarts it, and SPPO restores it: its place, then the weights)
+            raise RuntimeError(f"EnvRunner {self.worker_index} was restarted after its process died and has not been "
+                               f"sent the policy's weights and its place in the data yet; it samples once it has.")
 
     def _episodes_per_sample(self) -> int:
         """How many episodes a ``sample()`` returns when RLlib does not say: this runner's share of the batch."""
@@ -186,6 +196,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def heldout_samples(self, k: int) -> dict:
         """Every held-out problem, ``k`` samples each at the training temperature: ``{"texts": [P], "rewards":
         [P, k], "parsed": [P * k]}`` (``rllib_sppo.llm.evaluation.heldout_report`` turns them into metrics)."""
+        self._check_weights()
         texts = self.env.splits["heldout"].texts
         if not texts:
             raise ValueError("held-out evaluation needs held-out problems: set env_config heldout_size > 0")
@@ -264,6 +275,10 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self._receive(lambda: ((k.removeprefix("policy."), v) for ref in chunks for k, v in ray.get(ref).items()
                                if k.startswith("policy.")), seq_no)
         return self.worker_index
+
+    def restored(self) -> None:
+        """The driver has given this runner its place in the data and the policy's weights: it samples again."""
+        self.restarted_in_place = False
 
     def _receive(self, weights, seq_no: int) -> None:
         """Loads ``weights()`` (an iterator of (name, tensor)) if newer than what the engine has, or if the engine
