@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_curve import run_seed
+from llm_curve import run_in_own_process
 from provenance import BUSY, provenance, settled_load, under_load
 
 MODES = {"synchronous": {"num_env_runners": 1},
@@ -46,7 +46,7 @@ def main():
                 continue
             load_before = settled_load(BUSY)
             # Evaluated before training and after the budget only (an evaluation waits for the batch in flight).
-            run = run_seed(args.yaml, seed, args.minutes, 10**9, {**json.loads(args.config), **overrides})
+            run = run_in_own_process(args.yaml, seed, args.minutes, 10**9, {**json.loads(args.config), **overrides})
             run |= {"mode": mode, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)
             with log.open("a") as f:

@@ -3,9 +3,9 @@ one invocation: same YAML, model, seeds, machine, prompts per iteration and trai
 
     python benchmarks/llm_compare.py tuned_examples/arith_tiny_sppo.yaml --seeds 0 1 2 --minutes 10
 
-Each estimator runs through ``llm_curve.run_seed`` (held-out avg@k and pass@k of exact answers at the training
-temperature, evaluations left out of the training time). Critic-free estimators build and run no critic. Every run
-records the load average before and after it and is marked when something else loaded the machine. Writes, per
+Each run goes through ``llm_curve.run_seed`` in a process of its own (held-out avg@k and pass@k of exact answers at
+the training temperature, evaluations left out of the training time). Critic-free estimators build and run no critic.
+Every run records the load average before and after it and is marked when something else loaded the machine. Writes, per
 estimator, the final held-out accuracy (mean and range over seeds), the training seconds and generated tokens each
 seed needed to reach GRPO's final accuracy (the mean over its seeds), and the SPPO : GRPO ratio per seed, to
 ``benchmarks/results/<out>.{md,csv,png}``; runs go to ``<out>_runs.jsonl`` as they finish, and a rerun skips them.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_curve import run_seed
+from llm_curve import run_in_own_process
 from provenance import BUSY, provenance, settled_load, under_load
 
 
@@ -59,7 +59,7 @@ def main():
             if (label, seed) in done:
                 continue
             load_before = settled_load(BUSY)
-            run = run_seed(args.yaml, seed, args.minutes, args.eval_every, overrides, args.eval_every_s)
+            run = run_in_own_process(args.yaml, seed, args.minutes, args.eval_every, overrides, args.eval_every_s)
             run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)
             with log.open("a") as f:

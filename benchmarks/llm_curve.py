@@ -4,15 +4,20 @@
 
 Evaluates (avg@k at the training temperature, the example's held-out split) before any update,
 then trains for the given wall-clock minutes (evaluations not counted), evaluating every
-``--eval-every`` iterations and at the end. Writes ``<out>.csv`` (the curve), ``<out>.md`` (the summary table) and ``<out>.png``.
+``--eval-every`` iterations and at the end, each seed in a process of its own. Writes ``<out>.csv`` (the curve),
+``<out>.md`` (the summary table) and ``<out>.png``.
 """
 
 import argparse
 import csv
 import json
+import multiprocessing
+import resource
 import time
 import warnings
 from pathlib import Path
+
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -20,6 +25,18 @@ from provenance import provenance
 
 #: What prompt selection logs per iteration (``rllib_sppo.llm.sampler.PromptPool.metrics``; NaN without selection).
 SELECTION = ("pool_outcome_variance", "selected_outcome_variance", "pool_p_mean", "pool_p_std")
+
+
+def run_in_own_process(*args) -> dict:
+    """``run_seed(*args)`` in a new process of its own, with that process's peak resident set (``peak_rss_gb``): each
+    run starts from nothing (no memory, engine or Ray state left by the run before it; GRPO on SmolLM2 after an SPPO
+    run in the same process ran out of 24 GiB) and its peak is its own."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measured_run, *args).result()
+
+
+def _measured_run(*args) -> dict:
+    return {**run_seed(*args), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: dict,
@@ -90,7 +107,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:  # tables after every seed: a long benchmark cut short keeps what it measured
-        runs.append(run_seed(args.yaml, seed, args.minutes, args.eval_every, json.loads(args.config)))
+        runs.append(run_in_own_process(args.yaml, seed, args.minutes, args.eval_every, json.loads(args.config)))
         write(runs, args, out)
 
 

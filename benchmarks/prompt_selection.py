@@ -6,9 +6,9 @@ YAML, model, seeds, machine, prompts per iteration and training wall-clock budge
     python benchmarks/prompt_selection.py tuned_examples/smollm2_rg_sppo.yaml --seeds 0 1 --minutes 12 \
         --eval-every 5 --out benchmarks/results/prompt_selection_smollm2
 
-Each run goes through ``llm_curve.run_seed`` (held-out avg@k and pass@k of exact answers at the training
-temperature, and the critic's held-out calibration, evaluations left out of the training time). Writes, per variant:
-the final held-out accuracy (mean and range over seeds), the training seconds and generated tokens each seed needed
+Each run goes through ``llm_curve.run_seed`` in a process of its own (held-out avg@k and pass@k of exact answers at
+the training temperature, and the critic's held-out calibration, evaluations left out of the training time). Writes,
+per variant: the final held-out accuracy (mean and range over seeds), the training seconds and generated tokens each seed needed
 to reach the no-selection run's final accuracy (the mean over its seeds), the critic's scoring seconds per iteration
 and their share of the iteration, the mean p (1 - p) of the scored pool and of the prompts posed, and the spread of
 p in the pool (selection has nothing to choose from when every prompt has about the same p), to
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_compare import reach
-from llm_curve import run_seed
+from llm_curve import run_in_own_process
 from provenance import BUSY, provenance, settled_load, under_load
 
 BASELINE = "SPPO"
@@ -59,8 +59,8 @@ def main():
             if (label, seed) in done:
                 continue
             load_before = settled_load(BUSY)
-            run = run_seed(args.yaml, seed, args.minutes, args.eval_every, {**json.loads(args.config), **overrides},
-                           args.eval_every_s)
+            run = run_in_own_process(args.yaml, seed, args.minutes, args.eval_every,
+                                     {**json.loads(args.config), **overrides}, args.eval_every_s)
             run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)
             with log.open("a") as f:

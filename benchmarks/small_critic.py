@@ -21,14 +21,12 @@ import argparse
 import csv
 import json
 import os
-import resource
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from llm_curve import run_in_own_process
 from provenance import BUSY, provenance, settled_load, under_load
 
 CALIBRATION = ("brier", "ece", "auroc", "spearman")
@@ -41,14 +39,6 @@ def variants(exp_config: dict, layers: int) -> dict:
             f"critic = policy's first {layers} layers": {"llm": {**exp_config["llm"], "critic_layers": layers}}}
 
 
-def child(job: dict) -> dict:
-    """One run, in this process: the curve and the process's peak resident set."""
-    from llm_curve import run_seed
-
-    run = run_seed(job["yaml"], job["seed"], job["minutes"], job["eval_every"], job["overrides"])
-    return {**run, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("yaml")
@@ -58,11 +48,7 @@ def main():
     p.add_argument("--layers", type=int, default=2, help="transformer layers of the small critic")
     p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
     p.add_argument("--out", default="benchmarks/results/small_critic", help="output path stem")
-    p.add_argument("--_child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._child:  # a measuring process
-        print("RESULT " + json.dumps(child(json.loads(args._child))), flush=True)
-        return
     from rllib_sppo.cli import load_experiments
 
     (_, exp), = load_experiments(args.yaml).items()
@@ -75,12 +61,9 @@ def main():
         for label, overrides in variants(exp["config"], args.layers).items():
             if (label, seed) in done:
                 continue
-            job = {"yaml": args.yaml, "seed": seed, "minutes": args.minutes, "eval_every": args.eval_every,
-                   "overrides": {**json.loads(args.config), **overrides}}
             load_before = settled_load(BUSY)
-            proc = subprocess.run([sys.executable, __file__, args.yaml, "--_child", json.dumps(job)],
-                                  stdout=subprocess.PIPE, text=True, check=True)
-            run = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+            run = run_in_own_process(args.yaml, seed, args.minutes, args.eval_every,
+                                     {**json.loads(args.config), **overrides})
             run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)
             with log.open("a") as f:
