@@ -12,7 +12,9 @@ import argparse
 import csv
 import json
 import multiprocessing
+import os
 import resource
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +38,16 @@ def run_in_own_process(*args) -> dict:
 
 
 def _measured_run(*args) -> dict:
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     return {**run_seed(*args), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _exit_with(parent: int) -> None:
+    """Ends this run's process when the benchmark that started it is gone (killed or stopped: a spawned process
+    outlives its parent, and would go on loading the machine)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: dict,
