@@ -17,9 +17,8 @@ import resource
 import threading
 import time
 import warnings
-from pathlib import Path
-
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 

@@ -6,12 +6,12 @@ YAML, model, seeds, machine, prompts per iteration and training wall-clock budge
     python benchmarks/prompt_selection.py tuned_examples/smollm2_rg_sppo.yaml --seeds 0 1 --minutes 12 \
         --eval-every 5 --out benchmarks/results/prompt_selection_smollm2
 
-Each run goes through ``llm_curve.run_seed`` in a process of its own (held-out avg@k and pass@k of exact answers at
-the training temperature, and the critic's held-out calibration, evaluations left out of the training time). Writes,
-per variant: the final held-out accuracy (mean and range over seeds), the training seconds and generated tokens each seed needed
-to reach the no-selection run's final accuracy (the mean over its seeds), the critic's scoring seconds per iteration
-and their share of the iteration, the mean p (1 - p) of the scored pool and of the prompts posed, and the spread of
-p in the pool (selection has nothing to choose from when every prompt has about the same p), to
+Each run goes through ``llm_curve.run_seed`` in a process of its own (held-out avg@k and pass@k of exact answers at the
+training temperature, and the critic's held-out calibration, evaluations left out of the training time). Writes, per
+variant: the final held-out accuracy (mean and range over seeds), the training seconds and generated tokens each seed
+needed to reach the no-selection run's final accuracy (the mean over its seeds), the critic's scoring seconds per
+iteration and their share of the iteration, the mean p (1 - p) of the scored pool and of the prompts posed, and the
+spread of p in the pool (selection has nothing to choose from when every prompt has about the same p), to
 ``<out>.{md,csv,png}``; runs go to ``<out>_runs.jsonl`` as they finish, and a rerun skips them. Every run records the
 load average before and after it and is marked when something else loaded the machine.
 """

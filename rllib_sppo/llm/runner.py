@@ -78,8 +78,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         # Ray restarts a remote runner whose process died (max_restarts), and RLlib does not notice when it died
         # between two calls: it would sample from the start of its shard with the weights it started with. It refuses
         # to sample until the driver has restored it (its place in the data, the weights; SPPO._restore_runners).
-        remote = self.worker_index > 0 and ray.is_initialized() and ray.get_runtime_context().get_actor_id()
-        self.restarted_in_place = bool(remote) and ray.get_runtime_context().was_current_actor_reconstructed
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        self.restarted_in_place = (self.worker_index > 0 and in_actor
+                                   and ray.get_runtime_context().was_current_actor_reconstructed)
 
     def _make_env(self) -> gym.Env:
         """The runner's one env (both splits, its reward workers); ``chat_template_model`` resolved to a folder."""
