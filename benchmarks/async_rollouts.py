@@ -1,6 +1,7 @@
 """Asynchronous (one-step-off-policy) against synchronous rollouts on an LLM tuned example, same wall-clock budget.
 
-    python benchmarks/async_rollouts.py tuned_examples/smollm2_rg_sppo.yaml --seeds 0 1 --minutes 12
+    python benchmarks/async_rollouts.py tuned_examples/smollm2_rg_sppo.yaml --seeds 0 1 --minutes 12 \
+        --out benchmarks/results/async_rollouts_smollm2
 
 Both modes run the example with one remote EnvRunner (its engine in its own process) and the learner in the driver,
 through ``llm_curve.run_seed``: the synchronous run samples, updates, then syncs; the asynchronous one
