@@ -4,7 +4,7 @@ YAML, model, seeds, machine, prompts per iteration and training wall-clock budge
     python benchmarks/prompt_selection.py tuned_examples/arith_tiny_sppo.yaml --seeds 0 1 2 --minutes 10 \
         --out benchmarks/results/prompt_selection_arith_tiny
     python benchmarks/prompt_selection.py tuned_examples/smollm2_rg_sppo.yaml --seeds 0 1 --minutes 12 \
-        --eval-every 5 --out benchmarks/results/prompt_selection_smollm2
+        --eval-every-s 120 --out benchmarks/results/prompt_selection_smollm2
 
 Each run goes through ``llm_curve.run_seed`` in a process of its own (held-out avg@k and pass@k of exact answers at the
 training temperature, and the critic's held-out calibration, evaluations left out of the training time). Writes, per
