@@ -5,7 +5,8 @@
 Evaluates (avg@k at the training temperature, the example's held-out split) before any update,
 then trains for the given wall-clock minutes (evaluations not counted), evaluating every
 ``--eval-every`` iterations and at the end, each seed in a process of its own. Writes ``<out>.csv`` (the curve),
-``<out>.md`` (the summary table) and ``<out>.png``.
+``<out>.md`` (the summary table) and ``<out>.png``. A run's record (the benchmarks that build on ``run_seed`` keep
+them in ``<out>_runs.jsonl``) holds the answers to the first held-out problems at the last evaluation, to be read.
 """
 
 import argparse
@@ -26,6 +27,8 @@ from provenance import provenance
 
 #: What prompt selection logs per iteration (``rllib_sppo.llm.sampler.PromptPool.metrics``; NaN without selection).
 SELECTION = ("pool_outcome_variance", "selected_outcome_variance", "pool_p_mean", "pool_p_std")
+#: Held-out problems whose answers at the last evaluation a run's record keeps (``answers``).
+ANSWERS_KEPT = 16
 
 
 def run_in_own_process(*args) -> dict:
@@ -57,18 +60,18 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
     from ray.rllib.core import DEFAULT_MODULE_ID
 
     from rllib_sppo.cli import build_config, load_experiments, resolve_algorithm
-    from rllib_sppo.llm.evaluation import heldout_accuracy
+    from rllib_sppo.llm.evaluation import heldout_evaluation
 
     (name, exp), = load_experiments(path).items()
     cfg = {**exp["config"], **overrides, "seed": seed, "evaluation_interval": None}
     algo = build_config(resolve_algorithm(exp["run"], path), exp["env"], cfg, path).build_algo()
     k = algo.config.eval_samples_per_prompt
     key = f"accuracy/avg@{k}"
-    evaluating = {"s": 0.0}
+    evaluating, last = {"s": 0.0}, {}
 
     def point(iteration: int, tokens: int) -> dict:  # an evaluation, its time left out of the training time
         train_s, t0 = time.perf_counter() - start - evaluating["s"], time.perf_counter()
-        result = heldout_accuracy(algo, None)[0]
+        result, last["samples"] = heldout_evaluation(algo)
         evaluating["s"] += time.perf_counter() - t0
         return {"seed": seed, "iteration": iteration, "train_s": train_s, "tokens": tokens,
                 **{k: v for k, v in result.items() if k.startswith(("accuracy/", "reward/", "critic/"))}}
@@ -101,7 +104,15 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
     with warnings.catch_warnings():  # (a column all NaN: no prompt selection)
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = {k2: float(np.nanmean([s[k2] for s in stats])) for k2 in stats[0]}
-    return {"seed": seed, "key": key, "curve": curve, "iterations": it, **params, **mean}
+    return {"seed": seed, "key": key, "curve": curve, "iterations": it, **params, **mean,
+            "answers": answers(last["samples"], ANSWERS_KEPT)}
+
+
+def answers(samples: dict, problems: int) -> list:
+    """What the policy wrote at an evaluation, to be read: the first ``problems`` held-out prompts (their last 120
+    characters: the chat template's head is the same for all), each with its k answers and their rewards."""
+    return [{"prompt": text[-120:], "answers": list(group), "rewards": [float(r) for r in rewards]}
+            for text, group, rewards in zip(samples["texts"][:problems], samples["completions"], samples["rewards"])]
 
 
 def main():

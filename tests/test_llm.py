@@ -359,8 +359,15 @@ def test_heldout_accuracy_counts_only_fully_correct_answers(tiny):
         "reward_fn": "test_llm.half_credit"})
     runner = LLMEnvRunner(config=config)
     even = np.array([r["extra_info"]["index"] % 2 == 0 for r in runner.env.splits["heldout"].records])
-    result = heldout_report(runner.heldout_samples(3))
+    samples = runner.heldout_samples(3)
+    result = heldout_report(samples)
+    # the completions are the scored answers, problem by problem: rescored by index they give the same rewards
+    completions = samples["completions"]
+    assert [len(c) for c in completions] == [3] * 10 and all(isinstance(t, str) for c in completions for t in c)
+    rescored, _ = runner.env.score([i for i in range(10) for _ in range(3)], [t for c in completions for t in c],
+                                   split="heldout")
     runner.stop()
+    assert np.array_equal(np.reshape(rescored, (10, 3)), samples["rewards"])
     assert result["problems"] == 10 and 0 < even.mean() < 1
     assert result["accuracy/avg@3"] == result["accuracy/pass@3"] == pytest.approx(even.mean())
     assert result["reward/avg@3"] == pytest.approx(even.mean() + 0.5 * (1 - even.mean()))

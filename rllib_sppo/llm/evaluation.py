@@ -49,20 +49,26 @@ def heldout_report(samples: dict, logits=None) -> dict:
     return report
 
 
-def heldout_accuracy(algo, eval_env_runner_group):
-    group = algo.env_runner_group
-    k = algo.config.eval_samples_per_prompt
+def heldout_evaluation(algo) -> tuple[dict, dict]:
+    """``heldout_report`` (with SPPO's critic, its calibration too) and the samples it was made from
+    (``LLMEnvRunner.heldout_samples``: the prompts, completions and rewards), ``eval_samples_per_prompt`` a problem,
+    from the algorithm's sampling runner (the local one, or the first healthy remote one)."""
+    group, k = algo.env_runner_group, algo.config.eval_samples_per_prompt
     if group.num_remote_workers() == 0:
         samples = group.local_env_runner.heldout_samples(k)
     else:
         samples = group.foreach_env_runner(lambda r: r.heldout_samples(k), local_env_runner=False,
                                            remote_worker_ids=group.healthy_worker_ids()[:1])[0]
     logits = critic_logits(algo.learner_group, samples["texts"]) if algo.config.prompt_critic else None
-    result = heldout_report(samples, logits)
+    return heldout_report(samples, logits), samples
+
+
+def heldout_accuracy(algo, eval_env_runner_group):
+    result, _ = heldout_evaluation(algo)
     result |= {f"{RELIABILITY}/bin{b['bin']}/{name}": b[name] for b in result.pop(RELIABILITY, [])
                for name in RELIABILITY_FIELDS if b[name] is not None}  # (a bin's means only where it has problems)
     runner_metrics = MetricsLogger()
     runner_metrics.log_dict(result, window=1)
     algo.metrics.aggregate([runner_metrics.reduce()], key=(EVALUATION_RESULTS, ENV_RUNNER_RESULTS))
-    steps = result["problems"] * k
+    steps = result["problems"] * algo.config.eval_samples_per_prompt
     return result, steps, steps

@@ -196,8 +196,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         return episodes
 
     def heldout_samples(self, k: int) -> dict:
-        """Every held-out problem, ``k`` samples each at the training temperature: ``{"texts": [P], "rewards":
-        [P, k], "parsed": [P * k]}`` (``rllib_sppo.llm.evaluation.heldout_report`` turns them into metrics)."""
+        """Every held-out problem, ``k`` samples each at the training temperature: ``{"texts": [P], "completions":
+        [P][k], "rewards": [P, k], "parsed": [P * k]}`` (``rllib_sppo.llm.evaluation.heldout_report`` turns them into
+        metrics; the completions are what the policy wrote, to be read)."""
         self._check_weights()
         texts = self.env.splits["heldout"].texts
         if not texts:
@@ -207,9 +208,11 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         groups = self._generate(prompt_ids, GenerationConfig(
             temperature=self.config.temperature, top_p=self.config.top_p,
             max_tokens=self.config.max_response_tokens, n=k))
-        rewards, infos = self.env.score([i for i, group in enumerate(groups) for _ in group],
-                                        [s.text for group in groups for s in group], split="heldout")
-        return {"texts": list(texts), "rewards": np.reshape(np.asarray(rewards, np.float64), (len(texts), k)),
+        completions = [[s.text for s in group] for group in groups]
+        rewards, infos = self.env.score([i for i, group in enumerate(completions) for _ in group],
+                                        [text for group in completions for text in group], split="heldout")
+        return {"texts": list(texts), "completions": completions,
+                "rewards": np.reshape(np.asarray(rewards, np.float64), (len(texts), k)),
                 "parsed": [bool(info["parsed"]) for info in infos]}
 
     def _generate(self, prompt_ids: list, gen: GenerationConfig) -> list:
