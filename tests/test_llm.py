@@ -361,7 +361,8 @@ def test_heldout_accuracy_counts_only_fully_correct_answers(tiny):
     even = np.array([r["extra_info"]["index"] % 2 == 0 for r in runner.env.splits["heldout"].records])
     samples = runner.heldout_samples(3)
     result = heldout_report(samples)
-    # the completions are the scored answers, problem by problem: rescored by index they give the same rewards
+    # the completions: k strings per problem, in the problems' order (half_credit scores by index only, so rescoring
+    # them checks that order, not their text)
     completions = samples["completions"]
     assert [len(c) for c in completions] == [3] * 10 and all(isinstance(t, str) for c in completions for t in c)
     rescored, _ = runner.env.score([i for i in range(10) for _ in range(3)], [t for c in completions for t in c],
