@@ -7,7 +7,7 @@ built-in model's folder for the chat template is resolved by the caller.
 
 Prompt sources yield records ``{"prompt": [{"role", "content"}, ...], "ground_truth": str,
 "data_source": str, "extra_info": dict}``: verl-format Parquet files, reasoning-gym
-tasks, or generated "What is a+b?" problems.
+tasks, generated "What is a+b?" problems, or chains of operations on a running value (``envs.chain``).
 """
 
 import random
@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from envs.chain import HORIZONS, chain_records
 from envs.rewards import RewardScorer, get_reward_fn
 
 BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."
@@ -193,7 +194,9 @@ def _make_source(cfg: dict) -> Source:
         return ArithmeticSource(
             cfg.get("size", 1000), seed, max_operand=cfg.get("max_operand", 99), ops=cfg.get("ops", "+")
         )
-    raise ValueError(f"unknown source {kind!r}; choose one of 'parquet', 'reasoning_gym', 'arithmetic'")
+    if kind == "chain":
+        return Source(chain_records(cfg.get("size", 1000), cfg.get("steps", HORIZONS["long"]), seed))
+    raise ValueError(f"unknown source {kind!r}; choose one of 'parquet', 'reasoning_gym', 'arithmetic', 'chain'")
 
 
 @dataclass
@@ -235,7 +238,9 @@ class ReasoningEnv(gym.Env):
     ``env_config`` keys (all optional except the source's own):
       source: "parquet" (``paths``) | "reasoning_gym" (``task``, ``size``, ``seed``, ``task_config``:
         the generator's own options) |
-        "arithmetic" (``size``, ``seed``, ``max_operand``, ``ops``); default "arithmetic".
+        "arithmetic" (``size``, ``seed``, ``max_operand``, ``ops``) | "chain" (``size``, ``seed``, ``steps``: a
+        running value through ``steps`` operations, the working ~10 tokens a step, ``envs.chain``); default
+        "arithmetic".
       split: "train" | "heldout" (what ``reset()`` draws from); heldout_size: problems held out (default 0), split
         with ``seed``.
       reward_fn: registered name or "pkg.module.fn" (default "math"); reward_timeout_s: seconds one response's
@@ -247,7 +252,7 @@ class ReasoningEnv(gym.Env):
 
     metadata = {"render_modes": []}
     CONFIG_KEYS = {
-        "source", "paths", "task", "task_config", "size", "seed", "max_operand", "ops", "split", "heldout_size",
+        "source", "paths", "task", "task_config", "size", "seed", "max_operand", "ops", "steps", "split", "heldout_size",
         "reward_fn", "reward_timeout_s", "reward_workers", "chat_template_model", "max_prompt_chars",
         "on_long_prompt",
     }  # fmt: skip
@@ -326,12 +331,24 @@ class ReasoningEnv(gym.Env):
         [reward], [info] = self.score([index], [action], split)
         return self.splits[split].texts[index], reward, True, False, info
 
+    def start_scoring(self) -> None:
+        """Starts the reward workers now rather than at the first ``score`` (an LLM EnvRunner does this when it is
+        created, so that its first sample is not also its start-up)."""
+        if not self.scorer.start(list(self._columns(self.records[:1])[0])):
+            raise RuntimeError(f"the reward workers of {self.scorer.name} did not start within "
+                               f"{self.scorer.startup_timeout_s:g}s (see their error above)")
+
+    @staticmethod
+    def _columns(records: list[dict]) -> list[dict]:
+        """What a reward function gets of each record besides the completion: its columns and ``extra_info``'s."""
+        return [{**r["extra_info"], **{k: v for k, v in r.items() if k != "prompt"}} for r in records]
+
     def score(self, indices: Sequence[int], responses: Sequence[str], split: str | None = None
               ) -> tuple[list[float], list[dict]]:
         """Rewards and step infos of many responses in one call: ``responses[j]`` answers problem ``indices[j]`` of
         ``split`` (default: this env's). A response that cannot be scored gets 0.0, with ``parsed`` False."""
         records = [self.splits[split or self.split].records[i] for i in indices]
-        columns = [{**r["extra_info"], **{k: v for k, v in r.items() if k != "prompt"}} for r in records]
+        columns = self._columns(records)
         names = {k: None for c in columns for k in c}  # every record's columns, in order
         rewards, errors = self.scorer(list(responses), {k: [c.get(k) for c in columns] for k in names})
         infos = [{"ground_truth": r["ground_truth"], "data_source": r["data_source"], "parsed": reward is not None,

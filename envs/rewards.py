@@ -235,7 +235,7 @@ class RewardScorer:
     gets reward None and its error; the others are unaffected. A worker that dies, stops, or hangs where the timeout
     signal cannot reach it (inside C code) costs its chunk (``timeout_s`` per sample at most) and the workers are
     replaced (killed with SIGKILL, which also ends a stopped process; no lock is shared between workers, so none can
-    be left held). The workers start on the first call, each first running ``fn`` on no samples so that its imports
+    be left held). The workers start on the first call (or ``start``), each first running ``fn`` on no samples so that its imports
     are not timed (bounded by ``startup_timeout_s``); ``close()`` ends them.
     """
 
@@ -260,7 +260,7 @@ class RewardScorer:
         n = len(completions)
         if n == 0:
             return [], []
-        if not self._workers and not self._start(list(columns)):
+        if not self._workers and not self.start(list(columns)):
             return [None] * n, [f"reward fn {self.name}: its workers did not start within {self.startup_timeout_s:g}s"
                                 f" (see their error above)"] * n
         size = -(-n // min(n, self.num_workers))
@@ -293,8 +293,11 @@ class RewardScorer:
         rewards, errors = zip(*(pair for number in range(len(chunks)) for pair in results[number]))
         return list(rewards), list(errors)
 
-    def _start(self, column_names: list[str]) -> bool:
-        """Starts the workers and waits, within ``startup_timeout_s``, until each has run its warm-up."""
+    def start(self, column_names: list[str]) -> bool:
+        """Starts the workers and waits, within ``startup_timeout_s``, until each has run its warm-up (the first call
+        does this when they have not started); False if they did not start."""
+        if self._workers:
+            return True
         ctx = multiprocessing.get_context("spawn")
         for _ in range(self.num_workers):
             conn, child = ctx.Pipe()

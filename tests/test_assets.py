@@ -9,6 +9,7 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rllib_sppo.llm import assets  # noqa: E402
+from rllib_sppo.llm.assets import supervise, tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_tiny_llama_reloads_identically_and_generates(tiny_dir):
 def test_arithmetic_split_is_the_rl_envs(tmp_path):
     from envs.reasoning import ReasoningEnv
 
-    train, test = assets.arithmetic_split(seed=0)
+    train, test = supervise.env_split(tiny.ARITH_ENV)
     questions = lambda records: {r["prompt"][0]["content"] for r in records}  # noqa: E731
     assert (len(train), len(test)) == (9500, 500) and not questions(train) & questions(test)
     assert train[0]["prompt"][0]["content"] == "What is 63+11?" and train[0]["ground_truth"] == "74"  # the cached
@@ -66,9 +67,9 @@ def test_arithmetic_split_is_the_rl_envs(tmp_path):
 
 def test_sft_tensors_only_supervise_the_response(tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    records = [{"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}], "ground_truth": str(a + b)}
-               for a, b in [(3, 4), (10, 95)]]
-    ids, mask, labels = assets._sft_tensors(tok, records)
+    records = [{"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}], "ground_truth": str(a + b),
+                "extra_info": {}} for a, b in [(3, 4), (10, 95)]]
+    ids, mask, labels = supervise._sft_tensors(tok, records)
     supervised = [tok.decode(row[row != -100]) for row in labels]
     assert supervised == ["\\boxed{7}</s>", "\\boxed{105}</s>"]
     assert tok.decode(ids[1][mask[1].bool()]) == "<s>Q: What is 10+95?\nA: \\boxed{105}</s>"
@@ -82,7 +83,7 @@ def test_tiny_arith_model_is_built_once(tmp_path, monkeypatch):
     def no_retraining(*args, **kwargs):
         raise AssertionError("retrained a cached model")
 
-    monkeypatch.setattr(assets, "sft_arithmetic", no_retraining)
+    monkeypatch.setattr(supervise, "supervise", no_retraining)
     assert assets.tiny_arith_model(cache_dir=tmp_path) == path
     monkeypatch.setenv("RLLIB_SPPO_CACHE", str(tmp_path))
     assert assets.tiny_arith_model() == path
@@ -92,7 +93,7 @@ def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("crashed mid-training")
 
-    monkeypatch.setattr(assets, "sft_arithmetic", crash)
+    monkeypatch.setattr(supervise, "supervise", crash)
     with pytest.raises(RuntimeError):
         assets.tiny_arith_model(cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,110 @@
+"""Tiny character-level Llamas for CPU-scale RL, and the built-in ones the package supervises on its own tasks.
+
+``tiny-arith`` ("What is a+b?") and ``tiny-chain-<horizon>`` (a running value through 2, 14 or 42 operations,
+``envs.chain``) are each supervised until their held-out exact accuracy is in a band (able, with room for RL), once,
+then loaded from the cache (``rllib_sppo.llm.assets.cache``).
+"""
+
+import logging
+import shutil
+import string
+
+import torch
+
+from rllib_sppo.llm.assets import supervise
+from rllib_sppo.llm.assets.cache import cache_root, cached
+
+log = logging.getLogger(__name__)
+
+CHARSET = string.digits + string.ascii_letters + string.punctuation + " \n"
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
+)
+TINY_ARITH = "tiny_arith_v2"
+#: The chain models' cache folder, per horizon name (``envs.chain.HORIZONS``).
+TINY_CHAIN = "tiny_chain_{}_v1"
+
+
+def build_char_tokenizer(out_dir=None, max_length=256):
+    """A character-level tokenizer (one token per character) with a "Q: ...\\nA: " chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *CHARSET])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                  unk_token=UNK, chat_template=CHAT_TEMPLATE, model_max_length=max_length,
+                                  clean_up_tokenization_spaces=False)
+    if out_dir is not None:
+        tok.save_pretrained(out_dir)
+    return tok
+
+
+def build_tiny_llama(out_dir, seed=0, intermediate_size=512, max_positions=256) -> str:
+    """A randomly initialised Llama with the char tokenizer (1.8M parameters at the default MLP width), saved as a
+    HF model folder; ``max_positions`` tokens of prompt and response at most."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = build_char_tokenizer(out_dir, max_length=max_positions)
+    config = LlamaConfig(hidden_size=192, intermediate_size=intermediate_size, num_hidden_layers=4,
+                         num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=True,
+                         max_position_embeddings=max_positions, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+#: The RL env of each built-in tiny model (its tuned examples use the same ``env_config``): the model is supervised
+#: on its training split and measured on its held-out split.
+ARITH_ENV = {"source": "arithmetic", "size": 10000, "seed": 0, "heldout_size": 500}
+
+
+def chain_env(horizon: str) -> dict:
+    from envs.chain import HORIZONS
+
+    if horizon not in HORIZONS:
+        raise ValueError(f"unknown chain horizon {horizon!r}; choose one of {sorted(HORIZONS)}")
+    return {"source": "chain", "steps": HORIZONS[horizon], "size": 10000, "seed": 0, "heldout_size": 128}
+
+
+def tiny_arith_model(cache_dir=None, max_seconds=1200.0) -> str:
+    """Path of the tiny Llama supervised on a+b into the 30-60% band; trained once, then cached."""
+    def build(tmp):
+        log.info("building the tiny arithmetic model once (cached in %s): supervising it until its held-out accuracy "
+                 "is in 30-60%%, at most %s", cache_root(cache_dir) / TINY_ARITH, supervise._clock(max_seconds))
+        build_tiny_llama(tmp / "init")
+        train, test = supervise.env_split(ARITH_ENV)
+        supervise.supervise(tmp / "init", tmp, train, test, task="a+b", max_seconds=max_seconds)
+        shutil.rmtree(tmp / "init")
+
+    return cached(cache_root(cache_dir) / TINY_ARITH, build)
+
+
+def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=1800.0) -> str:
+    """Path of the tiny Llama supervised on ``horizon``'s chains (``envs.chain``) into the 20-50% band of held-out
+    exact accuracy (64 held-out problems x 2 samples each evaluation); trained once, then cached."""
+    env = chain_env(horizon)
+    folder = cache_root(cache_dir) / TINY_CHAIN.format(horizon)
+
+    def build(tmp):
+        log.info("building the tiny chain model for the %s horizon (%d steps) once (cached in %s): supervising it until "
+                 "its held-out accuracy is in 20-50%%, at most %s", horizon, env["steps"], folder,
+                 supervise._clock(max_seconds))
+        build_tiny_llama(tmp / "init", max_positions=1024)
+        train, test = supervise.env_split(env)
+        supervise.supervise(tmp / "init", tmp, train, test[:64], task=f"{env['steps']}-step chains",
+                            target=(0.20, 0.50), max_seconds=max_seconds, batch_size=32, eval_samples=2,
+                            max_new_tokens=max(len(supervise.solution(r)) for r in test) + 8, dtype="bfloat16")
+        shutil.rmtree(tmp / "init")
+
+    return cached(folder, build)
