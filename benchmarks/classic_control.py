@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from provenance import provenance
+from harness import provenance
 
 OUT = Path("benchmarks/results/classic_control")
 RUNS = Path(f"{OUT}_runs.jsonl")
@@ -41,7 +41,7 @@ def run(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from rllib_sppo.cli import build_config, load_experiments, resolve_algorithm
+    from rllib_sppo.experiments import build_config, load_experiments, resolve_algorithm
 
     (_, exp), = load_experiments(job["yaml"]).items()
     stop = dict(exp["stop"])

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import provenance
+from harness import provenance
 
 OUT = Path("benchmarks/results/critic_cost")
 

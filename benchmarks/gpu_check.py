@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from provenance import provenance
+from harness import provenance
 
 OUT = Path("benchmarks/results/gpu_check")
 TOPICS = ["the history of mathematics", "how compilers work", "the water cycle", "the theory of evolution",

@@ -19,7 +19,7 @@ def main():
     p.add_argument("--show", type=int, default=0, help="print this many held-out responses with their rewards")
     args = p.parse_args()
 
-    from rllib_sppo.cli import build_config, load_experiments, resolve_algorithm
+    from rllib_sppo.experiments import build_config, load_experiments, resolve_algorithm
     from rllib_sppo.llm.engines import GenerationConfig
     from rllib_sppo.llm.evaluation import heldout_report
     from rllib_sppo.llm.runner import LLMEnvRunner

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from provenance import provenance
+from harness import provenance
 
 OUT = Path("benchmarks/results/learner_memory")
 POLICY = "builtin:smollm2-135m-instruct"

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from learner_memory import _reset_peak as reset_peak, _rss_mb
-from provenance import provenance
+from harness import provenance
 
 OUT = Path("benchmarks/results/lora_sync")
 POLICY = "builtin:smollm2-135m-instruct"

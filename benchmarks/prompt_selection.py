@@ -6,7 +6,7 @@ YAML, model, seeds, machine, prompts per iteration and training wall-clock budge
     python benchmarks/prompt_selection.py tuned_examples/smollm2_rg_sppo.yaml --seeds 0 1 --minutes 12 \
         --eval-every-s 120 --out benchmarks/results/prompt_selection_smollm2
 
-Each run goes through ``llm_curve.run_seed`` in a process of its own (held-out avg@k and pass@k of exact answers at the
+Each run goes through ``harness.run_seed`` in a process of its own (held-out avg@k and pass@k of exact answers at the
 training temperature, and the critic's held-out calibration, evaluations left out of the training time). Writes, per
 variant: the final held-out accuracy (mean and range over seeds), the training seconds and generated tokens each seed
 needed to reach the no-selection run's final accuracy (the mean over its seeds), the critic's scoring seconds per
@@ -16,18 +16,13 @@ spread of p in the pool (selection has nothing to choose from when every prompt 
 load average before and after it and is marked when something else loaded the machine.
 """
 
-import argparse
-import csv
-import json
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from llm_compare import reach
-from llm_curve import run_in_own_process
-from provenance import BUSY, provenance, settled_load, under_load
+import harness
+from harness import reach
 
 BASELINE = "SPPO"
 
@@ -38,35 +33,11 @@ def variants(pool: int, floor: float) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("yaml")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--minutes", type=float, default=10.0, help="training wall-clock per variant and seed")
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--eval-every-s", type=float, help="evaluate every this many training seconds instead")
+    p = harness.parser(__doc__, out="benchmarks/results/prompt_selection")
     p.add_argument("--pool", type=int, default=4)
     p.add_argument("--floor", type=float, default=0.05)
-    p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
-    p.add_argument("--out", default="benchmarks/results/prompt_selection", help="output path stem")
     args = p.parse_args()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = Path(f"{out}_runs.jsonl")
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["label"], r["seed"]) for r in runs}
-    for seed in args.seeds:  # alternating variants: a benchmark cut short still compares like with like
-        for label, overrides in variants(args.pool, args.floor).items():
-            if (label, seed) in done:
-                continue
-            load_before = settled_load(BUSY)
-            run = run_in_own_process(args.yaml, seed, args.minutes, args.eval_every,
-                                     {**json.loads(args.config), **overrides}, args.eval_every_s)
-            run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
-            runs.append(run)
-            with log.open("a") as f:
-                f.write(json.dumps(run) + "\n")
-            print(label, seed, run["curve"][-1], flush=True)
-            write(runs, args, out)
+    harness.run_variants(args, variants(args.pool, args.floor), write)
 
 
 def write(runs: list, args, out: Path) -> None:
@@ -79,19 +50,14 @@ def _write(runs: list, args, out: Path) -> None:
     key = runs[0]["key"]
     pass_key = key.replace("avg@", "pass@")
     calibration = ("critic/heldout_brier", "critic/heldout_auroc")
-    with open(f"{out}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["variant", "seed", "iteration", "train_s", "tokens", key, pass_key,
-                                          *calibration], extrasaction="ignore")
-        w.writeheader()
-        for r in runs:
-            w.writerows({"variant": r["label"], **c} for c in r["curve"])
-    labels = list(dict.fromkeys(r["label"] for r in runs))
+    harness.write_curves_csv(out, runs, "variant", ["seed", "iteration", "train_s", "tokens", key, pass_key,
+                                                    *calibration])
     base = [r["curve"][-1][key] for r in runs if r["label"] == BASELINE]
     target = float(np.mean(base)) if base else np.nan
-    fmt = lambda v: f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if len(v) else "-"  # noqa: E731
+    fmt = harness.mean_range
     per_seed = lambda xs: " / ".join("never" if np.isnan(x) else f"{x:,.0f}" for x in xs)  # noqa: E731
     lines = [f"# {Path(args.yaml).name}: SPPO with and without critic-guided prompt selection, held-out {key}", "",
-             *provenance(),
+             *harness.provenance(),
              f"Exact answers only. Same prompts per iteration; {args.minutes:g} min of training per run (evaluations "
              f"not counted). Target = SPPO's final {key} without selection, the mean over its seeds ({target:.3f}). "
              f"Mean (min-max) over seeds. p = the critic's predicted solve rate of a prompt; p (1 - p) of the scored "
@@ -100,7 +66,7 @@ def _write(runs: list, args, out: Path) -> None:
              f"| variant | seeds | {key} before | {key} after | {pass_key} after | iterations | generated tokens | "
              f"training s to reach the target | tokens to reach it | scoring s/iter | scoring share | pool p(1-p) | "
              f"posed p(1-p) | pool p std | held-out Brier / AUROC after |", "|---" * 15 + "|"]
-    for label in labels:
+    for label in harness.labels(runs):
         sel = [r for r in runs if r["label"] == label]
         reached_s = [reach(r["curve"], key, target, "train_s") for r in sel]
         reached_tokens = [reach(r["curve"], key, target, "tokens") for r in sel]
@@ -115,27 +81,9 @@ def _write(runs: list, args, out: Path) -> None:
             f"{mean('pool_outcome_variance'):.3f} | {mean('selected_outcome_variance'):.3f} | "
             f"{mean('pool_p_std'):.3f} | "
             f"{last(calibration[0]):.3f} / {last(calibration[1]):.3f} |".replace("nan", "-"))
-    lines += under_load(runs)
+    lines += harness.under_load(runs)
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, 4), layout="tight")
-    axes = fig.subplots(1, 2)
-    for i, label in enumerate(labels):
-        for j, r in enumerate(r for r in runs if r["label"] == label):
-            for ax, x in zip(axes, ("train_s", "tokens")):
-                ax.plot([c[x] for c in r["curve"]], [c[key] for c in r["curve"]], marker=".", color=f"C{i}",
-                        alpha=0.8, label=label if j == 0 else None)
-    for ax in axes:
-        ax.axhline(target, color="grey", lw=0.5)
-        ax.set_ylabel(f"held-out {key}")
-        ax.grid(alpha=0.3)
-    axes[0].set_xlabel("training wall-clock (s)")
-    axes[1].set_xlabel("generated response tokens")
-    axes[1].legend(fontsize=7)
-    fig.suptitle(Path(args.yaml).stem)
-    fig.savefig(f"{out}.png", dpi=100)
+    harness.plot_curves(out, runs, [key], target=target, title=Path(args.yaml).stem, grid=True)
     print("\n".join(lines))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from provenance import provenance
+from harness import provenance
 
 OUT = Path("benchmarks/results/rollout")
 
@@ -30,7 +30,7 @@ def main():
     import vllm
     from transformers import AutoModelForCausalLM
 
-    from rllib_sppo.cli import build_config, load_experiments, resolve_algorithm
+    from rllib_sppo.experiments import build_config, load_experiments, resolve_algorithm
     from rllib_sppo.llm.engines import GenerationConfig, make_engine
     from rllib_sppo.llm.runner import LLMEnvRunner
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import yaml
 
-from provenance import provenance
+from harness import provenance
 
 KINDS = ("kill_env_runner", "kill_trial", "disk_full", "corrupt_checkpoint")
 FREE_WHEN_FULL = 1 << 20  # what disk_full leaves: room for Tune's result lines, not for a checkpoint

@@ -4,9 +4,8 @@
     rllib train --algo SPPO --env OutcomeCartPole-v1 --stop '{"training_iteration": 5}' [--config JSON]
     rllib evaluate CHECKPOINT [--episodes N] [--explore]
 
-YAML files use RLlib's legacy tuned-example schema ``{name: {run, env, config, stop}}``. ``env`` is a registered
-id, gymnasium's ``module:Id`` or a dotted path to an env class or creator; ``config.env_config.outcome`` wraps it in
-an outcome reward (``envs.classic.make_env``).
+YAML files use RLlib's legacy tuned-example schema ``{name: {run, env, config, stop}}`` (read by
+``rllib_sppo.experiments``).
 Bad input (malformed YAML, unknown algorithm, env or config key) prints one line
 naming the problem and the file, with nothing before it, and exits with code 2.
 The console: progress lines (``monitoring.Progress``), no log line a user cannot act on
@@ -17,8 +16,6 @@ and one JSON line on stdout.
 from __future__ import annotations
 
 import argparse
-import difflib
-import importlib
 import json
 import math
 import os
@@ -26,143 +23,10 @@ import shlex
 import sys
 import time
 
+from rllib_sppo.experiments import UsageError, build_config, load_experiments, resolve_algorithm
+
 EXIT_USAGE = 2
 EXIT_FAILED = 1  # a trial failed (its error is printed)
-EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples", "wandb",
-                   "max_failures"}
-# Config keys that AlgorithmConfig.update_from_dict understands without a same-named attribute.
-SPECIAL_CONFIG_KEYS = {"multiagent", "model", "optimizer", "env_config", "callbacks", "model_config",
-                       "rl_module_spec", "lambda", "num_workers", "framework", "input", "learner_connector",
-                       "env_to_module_connector", "module_to_env_connector"}
-
-
-# Keys whose values are classes or functions; YAML gives them as dotted strings.
-CALLABLE_KEYS = {"env_runner_cls", "callbacks_class", "callbacks", "learner_class", "module_class",
-                 "learner_connector", "env_to_module_connector", "module_to_env_connector",
-                 "custom_evaluation_function", "catalog_class"}
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
-
-
-def _import(dotted: str, where: str):
-    module, _, name = dotted.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UsageError(f"{where}: cannot import {dotted!r} ({e})") from None
-
-
-def _resolve_classes(value, where: str, key: str = ""):
-    """Dotted strings under class- or function-valued keys (``CALLABLE_KEYS``) become objects."""
-    if isinstance(value, dict):
-        return {k: _resolve_classes(v, where, k) for k, v in value.items()}
-    if isinstance(value, str) and key in CALLABLE_KEYS and "." in value:
-        return _import(value, f"{where}: key {key!r}")
-    return value
-
-
-def load_experiments(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path) as f:
-            spec = yaml.safe_load(f)
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UsageError(f"malformed YAML in {path}{at}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(spec, dict) or not spec or not all(isinstance(v, dict) for v in spec.values()):
-        raise UsageError(f"{path}: expected {{name: {{run, env, config, stop}}}} at the top level")
-    for name, exp in spec.items():
-        unknown = set(exp) - EXPERIMENT_KEYS
-        if unknown:
-            raise UsageError(f"{path}: experiment {name!r} has unknown key(s) {sorted(unknown)}; "
-                             f"allowed: {sorted(EXPERIMENT_KEYS)}")
-        if "run" not in exp:
-            raise UsageError(f"{path}: experiment {name!r} needs 'run' (an algorithm name such as SPPO or PPO)")
-    return spec
-
-
-def resolve_algorithm(name: str, where: str):
-    """The algorithm class ``run: NAME`` names: SPPO, or one of RLlib's (importing only that one: Tune's own lookup
-    imports every algorithm, DreamerV3's warnings included)."""
-    from rllib_sppo import SPPO
-    from rllib_sppo.private_api import rllib_algorithms
-
-    if name == "SPPO":  # (not through Tune's registry: a Ray restarted in this process has forgotten it)
-        return SPPO
-    algorithms = rllib_algorithms()
-    if name in algorithms:
-        return algorithms[name]()[0]
-    close = difflib.get_close_matches(name, ["SPPO", *algorithms], n=1)
-    hint = f"did you mean {close[0]!r}?" if close else "try SPPO, PPO, APPO, IMPALA, DQN, SAC"
-    raise UsageError(f"{where}: unknown algorithm {name!r} ({hint})")
-
-
-def resolve_env(env: str, env_config: dict | None, where: str) -> None:
-    """Checks ``env`` (a registered id, gymnasium's ``module:Id`` or a dotted path to an env class or creator) and
-    ``env_config``'s ``outcome``, and registers it with Tune where RLlib would not find it by itself."""
-    from envs.classic import check_env_spec, register_env_spec
-
-    try:
-        check_env_spec(env, env_config)
-    except ValueError as e:
-        raise UsageError(f"{where}: {e}") from None
-    register_env_spec(env, env_config)
-
-
-def build_config(algo_cls, env: str | None, cfg: dict, where: str):
-    """An AlgorithmConfig from a YAML/JSON dict, refusing keys the algorithm does not have."""
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
-    config = algo_cls.get_default_config()
-    cfg = _absolute_paths(_resolve_classes(dict(cfg or {}), where))
-    if env is not None:
-        resolve_env(env, cfg.get("env_config"), where)
-        config.environment(env)
-    for key in cfg:
-        if key in SPECIAL_CONFIG_KEYS or key.startswith("evaluation_") or hasattr(config, key):
-            continue
-        close = difflib.get_close_matches(key, [k for k in vars(config) if not k.startswith("_")], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UsageError(f"{where}: unknown config key {key!r} for {algo_cls.__name__}{hint}")
-    if "llm" in cfg:  # first: the keys written beside it override what it sets
-        llm = cfg.pop("llm")
-        if not isinstance(llm, dict) or "policy" not in llm:
-            raise UsageError(f"{where}: llm must be a mapping with at least a policy, e.g. llm: {{policy: "
-                             f"builtin:tiny-arith, engine: vllm}}")
-        try:
-            config.llm(**llm)
-        except (TypeError, ValueError) as e:
-            raise UsageError(f"{where}: llm: {e}") from None
-    # Connector keys are stored privately; update_from_dict would set unused public attributes.
-    if "learner_connector" in cfg:
-        config.learners(learner_connector=cfg.pop("learner_connector"))
-    for key in ("env_to_module_connector", "module_to_env_connector"):
-        if key in cfg:
-            config.env_runners(**{key: cfg.pop(key)})
-    if "model_config" in cfg:
-        config.rl_module(model_config=cfg.pop("model_config"))
-    if "rl_module_spec" in cfg:
-        config.rl_module(rl_module_spec=RLModuleSpec(**cfg.pop("rl_module_spec")))
-    config.update_from_dict(cfg)
-    return config
-
-
-def _absolute_paths(value):
-    """Relative paths to files or folders that exist (strings with a path separator, e.g. ``data/train.parquet``)
-    made absolute: they are relative to where ``rllib train`` runs, and Tune runs each trial in its own folder."""
-    if isinstance(value, dict):
-        return {k: _absolute_paths(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_absolute_paths(v) for v in value]
-    if isinstance(value, str) and os.sep in value and not os.path.isabs(value) and os.path.exists(value):
-        return os.path.abspath(value)
-    return value
 
 
 def _search_keys(value, prefix: tuple = ()) -> list[tuple]:

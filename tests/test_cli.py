@@ -151,7 +151,8 @@ def test_config_flag_overrides_the_yaml(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted(__import__("glob").glob("tuned_examples/*.yaml")))
 def test_every_tuned_example_builds_a_valid_config(path):
-    from rllib_sppo.cli import _search_keys, build_config, load_experiments, resolve_algorithm
+    from rllib_sppo.cli import _search_keys
+    from rllib_sppo.experiments import build_config, load_experiments, resolve_algorithm
 
     for name, exp in load_experiments(path).items():
         cfg = exp.get("config")

@@ -401,7 +401,7 @@ def test_resume_continues_the_data_order_across_an_epoch(tiny, ray_session, tmp_
 
 
 def test_llm_wires_the_pieces_and_validate_refuses_a_mismatched_set(tiny):
-    from rllib_sppo.cli import build_config, resolve_algorithm
+    from rllib_sppo.experiments import build_config, resolve_algorithm
     from rllib_sppo.llm.evaluation import heldout_accuracy
 
     config = SPPOConfig().environment("ReasoningBandit-v0").llm(policy=tiny, engine="transformers", dtype="bfloat16")
