@@ -1,14 +1,61 @@
-"""The EnvRunner SPPO samples classic-control episodes with."""
+"""The EnvRunner SPPO samples classic-control episodes with, and the observation and action spaces it takes."""
 
+import gymnasium as gym
 import numpy as np
+from ray.rllib.connectors.env_to_module import FlattenObservations
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from envs.classic import register_env_spec  # importing envs registers the Outcome* ids in this process
 
+#: The observation spaces RLlib's FlattenObservations turns into one flat float vector (Discrete and MultiDiscrete
+#: one-hot), also inside a Tuple or Dict.
+OBSERVATION_SPACES = (gym.spaces.Box, gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)
+
+
+def flatten_observations(env=None, spaces=None, device=None) -> list:
+    """SPPO's ``env_to_module_connector``: RLlib's FlattenObservations, which writes every observation back into its
+    episode as one float vector, so the RLModule, the critic's s_0 and the learner all read flat observations."""
+    return [FlattenObservations()]
+
+
+def _starts_at_0(space: gym.Space) -> bool:
+    return not np.any(getattr(space, "start", 0))  # one-hot and the action distributions count from 0
+
+
+def _unsupported_observation(space: gym.Space) -> gym.Space | None:
+    """The first part of ``space`` FlattenObservations cannot take, or None."""
+    if isinstance(space, (gym.spaces.Tuple, gym.spaces.Dict)):
+        parts = space.spaces.values() if isinstance(space, gym.spaces.Dict) else space.spaces
+        return next(filter(None, map(_unsupported_observation, parts)), None)
+    flat = isinstance(space, OBSERVATION_SPACES) and _starts_at_0(space)
+    return None if flat and not (isinstance(space, gym.spaces.MultiDiscrete) and space.nvec.ndim != 1) else space
+
+
+def _supported_action(space: gym.Space) -> bool:
+    """Has ``SPPOMLPModule`` an action distribution for ``space``: Categorical, MultiCategorical, diagonal Gaussian."""
+    if isinstance(space, (gym.spaces.MultiDiscrete, gym.spaces.Box)):
+        return len(space.shape) == 1 and _starts_at_0(space)
+    return isinstance(space, gym.spaces.Discrete) and _starts_at_0(space)
+
+
+def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> None:
+    """Raises ValueError (one line: the space and what to do) unless SPPO's classic-control path takes both spaces."""
+    part = _unsupported_observation(observation_space)
+    if part is not None:
+        raise ValueError(f"observation space {part} is not supported: SPPO flattens observations with RLlib's "
+                         f"FlattenObservations, which takes Box, Discrete, MultiDiscrete (1-D) and MultiBinary, "
+                         f"counting from 0, also inside a Tuple or Dict; wrap the env in a "
+                         f"gymnasium.ObservationWrapper that maps it to one of these")
+    if not _supported_action(action_space):
+        raise ValueError(f"action space {action_space} is not supported: SPPO's classic-control module samples "
+                         f"Discrete, MultiDiscrete or Box actions (1-D, counting from 0); wrap the env in a "
+                         f"gymnasium.ActionWrapper that maps its actions to one of these")
+
 
 class EpisodeEnvRunner(SingleAgentEnvRunner):
     """RLlib's SingleAgentEnvRunner, with new start states in every ``sample()`` of whole episodes, and any env
-    ``envs.classic.make_env`` builds (a dotted path, an ``outcome`` in the env_config).
+    ``envs.classic.make_env`` builds (a dotted path, an ``outcome`` in the env_config) whose spaces ``check_spaces``
+    takes.
 
     In ``complete_episodes`` mode RLlib 2.60 resets its envs with ``config.seed`` at every ``sample()``, so a seeded
     run would start every batch from the same states (CartPole: one s_0 for the whole run). Here each such reset
@@ -20,6 +67,7 @@ class EpisodeEnvRunner(SingleAgentEnvRunner):
         if isinstance(self.config.env, str):  # in every process (a restored checkpoint's too), not only the CLI's
             register_env_spec(self.config.env, self.config.env_config)
         super().make_env()
+        check_spaces(self.env.single_observation_space, self.env.single_action_space)
 
     def _try_env_reset(self, *, seed=None, options=None):
         if seed is not None:

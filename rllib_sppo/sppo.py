@@ -33,7 +33,7 @@ from rllib_sppo.apis import SamplerLogpAPI, TokenValueAPI
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.estimators import ESTIMATORS
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
-from rllib_sppo.env_runner import EpisodeEnvRunner
+from rllib_sppo.env_runner import EpisodeEnvRunner, flatten_observations
 from rllib_sppo.llm.critic import score_prompt_candidates
 from rllib_sppo.monitoring import BEFORE_TRAINING, PrometheusExport
 from rllib_sppo.private_api import remote_env_runner_actor
@@ -64,6 +64,7 @@ class SPPOConfig(AlgorithmConfig):
         self.grad_clip_by = "global_norm"
         self.batch_mode = "complete_episodes"
         self.env_runner_cls = EpisodeEnvRunner  # fresh start states in every batch (RLlib re-seeds them)
+        self.env_runners(env_to_module_connector=flatten_observations)  # any gymnasium space, one-hot or flattened
         self.num_env_runners = 0
         # SPPO's metrics as Prometheus series for the Ray dashboard (rllib_sppo/monitoring.py).
         self.callbacks_on_train_result = PrometheusExport()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import TorchMultiCategorical
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
@@ -25,8 +26,10 @@ class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
     ``critic_kind`` ("sequence": V(s_0), or None: no critic), ``critic_bias``, ``max_tokens_per_micro_batch``
     (here: steps per micro-batch).
 
-    Discrete actions give Categorical logits; Box actions a diagonal Gaussian with a
-    state-independent log-std. The critic ``vf`` is never built on EnvRunners.
+    Observations arrive flat (``SPPOConfig``'s env-to-module connector is RLlib's FlattenObservations; the spaces it
+    takes: ``rllib_sppo.env_runner.check_spaces``). Discrete actions give Categorical logits, MultiDiscrete ones a
+    Categorical per dimension, Box actions a diagonal Gaussian with a state-independent log-std. The critic ``vf`` is
+    never built on EnvRunners.
     """
 
     def setup(self):
@@ -38,7 +41,13 @@ class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
                              f"{cfg['critic_kind']!r}; for a per-token critic on classic control use RLlib's PPO.")
         self.max_rows = cfg["max_tokens_per_micro_batch"]
         self.continuous = isinstance(self.action_space, gym.spaces.Box)
-        out_dim = int(np.prod(self.action_space.shape)) if self.continuous else self.action_space.n
+        if self.continuous:
+            out_dim = self.action_space.shape[0]
+        elif isinstance(self.action_space, gym.spaces.MultiDiscrete):
+            lens = self.action_space.nvec.tolist()
+            out_dim, self.action_dist_cls = sum(lens), TorchMultiCategorical.get_partial_dist_cls(input_lens=lens)
+        else:
+            out_dim = self.action_space.n
         self.pi = mlp(obs_dim, cfg["pi_hiddens"], out_dim)
         if self.continuous:
             self.log_std = nn.Parameter(torch.full((out_dim,), float(cfg.get("init_log_std", 0.0))))
@@ -48,13 +57,13 @@ class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
                 nn.init.constant_(self.vf[-1].bias, cfg["critic_bias"])
 
     def _forward(self, batch, **kwargs):
-        out = self.pi(batch[Columns.OBS].flatten(1).float())
+        out = self.pi(batch[Columns.OBS])
         if self.continuous:
             out = torch.cat([out, self.log_std.expand_as(out)], dim=-1)
         return {Columns.ACTION_DIST_INPUTS: out}
 
     def compute_values(self, batch, embeddings=None):
-        return self.vf(batch[Columns.OBS].flatten(1).float()).squeeze(-1)
+        return self.vf(batch[Columns.OBS]).squeeze(-1)
 
     def _dist(self, fwd_out):
         return self.get_train_action_dist_cls().from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
