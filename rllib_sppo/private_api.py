@@ -31,6 +31,8 @@ USED = (
     ("ray.tune.trainable.trainable", "Trainable", "_trial_info", "monitoring: the trial's name in gauges"),
     ("ray.rllib.env.env_runner_group", "EnvRunnerGroup", "_worker_manager",
      "SPPO._restart_stuck_runners: kill a stuck remote EnvRunner so that RLlib restarts it"),
+    ("ray.rllib.utils.actor_manager", "FaultTolerantActorManager", "_num_actor_restarts",
+     "SPPO._sample: EnvRunners Ray restarted unseen by RLlib count in fault_tolerance/num_remote_worker_restarts"),
     ("ray.rllib.core.learner.learner_group", "LearnerGroup", "_get_results", "DeepSpeedLearnerGroup.get_state"),
     # RLlib: Learner and TorchLearner
     ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_uncompiled_update",
@@ -72,6 +74,12 @@ def remote_env_runner_actor(env_runner_group, index: int):
     """The Ray actor of a remote EnvRunner (to kill a stuck one, which RLlib then restarts), and its manager."""
     manager = env_runner_group._worker_manager
     return manager.actors()[index], manager
+
+
+def count_env_runner_restarts(env_runner_group, n: int) -> None:
+    """Adds ``n`` restarts to RLlib's count (``fault_tolerance/num_remote_worker_restarts``): remote EnvRunners that
+    Ray restarted after their process died between two calls, which RLlib does not see."""
+    env_runner_group._worker_manager._num_actor_restarts += n
 
 
 def disable_deepspeed_shm_comm() -> None:

@@ -36,7 +36,7 @@ from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 from rllib_sppo.env_runner import EpisodeEnvRunner, flatten_observations
 from rllib_sppo.llm.critic import score_prompt_candidates
 from rllib_sppo.monitoring import BEFORE_TRAINING, PrometheusExport
-from rllib_sppo.private_api import remote_env_runner_actor
+from rllib_sppo.private_api import count_env_runner_restarts, remote_env_runner_actor
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
 from rllib_sppo.watchdog import deadline
 
@@ -682,6 +682,7 @@ class SPPO(Algorithm):
             if restarted:
                 logger.warning("EnvRunner(s) %s were restarted by Ray after their process died: giving them back their "
                                "places in the data and the policy's weights.", restarted)
+                count_env_runner_restarts(group, len(restarted))
                 self._restore_runners(restarted)
         episodes, runner_metrics = synchronous_parallel_sample(
             worker_set=group, max_env_steps=self.config.total_train_batch_size,
@@ -980,17 +981,18 @@ class SPPO(Algorithm):
         try:
             result = super().save(checkpoint_dir)
         except Exception as e:
-            where = ""
+            where = left = ""
             if storage and storage.current_checkpoint_index != index:  # written locally, the copy to storage failed
-                where = f" to {storage.checkpoint_fs_path}"
+                where, left = f" to {storage.checkpoint_fs_path}", "; it has no manifest, so restoring it is refused"
                 try:
                     storage.storage_filesystem.delete_dir(storage.checkpoint_fs_path)
+                    left = "; what was copied of it is removed"
                 except OSError:
                     pass
             previous = (f"the previous checkpoint {self._last_checkpoint} is intact and restores" if
                         self._last_checkpoint else "there is no earlier checkpoint")
             raise CheckpointWriteError(
-                f"the checkpoint of iteration {self.iteration} could not be written{where}: {_cause(e)}. Training "
+                f"the checkpoint of iteration {self.iteration} could not be written{where}: {_cause(e)}{left}. Training "
                 f"stops; {previous} (free space or fix the storage, then resume: rllib train file ... --resume)."
             ) from e
         self._last_checkpoint = result.checkpoint.path

@@ -19,7 +19,7 @@ import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.cli import main
 from rllib_sppo.llm.assets import build_tiny_llama
-from rllib_sppo.sppo import MANIFEST_FILE
+from rllib_sppo.sppo import MANIFEST_FILE, IncompleteCheckpointError, check_checkpoint
 
 
 def small_config(**env_runners):
@@ -98,7 +98,7 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
             corrupt(dst / garble)
         return str(dst)
 
-    module = "learner_group/learner/rl_module/default_policy/module_state.pkl"
+    module = MODULE_STATE
     partial = {
         "no_manifest": copy("a", [f for f in files if f != MANIFEST_FILE]),  # crashed before the manifest
         "no_weights": copy("b", [f for f in files if f != module]),  # manifest copied before the weights
@@ -119,6 +119,9 @@ def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
     algo.stop()
 
 
+MODULE_STATE = "learner_group/learner/rl_module/default_policy/module_state.pkl"
+
+
 def corrupt(path) -> None:
     """Overwrites the middle of a file with other bytes (its size unchanged), as a disk or copy error would."""
     size = os.path.getsize(path)
@@ -129,7 +132,7 @@ def corrupt(path) -> None:
         f.write(bytes(b ^ 0xFF for b in chunk))
 
 
-def write_experiment(tmp_path, stop_iteration):
+def write_experiment(tmp_path, stop_iteration, num_to_keep=2):
     path = tmp_path / "exp.yaml"
     path.write_text(textwrap.dedent(f"""
         resume-me:
@@ -137,7 +140,7 @@ def write_experiment(tmp_path, stop_iteration):
           env: OutcomeCartPole-v1
           stop: {{training_iteration: {stop_iteration}}}
           storage_path: {tmp_path / "results"}
-          checkpoint_config: {{checkpoint_frequency: 1, num_to_keep: 2}}
+          checkpoint_config: {{checkpoint_frequency: 1, num_to_keep: {"null" if num_to_keep is None else num_to_keep}}}
           max_failures: 1
           config:
             seed: 0
@@ -161,6 +164,12 @@ def snapshot_iteration(experiment_dir) -> int:
             except (ValueError, IndexError, KeyError):
                 return 0  # being written
     return 0
+
+
+def results_logged(experiment_dir) -> int:
+    """How many results Tune's driver has written to the trial's result.json (0 before the trial starts)."""
+    files = list(experiment_dir.glob("SPPO_*/result.json")) if experiment_dir.is_dir() else []
+    return len(files[0].read_text().splitlines()) if files else 0
 
 
 def read_results(experiment_dir):
@@ -205,6 +214,29 @@ def test_killed_driver_resumes_from_its_last_checkpoint(tmp_path):
     assert all(os.path.exists(os.path.join(trial_dir, c, MANIFEST_FILE)) for c in checkpoints)
 
 
+def intact(checkpoint) -> bool:
+    """Whether the package's own check accepts ``checkpoint`` (its manifest written last, every file there)."""
+    try:
+        check_checkpoint(checkpoint)
+        return True
+    except IncompleteCheckpointError:
+        return False
+
+
+def within(seconds: float, condition) -> bool:
+    """Whether ``condition()`` holds within ``seconds`` (polled)."""
+    by = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > by:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    assert within(seconds, condition), f"no {what} within {seconds} s"
+
+
 def trial_processes(session: int) -> list[int]:
     """Pids of the Tune trial actors (process title ``ray::SPPO...``) started under ``session``."""
     pids = []
@@ -219,22 +251,32 @@ def trial_processes(session: int) -> list[int]:
 
 
 def test_a_trial_restarts_from_the_newest_intact_checkpoint_when_the_newest_is_corrupt(tmp_path):
-    """The newest checkpoint is corrupted after it was written, then the trial's process is killed (with
-    num_env_runners=0 the EnvRunner is in it too): Tune (YAML ``max_failures``) restarts the trial and restores the
-    newest checkpoint, SPPO refuses it (CRC-32) and restores the one before it, naming both; the run finishes."""
-    path = write_experiment(tmp_path, stop_iteration=5)
+    """Every checkpoint but the first is corrupted after it was written (the trial's process stopped meanwhile), then
+    the process is killed (with num_env_runners=0 the EnvRunner is in it too): Tune (YAML ``max_failures``) restarts
+    the trial and restores its newest checkpoint, SPPO refuses it (CRC-32) and walks back to the newest intact one,
+    the first, naming both; the run finishes. (Which checkpoint Tune had registered last when the process stopped is
+    up to the scheduler; that all but the first are corrupt makes the outcome the same either way.)"""
+    path = write_experiment(tmp_path, stop_iteration=8, num_to_keep=None)
     experiment = tmp_path / "results" / "resume-me"
     run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path], start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(experiment.glob("*/checkpoint_000002/" + MANIFEST_FILE)) and time.time() < deadline:
-        time.sleep(0.1)
-    [pid] = trial_processes(run.pid)
-    os.kill(pid, signal.SIGSTOP)  # no checkpoint is written while the newest is corrupted
-    time.sleep(2)  # Tune registers what was written: num_to_keep 2 deletes all but the newest two it registered
+    # The trial's process stopped (no checkpoint is written while they are corrupted) once Tune has registered a
+    # checkpoint after the first: checkpoint_N comes with result N + 1, and results are logged in order.
+    for index in range(1, 8):
+        wait_for(lambda: any(map(intact, experiment.glob(f"*/checkpoint_{index:06d}"))), 120, f"checkpoint {index}")
+        [pid] = trial_processes(run.pid)
+        os.kill(pid, signal.SIGSTOP)
+        if within(20, lambda: results_logged(experiment) >= index + 1):
+            break
+        os.kill(pid, signal.SIGCONT)  # stopped before it reported that checkpoint: on to the next one
+    else:
+        pytest.fail("Tune registered no checkpoint after the first")
     [trial] = experiment.glob("SPPO_*")
-    newest = sorted(trial.glob("checkpoint_*"))[1]  # (a third, newer one would not be registered yet)
-    corrupt(newest / "learner_group/learner/rl_module/default_policy/module_state.pkl")
+    first, *later = sorted(trial.glob("checkpoint_*"))
+    assert first.name == "checkpoint_000000" and later
+    for checkpoint in later:  # (one being copied when the process stopped may lack the file: it is refused anyway)
+        if (checkpoint / MODULE_STATE).exists():
+            corrupt(checkpoint / MODULE_STATE)
     os.kill(pid, signal.SIGKILL)
     try:
         out, err = run.communicate(timeout=180)
@@ -242,15 +284,15 @@ def test_a_trial_restarts_from_the_newest_intact_checkpoint_when_the_newest_is_c
         os.killpg(run.pid, signal.SIGKILL)
         raise
     assert run.returncode == 0, err[-3000:]
-    assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 5
-    index = int(newest.name.split("_")[1])
-    earlier = trial / f"checkpoint_{index - 1:06d}"
-    assert (f"{newest} is not a complete SPPO checkpoint: 1 file(s) changed since it was written (CRC-32), e.g. "
-            f"learner_group/learner/rl_module/default_policy/module_state.pkl; restoring the newest intact earlier "
-            f"checkpoint, {earlier}, instead.") in err
+    assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 8
+    refused = re.search(r"(\S+) is not a complete SPPO checkpoint: 1 file\(s\) changed since it was written \(CRC-32\), "
+                        r"e\.g\. learner_group/learner/rl_module/default_policy/module_state\.pkl; restoring the newest "
+                        r"intact earlier checkpoint, (\S+), instead\.", err)
+    assert refused, err[-3000:]
+    assert refused.group(1) in map(str, later) and refused.group(2) == str(first)
     results, _ = read_results(experiment)
     [restart] = [r for r in results if r["iterations_since_restore"] == 1 and r["training_iteration"] > 1]
-    assert restart["training_iteration"] == index + 1  # checkpoint_N holds iteration N + 1: earlier's, then one more
+    assert restart["training_iteration"] == 2  # checkpoint_000000 holds iteration 1: then one more
 
 
 def test_resume_without_an_earlier_run_is_a_usage_error(tmp_path, capsys):
@@ -323,9 +365,8 @@ def test_a_full_disk_under_tune_stops_the_trial_naming_the_checkpoint_and_the_pr
     experiment = tmp_path / "results" / "full-disk"
     run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", str(path)], start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not list(experiment.glob("*/checkpoint_000000/" + MANIFEST_FILE)) and time.time() < deadline:
-        time.sleep(0.1)
+    # The first checkpoint complete in storage (Tune copies its files in no fixed order: the manifest may land first).
+    wait_for(lambda: any(map(intact, experiment.glob("*/checkpoint_000000"))), 240, "intact first checkpoint")
     [pid] = trial_processes(run.pid)
     resource.prlimit(pid, resource.RLIMIT_FSIZE, (FSIZE_LIMIT, resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]))
     try:
@@ -337,10 +378,13 @@ def test_a_full_disk_under_tune_stops_the_trial_naming_the_checkpoint_and_the_pr
     [line] = [line for line in err.splitlines() if line.startswith("rllib: trial ") and " failed: " in line]
     [trial] = experiment.glob("SPPO_*")
     kept = sorted(trial.glob("checkpoint_*"))
-    assert kept and all((c / MANIFEST_FILE).exists() for c in kept)  # nothing partial in storage
-    assert re.search(r"CheckpointWriteError: the checkpoint of iteration \d+ could not be written: checkpoint \S+ could "
-                     r"not be written \(.*File too large.*\); what was written of it is removed\. Training "
-                     r"stops; the previous checkpoint (\S+) is intact and restores", line), line
+    assert kept and all(map(intact, kept))  # nothing partial in storage
+    # The limit stops the next checkpoint's write in the trial's folder or its copy to storage, whichever was under
+    # way: either way the error names it, the cause and the previous checkpoint, and what was written is removed.
+    assert re.search(r"CheckpointWriteError: the checkpoint of iteration \d+ could not be written(: checkpoint \S+ "
+                     r"could not be written \(.*File too large.*\); what was written of it is removed| to \S+: .*File "
+                     r"too large.*; what was copied of it is removed)\. Training stops; the previous checkpoint (\S+) "
+                     r"is intact and restores", line), line
     previous = re.search(r"the previous checkpoint (\S+) is intact", line).group(1)
     assert previous == str(kept[-1])
     listed = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "evaluate", previous, "--episodes", "2"],
@@ -444,7 +488,7 @@ def test_a_runner_that_died_between_calls_is_restored_before_it_samples(tiny, ra
     with caplog.at_level(logging.WARNING, logger="rllib_sppo.sppo"):
         result = algo.train()
     assert "EnvRunner(s) [1] were restarted by Ray after their process died" in caplog.text
-    assert pid() != [before] and result["fault_tolerance"]["num_remote_worker_restarts"] == 0  # (unseen by RLlib)
+    assert pid() != [before] and result["fault_tolerance"]["num_remote_worker_restarts"] == 1  # counted by SPPO
     assert result["env_runners"]["num_env_steps_sampled"] == 16
     assert result["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
     assert place() == [{"epoch": 1, "pos": 12}]  # 36 training prompts: 32 drawn, then 4 + 12 of the next epoch

@@ -3,6 +3,8 @@ engine that generates with other weights than the learner's, and one-step-off-po
 remote EnvRunner, their weights one update behind, their checkpoint and resume."""
 
 import copy
+import itertools
+import time
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.connectors import TokenBatch
+from rllib_sppo.llm.runner import LLMEnvRunner
 from rllib_sppo.torch import sppo_torch_learner
 
 MODULE = DEFAULT_MODULE_ID
@@ -83,13 +86,53 @@ def test_tis_weighs_a_perturbed_engines_tokens_by_the_capped_ratio(tiny, ray_ses
     assert result["rollout/is_capped_frac"] == pytest.approx(float((ratio > cap).float().mean()), rel=1e-4)
 
 
-def test_async_rollouts_sample_each_batch_with_the_weights_one_update_behind(tiny, ray_session, monkeypatch):
+def gated_runner(gate):
+    """An LLM EnvRunner that samples its batch n (n >= 2) only once the learner's update n - 1 has started (files in
+    ``gate``); ``gate_updates`` makes each update end only once the runner's next batch has started. Together: every
+    batch after the first is sampled while an update runs, on any machine load (left alone, a fast sample could end
+    before the update it should overlap has begun). A class made here is sent to the runner's process whole."""
+    class GatedRunner(LLMEnvRunner):
+        batches = 0
+
+        def sample(self, **kwargs):
+            self.batches += 1
+            (gate / f"sample_{self.batches}").touch()
+            if self.batches > 1:
+                self.wait_for_file(gate / f"update_{self.batches - 1}")
+            return super().sample(**kwargs)
+
+        @staticmethod
+        def wait_for_file(path, seconds: float = 300) -> None:
+            by = time.monotonic() + seconds
+            while not path.exists():
+                assert time.monotonic() < by, f"{path.name} did not appear within {seconds} s"
+                time.sleep(0.01)
+
+    return GatedRunner
+
+
+def gate_updates(algo, gate, monkeypatch) -> None:
+    update, started = algo.learner_group.update, itertools.count(1)
+
+    def gated(**kwargs):
+        n = next(started)
+        (gate / f"update_{n}").touch()
+        result = update(**kwargs)
+        algo.config.env_runner_cls.wait_for_file(gate / f"sample_{n + 1}")
+        return result
+
+    monkeypatch.setattr(algo.learner_group, "update", gated)
+
+
+def test_async_rollouts_sample_each_batch_with_the_weights_one_update_behind(tiny, ray_session, monkeypatch,
+                                                                             tmp_path):
     """One remote EnvRunner, async: iteration t (from 1) trains on a batch sampled with the weights of update t-2
     (the first two with the initial ones), while the runner samples the next. The fingerprint: the engine's log-probs
-    of each batch are those of the learner's policy after update t-2, not after t-1."""
-    # Several passes over each batch: an update outlasts the runner's load of the previous weights (which precedes its
-    # sampling of the next batch), so that the update and the sampling overlap.
-    algo = config(tiny, runners=1, async_rollouts=True, tis_cap=2.0, num_epochs=6).build_algo()
+    of each batch are those of the learner's policy after update t-2, not after t-1. The runner and the updates are
+    gated so that each batch is sampled during an update, as the design intends, whatever the machine's load."""
+    algo = config(tiny, runners=1, async_rollouts=True, tis_cap=2.0).env_runners(
+        env_runner_cls=gated_runner(tmp_path)).build_algo()
+    gate_updates(algo, tmp_path, monkeypatch)
     learner = algo.learner_group._learner
     policies = [copy.deepcopy(learner.module[MODULE].unwrapped().policy)]  # after update 0, 1, 2, ...
     batches = []

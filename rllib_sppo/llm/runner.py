@@ -16,8 +16,9 @@ New policy weights reach the engine in place (no restart): through ``set_state``
 state, e.g. after a restore, and the local runner's sync) or ``load_weight_chunks``
 (SPPO's sync of remote runners, a chunk at a time); the sync's seconds, bytes and GB/s
 are logged. With ``engine_sleep_level`` > 0 the engine sleeps from the end of sampling
-to the next weight load (the learner has the accelerator meanwhile). The engine starts
-lazily on first use, so a driver-side runner that never samples never loads one.
+to the next weight load (the learner has the accelerator meanwhile). A remote runner starts
+its engine and reward workers when it is created (its first sample is sampling, not start-up);
+the local runner starts them on first use, so a driver-side runner that never samples never loads one.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
         self.restarted_in_place = (self.worker_index > 0 and in_actor
                                    and ray.get_runtime_context().was_current_actor_reconstructed)
+        if self.worker_index > 0:  # a remote runner samples: it starts its engine and reward workers now, so that
+            self.engine  # sample_timeout_s bounds sampling, not start-up (RLlib's probe waits for the constructor)
+            self.env.start_scoring()
 
     def _make_env(self) -> gym.Env:
         """The runner's one env (both splits, its reward workers); ``chat_template_model`` resolved to a folder."""
