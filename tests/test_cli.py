@@ -46,6 +46,7 @@ def test_bad_yaml_is_one_line_and_exit_2(tmp_path, capsys, text, message):
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("text, message", [
     (None, "cannot read"),
     ("a: [1, 2\n", "malformed YAML"),
@@ -65,6 +66,7 @@ def test_console_script_prints_nothing_before_the_error(tmp_path, text, message)
     assert out.stdout == ""
 
 
+@pytest.mark.system
 def test_acrobot_outcome_from_yaml_alone(tmp_path, capsys, ray_session):
     """tuned_examples/acrobot_sppo.yaml: a plain gymnasium id under env_config.outcome, sampled by a remote
     EnvRunner, through the console script in a fresh process; its console has nothing but progress, the summary and
@@ -95,6 +97,7 @@ def test_acrobot_outcome_from_yaml_alone(tmp_path, capsys, ray_session):
     assert report["episode_return_mean"] == pytest.approx((report["raw_return_mean"] + 500.0) / 500.0)
 
 
+@pytest.mark.system
 def test_failed_trial_is_one_line_naming_the_cause_and_exit_1(tmp_path, capsys, ray_session):
     path = write(tmp_path, """
         too-long:
@@ -111,6 +114,7 @@ def test_failed_trial_is_one_line_naming_the_cause_and_exit_1(tmp_path, capsys, 
     assert out == ""  # no summary for a failed trial
 
 
+@pytest.mark.system
 def test_yaml_runs_through_tune_and_evaluates(tmp_path, capsys):
     path = write(tmp_path, """
         tiny-cartpole:
@@ -135,6 +139,7 @@ def test_yaml_runs_through_tune_and_evaluates(tmp_path, capsys):
     assert report["episode_return_mean"] == pytest.approx(report["raw_return_mean"] / 500)
 
 
+@pytest.mark.system
 def test_config_flag_overrides_the_yaml(tmp_path, capsys):
     path = write(tmp_path, """
         tiny-cartpole:
@@ -166,6 +171,7 @@ def test_every_tuned_example_builds_a_valid_config(path):
         assert exp["stop"], f"{path}: a tuned example needs a stop criterion"
 
 
+@pytest.mark.system
 def test_train_from_flags(tmp_path, capsys):
     argv = ["train", "--algo", "SPPO", "--env", "OutcomeCartPole-v1", "--stop", '{"training_iteration": 1}',
             "--config", '{"train_batch_size_per_learner": 300, "minibatch_size": 100, "lr": 0.001}',
@@ -176,6 +182,7 @@ def test_train_from_flags(tmp_path, capsys):
     assert main(argv[:-4] + ["--config", "{not json"]) == 2
 
 
+@pytest.mark.system
 def test_wandb_logs_offline_with_the_console_metric_names(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)

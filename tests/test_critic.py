@@ -144,7 +144,7 @@ def set_value_head(module, texts, seed=0):
         module.value_head.bias.fill_(float(-module.prompt_values(texts).mean()))
 
 
-@pytest.mark.parametrize("remote", [0, 1])
+@pytest.mark.parametrize("remote", [0, pytest.param(1, marks=pytest.mark.system)])
 def test_selection_poses_the_prompts_the_critic_is_unsure_of(tiny, ray_session, remote):
     """A critic set by hand; its logit of every training prompt is read first (the known outputs). The runner's
     candidates (pool x the prompts of one sample) are scored by the learner, and the prompts posed have a higher mean

@@ -147,6 +147,7 @@ def test_state_round_trips_and_nonfinite_updates_are_skipped(tiny, episodes, tmp
     assert relative_error(weights(second), weights(first), expected) < 1e-5
 
 
+@pytest.mark.system
 def test_two_learners_form_one_zero3_group_and_checkpoint_every_partition(tmp_path_factory, episodes, tmp_path,
                                                                            ray_session):
     from transformers import AutoModelForCausalLM
@@ -217,6 +218,7 @@ def test_bfloat16_trains_with_fp32_master_weights(tiny, episodes):
             env=None, spaces={MODULE: (TEXT, TEXT)})
 
 
+@pytest.mark.system
 def test_two_zero3_offload_learners_train_sync_the_env_runner_and_checkpoint(tiny, ray_session, tmp_path):
     """... and choose the prompts: the critic, partitioned across the two learners, scores the candidates."""
     from transformers import AutoModelForCausalLM

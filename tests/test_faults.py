@@ -35,6 +35,7 @@ def weights(algo):
     return {k: np.asarray(v) for k, v in state.items()}
 
 
+@pytest.mark.system
 def test_killed_env_runner_is_restarted_and_training_goes_on(ray_session):
     config = small_config(num_env_runners=1)
     assert config.restart_failed_env_runners and config.max_num_env_runner_restarts > 0  # RLlib's defaults
@@ -77,6 +78,7 @@ def test_resume_reproduces_the_uninterrupted_run(ray_session, tmp_path):
     assert all(np.array_equal(expected[k], after[k]) for k in expected)
 
 
+@pytest.mark.system
 def test_checkpoint_cut_short_is_refused(ray_session, tmp_path):
     """Every prefix of the checkpoint's files (what a crash while writing or copying leaves) is refused."""
     algo = small_config().build_algo()
@@ -178,6 +180,7 @@ def read_results(experiment_dir):
         return [json.loads(line) for line in f], os.path.join(experiment_dir, trial)
 
 
+@pytest.mark.system
 def test_killed_driver_resumes_from_its_last_checkpoint(tmp_path):
     path = write_experiment(tmp_path, stop_iteration=6)
     experiment = tmp_path / "results" / "resume-me"
@@ -250,6 +253,7 @@ def trial_processes(session: int) -> list[int]:
     return pids
 
 
+@pytest.mark.system
 def test_a_trial_restarts_from_the_newest_intact_checkpoint_when_the_newest_is_corrupt(tmp_path):
     """Every checkpoint but the first is corrupted after it was written (the trial's process stopped meanwhile), then
     the process is killed (with num_env_runners=0 the EnvRunner is in it too): Tune (YAML ``max_failures``) restarts
@@ -309,6 +313,7 @@ BIG_POLICY = {"pi_hiddens": [512, 512], "vf_hiddens": [8]}
 FSIZE_LIMIT = 256 * 1024
 
 
+@pytest.mark.system
 def test_a_checkpoint_that_cannot_be_written_is_an_error_and_leaves_the_previous_one(ray_session, tmp_path):
     """save_to_path under a file-size limit: an error naming the checkpoint and the cause, nothing of it left on
     disk, and the checkpoint written before it restores."""
@@ -343,6 +348,7 @@ def test_a_checkpoint_that_cannot_be_written_is_an_error_and_leaves_the_previous
     restored.stop()
 
 
+@pytest.mark.system
 def test_a_full_disk_under_tune_stops_the_trial_naming_the_checkpoint_and_the_previous_one(tmp_path):
     """The trial's process can write no file past 256 KB from its second checkpoint on: the trial stops with one
     line naming the failed checkpoint, the cause and the previous checkpoint, which holds its manifest and restores;
@@ -434,6 +440,7 @@ def test_a_run_resumed_at_an_epoch_boundary_trains_on_into_the_next_epoch(tiny, 
     resumed.stop()
 
 
+@pytest.mark.system
 def test_remote_runners_resume_their_own_places_in_the_data(tiny, ray_session, tmp_path):
     """Two remote EnvRunners, each drawing its own shard of the epoch: the checkpoint holds each one's place (RLlib's
     state holds only the local runner's, which never samples), and a restored run gives each its own back, so it
@@ -458,6 +465,7 @@ def test_remote_runners_resume_their_own_places_in_the_data(tiny, ray_session, t
     resumed.stop()
 
 
+@pytest.mark.system
 def test_a_runner_that_died_between_calls_is_restored_before_it_samples(tiny, ray_session, caplog):
     """A remote EnvRunner killed while idle: Ray restarts its process before the next call, so RLlib sees no failure.
     Before it samples, it gets back its place in the data and the learner's weights: the run draws on from where it

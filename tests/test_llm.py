@@ -281,6 +281,7 @@ def test_model_directories_are_checked(tiny, tmp_path):
         resolve_model("builtin:gpt5")
 
 
+@pytest.mark.system
 def test_killed_llm_env_runner_and_its_engine_are_restarted(tiny, ray_session):
     algo = (llm_config(tiny, "vllm").env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5)
             .evaluation(evaluation_interval=None).build_algo())

@@ -86,6 +86,7 @@ def test_lora_syncs_only_the_adapters_to_a_local_vllm_engine(tiny, ray_session):
     assert all(r["learners"][MODULE]["rollout/engine_logp_gap"] < 1e-3 for r in results)
 
 
+@pytest.mark.system
 def test_lora_reaches_a_remote_runner_in_bf16_chunks_and_checkpoints_an_adapter_folder(tiny, ray_session, tmp_path):
     from transformers import AutoModelForCausalLM
 

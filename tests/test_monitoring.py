@@ -48,6 +48,7 @@ def ray_with_dashboard():
     return f"http://{context.dashboard_url}", f"http://127.0.0.1:{metrics_port}/metrics"
 
 
+@pytest.mark.system
 def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys, tiny_llm_experiment):
     path = tiny_llm_experiment("tiny-arith", evaluation_interval=2, eval_samples_per_prompt=2)
     assert main(["train", "file", str(path), "--storage-path", str(tmp_path / "results")]) == 0
@@ -110,6 +111,7 @@ def test_heldout_calibration_is_exported_beside_accuracy(ray_session):
     assert set(export._gauges) == {"sppo_accuracy_avg_at_4", "sppo_critic_heldout_brier"}  # (NaN: not set)
 
 
+@pytest.mark.system
 def test_sppo_series_reach_prometheus(ray_with_dashboard):
     dashboard, metrics = ray_with_dashboard
     algo = (SPPOConfig().environment("OutcomeCartPole-v1")
@@ -137,6 +139,7 @@ def test_sppo_series_reach_prometheus(ray_with_dashboard):
     assert 'source="learners/default_policy"' in found["sppo_critic_abs_error_mean"][0]
 
 
+@pytest.mark.system
 def test_dashboard_renders_in_headless_chromium(ray_with_dashboard):
     dashboard, _ = ray_with_dashboard
     env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "QTWEBENGINE_CHROMIUM_FLAGS": "--no-sandbox --disable-gpu"}

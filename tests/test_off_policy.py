@@ -124,6 +124,7 @@ def gate_updates(algo, gate, monkeypatch) -> None:
     monkeypatch.setattr(algo.learner_group, "update", gated)
 
 
+@pytest.mark.system
 def test_async_rollouts_sample_each_batch_with_the_weights_one_update_behind(tiny, ray_session, monkeypatch,
                                                                              tmp_path):
     """One remote EnvRunner, async: iteration t (from 1) trains on a batch sampled with the weights of update t-2
@@ -181,6 +182,7 @@ def test_async_rollouts_are_refused_where_they_cannot_run(tiny):
             async_rollouts=True).validate()
 
 
+@pytest.mark.system
 def test_async_resume_samples_the_batch_in_flight_again(tiny, ray_session, tmp_path):
     """1 + 2 iterations straight and 1, save, restore, 2 draw the same prompts: the checkpoint, taken while the
     runner samples batch 2, holds its data position before batch 2, so the resumed run draws batch 2's prompts again

@@ -261,6 +261,7 @@ def test_env_scores_many_responses_in_one_call():
     env.close()
 
 
+@pytest.mark.system
 def test_envs_import_nothing_from_rllib_sppo():
     code = "import envs, envs.rewards, sys; print(sorted(m for m in sys.modules if m.startswith('rllib_sppo')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

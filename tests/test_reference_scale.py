@@ -191,6 +191,7 @@ def test_float16_is_refused_with_the_fix(tiny):
         config.validate()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_rllib_train_gives_torch_the_cores_the_trial_holds(tiny_llm_experiment, tmp_path, cpus):
     """Under `rllib train` the algorithm runs in Tune's trial actor; its torch (learner, old log-probs, an in-process

@@ -178,6 +178,7 @@ def test_scorer_isolates_raising_and_malformed_samples():
     scorer.close()
 
 
+@pytest.mark.system
 def test_scorer_bounds_a_hanging_verifier_to_its_timeout():
     scorer = RewardScorer(picky_reward, timeout_s=1.0, num_workers=2)
     assert scorer(["1"], {"ground_truth": ["1"]}) == ([1.0], [None])  # started and warm
@@ -188,6 +189,7 @@ def test_scorer_bounds_a_hanging_verifier_to_its_timeout():
     scorer.close()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("bad", ["hang in C", "die"])
 def test_scorer_replaces_a_stuck_or_dead_worker(bad):
     scorer = RewardScorer(picky_reward, timeout_s=1.0, num_workers=2)
@@ -202,6 +204,7 @@ def test_scorer_replaces_a_stuck_or_dead_worker(bad):
     scorer.close()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL])
 def test_scorer_replaces_a_worker_stopped_or_killed_while_idle(fault):
     """A worker stopped (SIGSTOP) or killed (the OOM killer) while it waits for work costs the next call its chunk,

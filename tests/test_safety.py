@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.system  # runs the CLI in a fresh process, its Ray workers too
+
 # Loaded into every Python process of the run (driver and Ray workers) through PYTHONPATH: resolving any host name
 # other than this machine's own is refused and recorded, so a download attempt fails and shows in the record.
 GUARD = '''

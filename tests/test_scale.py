@@ -6,6 +6,7 @@ import pickle
 import textwrap
 
 import numpy as np
+import pytest
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
@@ -46,6 +47,7 @@ def paired_episodes(runner, pairs):
     return chosen
 
 
+@pytest.mark.system
 def test_two_ddp_learners_equal_one_learner_on_the_same_episodes(ray_session):
     sampler = config(num_learners=0).build_algo()
     episodes = paired_episodes(sampler.env_runner, pairs=8)
@@ -102,6 +104,7 @@ def test_groups_stay_whole_across_learners():
     assert abs(loads[0] - loads[1]) <= max(sum(map(len, episodes[i:i + 4])) for i in range(0, len(episodes), 4))
 
 
+@pytest.mark.system
 def test_two_learners_and_two_env_runners_train_and_sync(ray_session):
     from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
@@ -129,6 +132,7 @@ def test_two_learners_and_two_env_runners_train_and_sync(ray_session):
     algo.stop()
 
 
+@pytest.mark.system
 def test_grid_search_sweep_runs_from_a_yaml_file(tmp_path, capsys):
     path = tmp_path / "sweep.yaml"
     path.write_text(textwrap.dedent("""

@@ -42,6 +42,7 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})
 
 
+@pytest.mark.system
 def test_the_watchdog_ends_a_stuck_process_naming_the_part():
     out = run_python("""
         import time
@@ -60,6 +61,7 @@ def test_the_watchdog_ends_a_stuck_process_naming_the_part():
     assert 'File "<string>", line 9' in out.stderr  # the stuck thread's stack: the sleep under the deadline
 
 
+@pytest.mark.system
 def test_a_stuck_engine_call_ends_its_runner_process_naming_the_engine(tiny):
     """A generation far longer than a tiny generation_timeout_s (the random tiny Llama rarely stops before 200
     tokens): the runner's process ends, naming the runner and its engine call."""
@@ -101,6 +103,7 @@ def train_until(algo, done, seconds: float = 300) -> list[dict]:
     return results
 
 
+@pytest.mark.system
 def test_a_frozen_remote_runner_is_named_and_restarted_with_the_weights_and_its_place(tiny, ray_session, caplog):
     """A remote EnvRunner stopped (SIGSTOP) before sampling: its sample does not come back within sample_timeout_s
     (RLlib alone would drop it and ask again, forever), so it is named and restarted, once; the restarted runner
@@ -127,6 +130,7 @@ def test_a_frozen_remote_runner_is_named_and_restarted_with_the_weights_and_its_
     algo.stop()
 
 
+@pytest.mark.system
 def test_a_frozen_remote_runner_with_async_rollouts_is_named_and_restarted(tiny, ray_session, caplog):
     """async_rollouts: a remote EnvRunner stopped (SIGSTOP) with its next batch in flight returns no batch within
     sample_timeout_s: it is named and restarted (RLlib alone would wait on it again every iteration), and the run
@@ -162,6 +166,7 @@ def learner_processes(session: int) -> list[int]:
     return pids
 
 
+@pytest.mark.system
 def test_a_stuck_learner_update_ends_the_trial_and_tune_restarts_it(tmp_path):
     """A remote learner stopped (SIGSTOP) mid-run: whichever call the trial makes into it next (the update, the
     weight fetch for the sync, the state for a checkpoint) does not finish within its timeout, the trial's process
@@ -209,6 +214,7 @@ def test_a_stuck_learner_update_ends_the_trial_and_tune_restarts_it(tmp_path):
     assert any(r["iterations_since_restore"] == 1 and r["training_iteration"] > 1 for r in results)
 
 
+@pytest.mark.system
 def test_a_stopped_learner_ends_a_checkpoint_naming_the_learners_state():
     """A checkpoint reads the learners' state: a remote learner stopped (SIGSTOP) ends the process within
     learner_update_timeout_s, naming what it was reading, instead of a checkpoint that never comes."""

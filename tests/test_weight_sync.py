@@ -47,6 +47,7 @@ def test_a_local_runner_is_handed_the_learners_own_tensors(tiny, ray_session):
     algo.stop()
 
 
+@pytest.mark.system
 def test_remote_runners_receive_bounded_chunks_in_the_training_dtype(tiny, ray_session):
     """A bf16 policy (fp32 masters on the learner) reaches a remote runner in bf16, half the fp32 bytes, in chunks
     of at most 0.25 MB (the 1.8M-parameter tiny Llama: ~15 chunks)."""
@@ -71,6 +72,7 @@ def test_remote_runners_receive_bounded_chunks_in_the_training_dtype(tiny, ray_s
     algo.stop()
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("restart", [True, False])
 def test_a_stuck_runner_is_named_within_the_sync_timeout_and_restarted(tiny, ray_session, caplog, restart):
     """A runner that does not load the weights in time is named in an error and killed, and RLlib restarts it; with

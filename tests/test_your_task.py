@@ -6,9 +6,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from envs.rewards import get_reward_fn
+
+pytestmark = pytest.mark.system  # every test here runs the CLI in a fresh process
 
 REPO = Path(__file__).resolve().parents[1]
 
