@@ -10,16 +10,16 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 
 from rllib_sppo.core import critic_prediction, masked_mean
-from rllib_sppo.estimators import ESTIMATORS, EstimatorInput
+from rllib_sppo.estimators import ESTIMATORS, CriticKind, EstimatorInput
 
 CRITIC_MASK = "critic_mask"  # where the critic is trained: each episode's first step, or every action token
 VALUES_OLD = "values_old"  # the critic's output before this update, where it is trained (clipped value loss)
 GROUP_ID = "group_id"  # extra model output: which prompt a sample answers (N samples per prompt)
 
 
-def critic_output(module, batch, critic: str) -> torch.Tensor:
+def critic_output(module, batch, critic: CriticKind) -> torch.Tensor:
     """The critic's raw output (logits for bce) on a batch: [B, T] for a per-token critic, else one per row."""
-    return module.compute_token_values(batch) if critic == "token" else module.compute_values(batch)
+    return module.compute_token_values(batch) if critic == CriticKind.TOKEN else module.compute_values(batch)
 
 
 def in_micro_batches(module, batch: dict, fn, width: int | None = None) -> torch.Tensor:
@@ -45,7 +45,7 @@ class SequenceAdvantage(ConnectorV2):
     R is the episode's outcome (the sum of its rewards: outcome envs pay it once, at
     the end). The critic the estimator names (``rllib_sppo.estimators``) is read as it
     is before this batch's update, in the module's micro-batches: at the episode's
-    first step (``sequence``), or at every action token (``token``, token-level PPO).
+    first step (``CriticKind.SEQUENCE``), or at every action token (``TOKEN``, token-level PPO).
     SPPO's advantages are not standardised. Also writes ``value_targets`` (R on every
     step, or the returns per token), ``critic_mask`` (1 where the critic is trained:
     first steps, or action tokens) and ``values_old`` (the critic there, before the
@@ -87,7 +87,7 @@ class SequenceAdvantage(ConnectorV2):
             lens_t = torch.as_tensor(lens, device=device)
             values = token_mask = groups = None
             with torch.no_grad():
-                if critic == "sequence":
+                if critic == CriticKind.SEQUENCE:
                     index = torch.as_tensor(starts, device=device)
                     first_rows = {k: v[index.to(v.device)] for k, v in module_batch.items()
                                   if isinstance(v, torch.Tensor)}
@@ -95,7 +95,7 @@ class SequenceAdvantage(ConnectorV2):
                     critic_mask = torch.zeros(int(lens.sum()), device=device)
                     critic_mask[index] = 1.0
                     module_batch[VALUES_OLD] = torch.zeros_like(critic_mask).index_put((index,), values.float())
-                elif critic == "token":
+                elif critic == CriticKind.TOKEN:
                     token_mask = module.action_mask(module_batch).float()
                     values = in_micro_batches(module, module_batch, module.compute_token_values, token_mask.shape[1])
                     critic_mask = token_mask

@@ -1,14 +1,24 @@
 """The advantage estimators: ONE registry that the config, the module build and the loss all read.
 
-Each estimator names the critic it needs, and nothing else decides it:
-- ``"sequence"``: V(s_0), one value per episode (for LLMs: the prompt), read before the update (SPPO);
-- ``"token"``: V at every action token (token-level PPO, as verl runs it);
+Each estimator names the critic it needs (a ``CriticKind``, or None), and nothing else decides it:
+- ``CriticKind.SEQUENCE``: V(s_0), one value per episode (for LLMs: the prompt), read before the update (SPPO);
+- ``CriticKind.TOKEN``: V at every action token (token-level PPO, as verl runs it);
 - ``None``: no critic at all (the module builds none, the learner runs none); the baseline is the group of
   N > 1 samples of the same prompt (GRPO, Dr.GRPO, RLOO).
+
+Your own estimator is one decorated function, in a module imported by every process that builds a learner (with
+``num_learners=0``, the driver's)::
+
+    @register_estimator("my_sppo", critic=CriticKind.SEQUENCE, default_critic_loss="bce")
+    def my_sppo(x: EstimatorInput):
+        return 2.0 * sequence_advantage(x.rewards, x.values), x.rewards
+
+then ``advantage_estimator="my_sppo"``.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,7 +27,12 @@ import torch
 from rllib_sppo.core import (critic_prediction, gae_advantage, group_advantage, masked_whiten, outcome_token_rewards,
                              rloo_advantage, sequence_advantage)
 
-CRITICS = ("sequence", "token", None)
+
+class CriticKind(enum.StrEnum):
+    """Where an estimator reads its critic (a string, so that a YAML's ``critic_kind: token`` is one too)."""
+
+    SEQUENCE = "sequence"  # V(s_0): one value per episode, from the prompt alone
+    TOKEN = "token"  # V at every action token
 
 
 @dataclass(frozen=True)
@@ -37,8 +52,8 @@ class EstimatorInput:
 @dataclass(frozen=True)
 class Estimator:
     name: str
-    #: The critic it reads: "sequence", "token" or None (see the module docstring).
-    critic: str | None
+    #: The critic it reads (see the module docstring); None: none, its baseline is the group of samples.
+    critic: CriticKind | None
     #: (EstimatorInput) -> (advantages, value targets), each [B] or [B, T].
     advantages: Callable[[EstimatorInput], tuple[torch.Tensor, torch.Tensor]]
     #: The critic loss when ``critic_loss`` is not set: "bce" (a logit, outcomes in [0, 1]) or "mse" (a value).
@@ -52,22 +67,53 @@ class Estimator:
         return self.critic is None
 
 
+#: ``advantage_estimator`` name -> its Estimator; ``register_estimator`` adds to it.
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(name: str, *, critic: CriticKind | None, default_critic_loss: str | None = None,
+                       default_value_clip: float | None = None):
+    """Decorator: registers ``fn(EstimatorInput) -> (advantages, value targets)`` as ``advantage_estimator=name``,
+    reading the critic ``critic`` (``default_critic_loss`` is required with a critic, and none without)."""
+    if name in ESTIMATORS:
+        raise ValueError(f"advantage estimator {name!r} is registered already; choose another name")
+    if critic is not None:
+        critic = CriticKind(critic)
+    if (critic is None) != (default_critic_loss is None):
+        raise ValueError(f"estimator {name!r}: give default_critic_loss ('bce' or 'mse') if and only if it reads a "
+                         f"critic")
+
+    def register(fn: Callable[[EstimatorInput], tuple[torch.Tensor, torch.Tensor]]):
+        ESTIMATORS[name] = Estimator(name, critic, fn, default_critic_loss, default_value_clip)
+        return fn
+
+    return register
+
+
+@register_estimator("sppo", critic=CriticKind.SEQUENCE, default_critic_loss="bce")
 def _sppo(x: EstimatorInput):
     return sequence_advantage(x.rewards, x.values, x.normalize, x.critic_loss), x.rewards
 
 
+@register_estimator("grpo", critic=None)
+def _grpo(x: EstimatorInput):
+    return group_advantage(x.rewards, x.group_ids), x.rewards
+
+
+@register_estimator("drgrpo", critic=None)
+def _drgrpo(x: EstimatorInput):
+    return group_advantage(x.rewards, x.group_ids, std_normalize=False), x.rewards
+
+
+@register_estimator("rloo", critic=None)
+def _rloo(x: EstimatorInput):
+    return rloo_advantage(x.rewards, x.group_ids), x.rewards
+
+
+@register_estimator("ppo", critic=CriticKind.TOKEN, default_critic_loss="mse", default_value_clip=0.5)
 def _token_ppo(x: EstimatorInput):
     """verl's PPO: GAE on the outcome paid at the last token, whitened over the batch's tokens; the critic's
     targets are the unwhitened returns."""
     advantages, returns = gae_advantage(outcome_token_rewards(x.rewards, x.mask),
                                         critic_prediction(x.values, x.critic_loss), x.mask, x.gamma, x.lambda_)
     return masked_whiten(advantages, x.mask), returns
-
-
-ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
-    Estimator("sppo", "sequence", _sppo, default_critic_loss="bce"),
-    Estimator("grpo", None, lambda x: (group_advantage(x.rewards, x.group_ids), x.rewards)),
-    Estimator("drgrpo", None, lambda x: (group_advantage(x.rewards, x.group_ids, std_normalize=False), x.rewards)),
-    Estimator("rloo", None, lambda x: (rloo_advantage(x.rewards, x.group_ids), x.rewards)),
-    Estimator("ppo", "token", _token_ppo, default_critic_loss="mse", default_value_clip=0.5),
-)}

@@ -31,7 +31,7 @@ from ray.rllib.utils.metrics import (
 
 from rllib_sppo.apis import SamplerLogpAPI, TokenValueAPI
 from rllib_sppo.connectors import GROUP_ID
-from rllib_sppo.estimators import ESTIMATORS
+from rllib_sppo.estimators import ESTIMATORS, CriticKind
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
 from rllib_sppo.env_runner import EpisodeEnvRunner, flatten_observations
 from rllib_sppo.llm.critic import score_prompt_candidates
@@ -263,7 +263,7 @@ class SPPOConfig(AlgorithmConfig):
                 f"train_batch_size_per_learner ({batch}) is not a multiple of samples_per_prompt ({n}): {batch} / {n} "
                 f"= {batch / n:g} prompts per learner, so a group would be cut; use {batch // n * n or n} or "
                 f"{(batch // n + 1) * n}.")
-        if critic == "token":
+        if critic == CriticKind.TOKEN:
             offers, module_name = self._module_offers(TokenValueAPI)
             if not offers:
                 self._value_error(
@@ -276,6 +276,10 @@ class SPPOConfig(AlgorithmConfig):
             self._value_error(
                 f"gamma={self.gamma}, lambda_={self.lambda_}: only advantage_estimator='ppo' discounts (per-token "
                 f"GAE); {self.advantage_estimator!r} scores the whole episode by its outcome. Leave both at 1.")
+        from rllib_sppo.llm.engines import ENGINES
+
+        if self.rollout_engine not in ENGINES:
+            self._value_error(f"rollout_engine={self.rollout_engine!r}; choose one of {sorted(ENGINES)}.")
         if self.engine_sleep_level not in (None, 0, 1, 2):
             self._value_error(f"engine_sleep_level={self.engine_sleep_level!r}: 0 (off), 1 (free the KV cache), 2 (the "
                               f"weights too) or None (2 when the EnvRunner shares the learner's GPU, else 0).")
@@ -485,7 +489,7 @@ class SPPOConfig(AlgorithmConfig):
         """Whether the critic predicts, from the prompt alone, the probability that the policy solves it (SPPO's
         sequence critic with the bce loss): what prompt selection and the held-out calibration read."""
         estimator = ESTIMATORS.get(self.advantage_estimator)
-        return bool(estimator and estimator.critic == "sequence" and self.resolved_critic_loss == "bce")
+        return bool(estimator and estimator.critic == CriticKind.SEQUENCE and self.resolved_critic_loss == "bce")
 
     @property
     def resolved_critic_loss(self) -> str | None:

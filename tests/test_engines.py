@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rllib_sppo.llm.assets import build_tiny_llama
-from rllib_sppo.llm.engines import GenerationConfig, make_engine
+from rllib_sppo import SPPOConfig
+from rllib_sppo.llm.engines import ENGINES, Engine, GenerationConfig, make_engine
 from rllib_sppo.torch.llm_rl_module import PolicyModel
 
 PROMPTS = ["Q: What is 1+2?\nA: ", "Q: What is 33+44?\nA: "]
@@ -34,6 +35,7 @@ def learner_logp(model, sample, temperature):
 
 
 def test_samples_per_prompt_and_token_bookkeeping(engine, tiny):
+    assert isinstance(engine, Engine) and ENGINES[engine.name] is type(engine)
     tok = AutoTokenizer.from_pretrained(tiny)
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     groups = engine.generate(prompts, GenerationConfig(temperature=0.6, max_tokens=10, n=3))
@@ -72,3 +74,8 @@ def test_weights_update_in_place(engine, tiny):
     model.load_state_dict(original)
     s = engine.generate(prompts, GenerationConfig(max_tokens=8))[0][0]
     assert torch.allclose(torch.tensor(s.logp), learner_logp(model, s, 0.6), atol=2e-3)
+
+
+def test_an_unknown_rollout_engine_is_refused_at_config_time_with_the_valid_names():
+    with pytest.raises(ValueError, match=r"rollout_engine='vlm'; choose one of \['transformers', 'vllm'\]"):
+        SPPOConfig().environment("OutcomeCartPole-v1").training(rollout_engine="vlm").validate()

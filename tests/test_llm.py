@@ -182,7 +182,12 @@ def llm_config(tiny, engine, **training):
 def test_sppo_iterations_sync_weights_into_the_engine(tiny, engine, ray_session, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    algo = llm_config(tiny, engine).build_algo()
+    # half_credit pays 1 on the even-numbered problems and 0.5 on the others, whatever the answer: the held-out
+    # accuracy (fully correct answers only) is the share of even-numbered held-out problems, known in advance.
+    algo = llm_config(tiny, engine).environment(env_config={
+        "source": "arithmetic", "size": 300, "heldout_size": 20, "chat_template_model": tiny,
+        "reward_fn": "test_llm.half_credit"}).build_algo()
+    even = np.mean([r["extra_info"]["index"] % 2 == 0 for r in algo.env_runner.env.splits["heldout"].records])
     results = [algo.train() for _ in range(3)]
     learner = results[-1]["learners"][DEFAULT_MODULE_ID]
     runners = results[-1]["env_runners"]
@@ -193,8 +198,9 @@ def test_sppo_iterations_sync_weights_into_the_engine(tiny, engine, ray_session,
     assert runners["rollout/weight_sync_bytes"] > 1e6 and runners["timing_s/weight_sync"] > 0
     assert runners["rollout/tokens_per_s"] > 0
     evaluation = results[1]["evaluation"]["env_runners"]
-    assert evaluation["problems"] == 20 and 0.0 <= evaluation["accuracy/avg@4"] <= 1.0
-    assert evaluation["reward/avg@4"] == evaluation["accuracy/avg@4"]  # a 0/1 reward: the mean is the solved share
+    assert evaluation["problems"] == 20 and 0 < even < 1
+    assert evaluation["accuracy/avg@4"] == evaluation["accuracy/pass@4"] == pytest.approx(even)
+    assert evaluation["reward/avg@4"] == pytest.approx(even + 0.5 * (1 - even))
     # The checkpoint holds the policy as a Hugging Face folder that transformers loads.
     path = algo.save_to_path(str(tmp_path / "ckpt"))
     algo.stop()

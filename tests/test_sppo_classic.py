@@ -214,15 +214,20 @@ def test_env_specs_module_id_and_creators(tmp_path, monkeypatch):
         assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.system
 def test_sppo_trains_on_a_dotted_env_with_an_outcome(ray_session):
-    """SPPOConfig in Python, no CLI: its EnvRunner registers the spec itself (here: a remote one)."""
-    config = (SPPOConfig().environment(CORRIDOR, env_config={"corridor_length": 3, "outcome": "success"})
-              .training(lr=1e-3, train_batch_size_per_learner=64, minibatch_size=32)
+    """SPPOConfig in Python, no CLI: its EnvRunner (here: a remote one) registers the dotted spec itself. The corridor
+    of examples/your_task/corridor.py, 6 cells, cuts an episode short after 8 steps, so `success` pays 1 only for
+    reaching its end in time: a random walk does 1 time in 10; SPPO learns to walk right."""
+    config = (SPPOConfig().environment("examples.your_task.corridor.Corridor",
+                                       env_config={"length": 6, "max_steps": 8, "outcome": "success"})
+              .training(lr=3e-3, critic_lr=1e-3, train_batch_size_per_learner=400, minibatch_size=100, num_epochs=5)
+              .rl_module(model_config={"pi_hiddens": [32], "vf_hiddens": [32]})
               .env_runners(num_env_runners=1).debugging(seed=0))
     algo = config.build_algo()
-    result = algo.train()
+    returns = [algo.train()["env_runners"]["episode_return_mean"] for _ in range(8)]
     algo.stop()
-    assert result["env_runners"]["episode_return_mean"] == 1.0  # every corridor episode ends at its goal
+    assert returns[0] < 0.3 and np.mean(returns[-3:]) > 0.9, returns
 
 
 class Guess(__import__("gymnasium").Env):

@@ -9,6 +9,7 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 from rllib_sppo.connectors import in_micro_batches
+from rllib_sppo.estimators import CriticKind
 
 
 def pad(rows: list, value: int, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +54,7 @@ class TokenBatch(ConnectorV2):
             response_mask[i, len(p) - 1:len(p) + len(r) - 1] = 1.0
             engine[i, len(p) - 1:len(p) + len(r) - 1] = torch.from_numpy(engine_logp[i])
         cols = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
-        if module.critic_kind == "sequence":
+        if module.critic_kind == CriticKind.SEQUENCE:
             cols["critic_input_ids"], cols["critic_attention_mask"] = pad(module.critic_inputs(texts, prompt_ids),
                                                                           pad_id)
         cols = {k: v.to(device) for k, v in cols.items()}

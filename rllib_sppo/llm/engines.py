@@ -1,4 +1,4 @@
-"""Generation engines behind one interface: vLLM's offline engine and transformers ``generate``.
+"""Generation engines behind one interface (``Engine``): vLLM's offline engine and transformers ``generate``.
 
 Both take prompt token ids, sample ``n`` responses per prompt at a temperature, and
 return the response token ids with their per-token log-probs computed from the
@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -43,6 +44,32 @@ class GenerationConfig:
     top_p: float = 1.0
     max_tokens: int = 64
     n: int = 1
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the LLM EnvRunner asks of a generation engine. An engine class is built as
+    ``cls(model_dir, *, dtype, seed, sleep_level, gpu_memory_utilization, lora, **engine_kwargs)`` (keywords it does
+    not use it takes in ``**_``) and registered in ``ENGINES`` under the name ``rollout_engine`` gives."""
+
+    #: Its ``rollout_engine`` name.
+    name: str
+    #: The policy's tokenizer (a transformers tokenizer: the runner tokenises prompts with it).
+    tokenizer: Any
+
+    def generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[list[Sample]]:
+        """``cfg.n`` samples of each prompt (token ids), each with the log-prob of every response token at
+        ``cfg.temperature`` (from the temperature-scaled distribution, as the learner computes it)."""
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """The policy's new weights (its LoRA adapters alone, if built with ``lora``), in place, consuming the
+        iterator lazily (it may fetch them chunk by chunk)."""
+
+    def sleep(self, level: int) -> None:
+        """Frees memory while the learner updates: 1 the KV cache (weights off the accelerator), 2 the weights too."""
+
+    def wake_up(self) -> None:
+        """Takes back what ``sleep`` freed (after level 2 the caller loads weights before generating)."""
 
 
 class HFEngine:
@@ -196,10 +223,11 @@ class VLLMEngine:
         self.llm.wake_up()
 
 
-ENGINES = {"vllm": VLLMEngine, "transformers": HFEngine}
+#: ``rollout_engine`` name -> its engine class (an ``Engine``).
+ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "transformers": HFEngine}
 
 
-def make_engine(kind: str, model_dir: str, **kwargs):
+def make_engine(kind: str, model_dir: str, **kwargs) -> Engine:
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {sorted(ENGINES)}")
     log.info("starting the %s engine on %s", kind, model_dir)

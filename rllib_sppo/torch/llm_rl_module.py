@@ -9,8 +9,8 @@
   critic_layers (int, optional): a smaller critic: only the first N transformer layers of that
       backbone (its embeddings, those N layers and its final norm, with their pretrained weights;
       the value head is new). None: all of them.
-  critic_kind: "sequence" (read at the last prompt token), "token" (at every response token,
-      token-level PPO) or None (no critic is built: GRPO, RLOO); set by ``SPPOConfig`` from
+  critic_kind: a ``CriticKind``, "sequence" (read at the last prompt token) or "token" (at every response token,
+      token-level PPO), or None (no critic is built: GRPO, RLOO); set by ``SPPOConfig`` from
       ``advantage_estimator`` (``rllib_sppo.estimators``).
   temperature (float): sampling temperature; log-probs use logits / temperature (default 0.6).
   dtype (str): the compute dtype, "float32" (default) or "bfloat16". The parameters stay float32 (the
@@ -46,6 +46,7 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from rllib_sppo.apis import SamplerLogpAPI, SeparateNetworksAPI, TokenLogpAPI, TokenValueAPI
 from rllib_sppo.core import token_budget_micro_batches
+from rllib_sppo.estimators import CriticKind
 
 #: The ``model_config`` keys the module reads (``SPPOConfig.llm`` takes them).
 MODEL_CONFIG_KEYS = {"policy", "critic", "critic_layers", "critic_kind", "temperature", "dtype",
@@ -154,19 +155,20 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         from rllib_sppo.llm.lora import peft_config, resolve_lora
         from rllib_sppo.llm.models import resolve_model
 
-        cfg = {"temperature": 0.6, "dtype": "float32", "gradient_checkpointing": False, "critic_kind": "sequence",
-               "max_tokens_per_micro_batch": None, "logp_chunk_tokens": 1024, **self.model_config}
+        cfg = {"temperature": 0.6, "dtype": "float32", "gradient_checkpointing": False,
+               "critic_kind": CriticKind.SEQUENCE, "max_tokens_per_micro_batch": None, "logp_chunk_tokens": 1024,
+               **self.model_config}
         if not cfg.get("policy"):
             raise ValueError("SPPOLLMModule needs model_config['policy']: a local Hugging Face model directory")
         if cfg["dtype"] not in DTYPES:
             raise ValueError(f"model_config dtype={cfg['dtype']!r}: choose one of {sorted(DTYPES)} (float16 would "
                              f"need loss scaling; use bfloat16)")
-        if cfg["critic_kind"] not in ("sequence", "token", None):
-            raise ValueError(f"critic_kind={cfg['critic_kind']!r}: 'sequence', 'token' or None")
+        if cfg["critic_kind"] not in (*CriticKind, None):
+            raise ValueError(f"critic_kind={cfg['critic_kind']!r}: one of {[str(k) for k in CriticKind]} or None")
         self.temperature = float(cfg["temperature"])
         self.compute_dtype = DTYPES[cfg["dtype"]]
         self.max_tokens = cfg["max_tokens_per_micro_batch"]
-        self.critic_kind = cfg["critic_kind"] if not self.inference_only else None
+        self.critic_kind = CriticKind(cfg["critic_kind"]) if cfg["critic_kind"] and not self.inference_only else None
         policy_dir = resolve_model(cfg["policy"])
         self.tokenizer = AutoTokenizer.from_pretrained(policy_dir)
         self.policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
@@ -183,7 +185,7 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
             nn.init.zeros_(self.value_head.weight)
             nn.init.constant_(self.value_head.bias, cfg.get("critic_bias") or 0.0)
             self.same_tokenizer = self.critic_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-            if self.critic_kind == "token" and not self.same_tokenizer:
+            if self.critic_kind == CriticKind.TOKEN and not self.same_tokenizer:
                 raise ValueError(
                     f"token-level PPO (advantage_estimator='ppo') reads the critic at every policy token, but the "
                     f"critic {cfg.get('critic')!r} has another tokenizer than the policy {cfg['policy']!r}, so its "

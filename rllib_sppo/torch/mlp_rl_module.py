@@ -11,6 +11,7 @@ from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, ValueFunctionAPI
 from ray.rllib.core.rl_module.torch import TorchRLModule
 
 from rllib_sppo.apis import TokenLogpAPI
+from rllib_sppo.estimators import CriticKind
 
 
 def mlp(in_dim: int, hiddens: list[int], out_dim: int, act: type = nn.Tanh) -> nn.Sequential:
@@ -23,8 +24,8 @@ def mlp(in_dim: int, hiddens: list[int], out_dim: int, act: type = nn.Tanh) -> n
 
 class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI):
     """``model_config``: ``pi_hiddens`` and ``vf_hiddens`` (the critic has its own size); set by ``SPPOConfig``:
-    ``critic_kind`` ("sequence": V(s_0), or None: no critic), ``critic_bias``, ``max_tokens_per_micro_batch``
-    (here: steps per micro-batch).
+    ``critic_kind`` (``CriticKind.SEQUENCE``: V(s_0), or None: no critic), ``critic_bias``,
+    ``max_tokens_per_micro_batch`` (here: steps per micro-batch).
 
     Observations arrive flat (``SPPOConfig``'s env-to-module connector is RLlib's FlattenObservations; the spaces it
     takes: ``rllib_sppo.env_runner.check_spaces``). Discrete actions give Categorical logits, MultiDiscrete ones a
@@ -34,9 +35,9 @@ class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
 
     def setup(self):
         obs_dim = int(np.prod(self.observation_space.shape))
-        cfg = {"pi_hiddens": [64, 64], "vf_hiddens": [64, 64], "critic_kind": "sequence",
+        cfg = {"pi_hiddens": [64, 64], "vf_hiddens": [64, 64], "critic_kind": CriticKind.SEQUENCE,
                "max_tokens_per_micro_batch": None, **(self.model_config or {})}
-        if cfg["critic_kind"] not in ("sequence", None):
+        if cfg["critic_kind"] not in (CriticKind.SEQUENCE, None):
             raise ValueError(f"SPPOMLPModule's critic reads s_0 (critic_kind 'sequence') or there is none, got "
                              f"{cfg['critic_kind']!r}; for a per-token critic on classic control use RLlib's PPO.")
         self.max_rows = cfg["max_tokens_per_micro_batch"]
