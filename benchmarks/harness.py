@@ -13,7 +13,9 @@ benchmark is run, stopped and resumed in pieces, and one cut short keeps what it
 """
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import importlib
 import json
 import multiprocessing
@@ -49,6 +51,8 @@ def parser(doc: str, *, seeds=(0,), minutes: float = 10.0, out: str | None = Non
     p.add_argument("--eval-every-s", type=float, help="evaluate every this many training seconds instead")
     p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
     p.add_argument("--out", default=out, help="output path stem (default benchmarks/results/<yaml name>)")
+    p.add_argument("--lock", help="hold an exclusive lock on this file during each run (flock): other work on the "
+                                  "machine that takes the same lock, e.g. `flock FILE pytest`, waits for the run to end")
     return p
 
 
@@ -75,9 +79,10 @@ def run_variants(args, variants: dict, write, *, yaml: str | None = None, eval_e
         for label, overrides in variants.items():
             if (label, seed) in done:
                 continue
-            load_before = settled_load(BUSY)
-            run = run_in_own_process(yaml or args.yaml, seed, args.minutes, eval_every or args.eval_every,
-                                     {**json.loads(args.config), **overrides}, args.eval_every_s)
+            with machine_lock(getattr(args, "lock", None)):
+                load_before = settled_load(BUSY)
+                run = run_in_own_process(yaml or args.yaml, seed, args.minutes, eval_every or args.eval_every,
+                                         {**json.loads(args.config), **overrides}, args.eval_every_s)
             run |= {"label": label, "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)
             with Path(f"{out}_runs.jsonl").open("a") as f:
@@ -85,6 +90,20 @@ def run_variants(args, variants: dict, write, *, yaml: str | None = None, eval_e
             print(label, seed, run["curve"][-1], flush=True)
             write(runs, args, out)
     return runs
+
+
+@contextlib.contextmanager
+def machine_lock(path: str | None):
+    """An exclusive ``flock`` on ``path`` while the block runs (nothing without a path)."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_in_own_process(*args) -> dict:

@@ -24,7 +24,6 @@ against training seconds, one panel per horizon; the SPPO : GRPO wall-clock rati
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +53,7 @@ def main():
     p.add_argument("--phase", choices=["tune", "report", "all"], default="all")
     p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
     p.add_argument("--out", default="benchmarks/results/long_horizon", help="output path stem")
+    p.add_argument("--lock", help="hold an exclusive lock on this file during each run (see harness.parser)")
     args = p.parse_args()
     args.budget = {h: float(m) for h, m in (b.split("=") for b in args.budget)}
     if args.phase in ("tune", "all"):
@@ -89,7 +89,7 @@ def run(args, horizon: str, rates: dict, seeds: list) -> list:
             for name, (_, overrides) in zip(rates, compared.items()) for lr in rates[name]}
     minutes = args.budget[horizon]
     piece = argparse.Namespace(yaml=yaml, seeds=seeds, minutes=minutes, eval_every=10**9,
-                               eval_every_s=minutes * 6, config=args.config, out=args.out)
+                               eval_every_s=minutes * 6, config=args.config, out=args.out, lock=args.lock)
     return harness.run_variants(piece, todo, lambda runs, _, out: write(runs, args, out))
 
 
@@ -223,11 +223,11 @@ def plot(runs: list, ratios: dict, key: str, out: Path) -> None:
         ax.set(title=f"{horizon} horizon", xlabel="training wall-clock (s)", ylabel=f"held-out {key}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    from envs.chain import HORIZONS as STEPS, STEP_CHARS
+    from envs.chain import HORIZONS as STEPS, chain_records
 
     ax = axes[-1]
     for horizon, ratio in ratios.items():
-        length = STEP_CHARS * STEPS[horizon] + 10
+        length = np.mean([len(r["extra_info"]["solution"]) for r in chain_records(1000, STEPS[horizon])])
         ax.scatter([length] * len(ratio), ratio, color="C0")
         ax.plot([length], [np.mean(ratio)], marker="_", markersize=20, color="k")
     ax.axhline(1.0, color="grey", lw=0.5)

@@ -1,20 +1,20 @@
-"""Chains of operations on a running value: a reasoning task whose working grows with a horizon knob (``steps``).
+"""A chain of written-out additions: a reasoning task whose working grows with a horizon knob (``steps``).
 
-A problem gives a start value and ``steps`` labelled operations; the working applies them in order, one line per
-step (the label, the running value, the operation and its result), and the answer is the last value:
+A problem gives two starting numbers; each step adds the last two numbers column by column, the way it is done by
+hand, and keeps the last two digits of the sum (a Fibonacci sequence mod 100). One labelled line a step: the two
+numbers, the units digits' sum, the tens digits' sum with the carry, and the result; the answer is the last result:
 
-    Start 57, apply a+8 b-3 c+9 d-6
-    a 57+8=65
-    b 65-3=62
-    c 62+9=71
-    d 71-6=65
-    \\boxed{65}
+    Start 57 33, add the last two, keep two digits: 3 steps
+    a 57+33: 7+3=10, 5+3+1=9, 90
+    b 33+90: 3+0=3, 3+9+0=12, 23
+    c 90+23: 0+3=3, 9+2+0=11, 13
+    \\boxed{13}
 
-Values have two digits, 10..99 (an operation that would leave that range is turned around), operands are 1..9. A
-step's result is the next step's input and every operation is a bijection of the value, so one wrong step makes every
-later value wrong, and the answer with it (unless a second error happens to undo the first). Every line of the working
-is ``STEP_CHARS`` characters, and the boxed answer 10 more: a character-level model writes 10 x steps + 10 tokens, 30
-for 2 steps, 150 for 14, 430 for 42 (``HORIZONS``).
+Every number is written with two digits. A step's numbers are the previous line's second number and its result, so
+the working is real computation from start to end, and one wrong digit makes every later number, and the answer,
+wrong (unless a later error happens to undo it: about one chance in a hundred). A line is 28 to 30 characters
+(``line_chars``) and the boxed answer 10 more: a character-level model writes about 39 tokens for 1 step, 155 for 5,
+444 for 15 (``HORIZONS``), at least 420 of them working before the answer at 15 steps.
 """
 
 from __future__ import annotations
@@ -24,81 +24,64 @@ import re
 import string
 
 LABELS = string.ascii_lowercase + string.ascii_uppercase
-#: Named horizons: the number of steps, and the response length in characters their working takes.
-HORIZONS = {"short": 2, "medium": 14, "long": 42}
-#: Characters of one step's line of the working ("b 65-3=62" and its newline).
-STEP_CHARS = 10
-_LINE = re.compile(r"([a-zA-Z]) (\d+)([+-])(\d)=(\d+)")
+#: Named horizons: the number of steps.
+HORIZONS = {"short": 1, "medium": 5, "long": 15}
+_QUESTION = re.compile(r"Start (\d\d) (\d\d), add the last two, keep two digits: (\d+) steps?")
 
 
-def chain_problem(rng: random.Random, steps: int) -> dict:
-    """One problem: ``{"start", "ops": [(sign, operand)], "values": [running value after each step]}``."""
+def render_question(a: int, b: int, steps: int) -> str:
+    return f"Start {a:02d} {b:02d}, add the last two, keep two digits: {steps} step{'s' if steps > 1 else ''}"
+
+
+def step_line(label: str, x: int, y: int) -> tuple[str, int]:
+    """One step written out: ``(line, x + y mod 100)``."""
+    units = x % 10 + y % 10
+    tens = x // 10 + y // 10 + units // 10
+    result = (10 * tens + units % 10) % 100
+    return (f"{label} {x:02d}+{y:02d}: {x % 10}+{y % 10}={units}, {x // 10}+{y // 10}+{units // 10}={tens}, "
+            f"{result:02d}"), result
+
+
+def line_chars(x: int, y: int) -> int:
+    """Characters of a step's line adding ``x`` and ``y``, its newline included."""
+    return len(step_line("a", x, y)[0]) + 1
+
+
+def render_working(a: int, b: int, steps: int) -> str:
+    """The step-by-step solution, one labelled line a step, then the boxed answer."""
     if not 1 <= steps <= len(LABELS):
         raise ValueError(f"steps={steps}: a chain has 1 to {len(LABELS)} steps (one label letter each)")
-    value = rng.randrange(10, 100)
-    start, ops, values = value, [], []
-    for _ in range(steps):
-        operand = rng.randint(1, 9)
-        sign = rng.choice("+-")
-        if not 10 <= value + (operand if sign == "+" else -operand) <= 99:
-            sign = "-" if sign == "+" else "+"
-        value += operand if sign == "+" else -operand
-        ops.append((sign, operand))
-        values.append(value)
-    return {"start": start, "ops": ops, "values": values}
-
-
-def render_question(problem: dict) -> str:
-    return f"Start {problem['start']}, apply " + " ".join(
-        f"{LABELS[i]}{sign}{operand}" for i, (sign, operand) in enumerate(problem["ops"]))
-
-
-def render_working(problem: dict) -> str:
-    """The step-by-step solution, one line a step, then the boxed answer."""
-    lines, value = [], problem["start"]
-    for i, ((sign, operand), result) in enumerate(zip(problem["ops"], problem["values"])):
-        lines.append(f"{LABELS[i]} {value}{sign}{operand}={result}")
-        value = result
-    return "\n".join(lines) + f"\n\\boxed{{{value}}}"
+    lines = []
+    for label in LABELS[:steps]:
+        line, result = step_line(label, a, b)
+        lines.append(line)
+        a, b = b, result
+    return "\n".join(lines) + f"\n\\boxed{{{b:02d}}}"
 
 
 def check_working(question: str, working: str) -> list[str]:
-    """The steps of ``working`` that do not check out against ``question`` (empty: every step is right): a line that
-    is not the next label applied to the running value with the question's operation, or a wrong result."""
-    header = re.fullmatch(r"Start (\d+), apply ((?:[a-zA-Z][+-]\d ?)+)", question)
-    if header is None:
+    """The steps of ``working`` that are not the right chain's (empty: every step is right): a line with a wrong
+    number or digit sum, a missing line, or another label."""
+    m = _QUESTION.fullmatch(question)
+    if m is None:
         return [f"not a chain question: {question!r}"]
-    value = int(header.group(1))
-    ops = {op[0]: (op[1], int(op[2:])) for op in header.group(2).split()}
+    a, b, steps = map(int, m.groups())
+    expected = render_working(a, b, steps).split("\n")[:steps]
     lines = working.split("\n")
-    errors = []
-    for i, label in enumerate(LABELS[:len(ops)]):
-        line = lines[i] if i < len(lines) else ""
-        m = _LINE.fullmatch(line)
-        sign, operand = ops[label]
-        expected = value + (operand if sign == "+" else -operand)
-        if m is None or m.groups() != (label, str(value), sign, str(operand), str(expected)):
-            errors.append(f"step {label}: {line!r}, expected '{label} {value}{sign}{operand}={expected}'")
-        value = expected
-    return errors
+    return [f"step {LABELS[i]}: {(lines[i] if i < len(lines) else '')!r}, expected {line!r}"
+            for i, line in enumerate(expected) if i >= len(lines) or lines[i] != line]
 
 
 def chain_records(size: int, steps: int, seed: int = 0) -> list[dict]:
-    """``size`` distinct problems of ``steps`` steps as prompt records (see ``envs.reasoning``); each record's
-    ``extra_info`` holds its ``steps`` and the reference ``solution`` (the working), for supervision."""
-    rng, records, seen = random.Random(seed), [], set()
-    for _ in range(100 * size):
-        if len(records) == size:
-            break
-        problem = chain_problem(rng, steps)
-        question = render_question(problem)
-        if question in seen:
-            continue
-        seen.add(question)
-        records.append({"prompt": [{"role": "user", "content": question}],
-                        "ground_truth": str(problem["values"][-1]), "data_source": f"chain/{steps}",
-                        "extra_info": {"index": len(records), "steps": steps, "solution": render_working(problem)}})
-    if len(records) < size:
-        raise ValueError(f"could not draw {size} distinct {steps}-step chains (only {len(records)} exist or were "
-                         f"drawn); ask for fewer")
+    """``size`` distinct problems of ``steps`` steps (at most 10,000: the starting pairs) as prompt records (see
+    ``envs.reasoning``); each record's ``extra_info`` holds its ``steps`` and the reference ``solution`` (the working),
+    for supervision."""
+    if not 0 < size <= 10000:
+        raise ValueError(f"size={size}: there are 10,000 distinct {steps}-step chains (their starting pairs)")
+    records = []
+    for i, code in enumerate(random.Random(seed).sample(range(10000), size)):
+        working = render_working(code // 100, code % 100, steps)
+        records.append({"prompt": [{"role": "user", "content": render_question(code // 100, code % 100, steps)}],
+                        "ground_truth": working[-3:-1], "data_source": f"chain/{steps}",
+                        "extra_info": {"index": i, "steps": steps, "solution": working}})
     return records

@@ -2,77 +2,85 @@
 exact, the horizon knob sets the response length, the held-out split is disjoint by rendered text, and only an exact
 final answer scores."""
 
-import random
 import re
 
 import pytest
 
-from envs.chain import HORIZONS, LABELS, STEP_CHARS, chain_problem, chain_records, check_working, render_working
+from envs.chain import HORIZONS, LABELS, chain_records, check_working, line_chars, render_question, render_working
 from envs.reasoning import ReasoningEnv
 from envs.rewards import math_reward
 
 
-def test_every_step_of_the_working_checks_out_and_the_truth_is_the_last_value():
-    for steps in (1, 2, 14, 42, len(LABELS)):
+LINE = re.compile(r"([a-zA-Z]) (\d\d)\+(\d\d): (\d)\+(\d)=(\d+), (\d)\+(\d)\+([01])=(\d+), (\d\d)")
+
+
+def test_every_step_of_the_working_checks_out_and_the_truth_is_the_last_number():
+    for steps in (1, 2, 5, 15, len(LABELS)):
         for record in chain_records(50, steps, seed=steps):
             question, working = record["prompt"][0]["content"], record["extra_info"]["solution"]
             assert check_working(question, working) == []
             lines = working.split("\n")
             assert len(lines) == steps + 1 and lines[-1] == f"\\boxed{{{record['ground_truth']}}}"
-            # the truth recomputed from the question alone
-            start, ops = re.fullmatch(r"Start (\d+), apply (.*)", question).groups()
-            value = int(start)
-            for op in ops.split():
-                value += int(op[2]) * (1 if op[1] == "+" else -1)
-                assert 10 <= value <= 99
-            assert record["ground_truth"] == str(value)
+            # every line adds the last two numbers (the previous line's second number and its result) column by
+            # column: the units digits, then the tens digits with the carry; the last two digits of the sum
+            a, b = map(int, re.match(r"Start (\d\d) (\d\d)", question).groups())
+            for i, line in enumerate(lines[:-1]):
+                label, x, y, xu, yu, units, xt, yt, carry, tens, result = LINE.fullmatch(line).groups()
+                assert (label, int(x), int(y)) == (LABELS[i], a, b)
+                assert (int(xu), int(yu), int(xt), int(yt)) == (a % 10, b % 10, a // 10, b // 10)
+                assert int(units) == a % 10 + b % 10 and int(carry) == int(units) // 10
+                assert int(tens) == a // 10 + b // 10 + int(carry)
+                assert int(result) == (a + b) % 100 == (10 * int(tens) + int(units) % 10) % 100
+                a, b = b, int(result)
+            assert record["ground_truth"] == f"{b:02d}"
 
 
 def test_a_hand_checked_chain():
-    problem = {"start": 57, "ops": [("+", 8), ("-", 3), ("+", 9)], "values": [65, 62, 71]}
-    assert render_working(problem) == "a 57+8=65\nb 65-3=62\nc 62+9=71\n\\boxed{71}"
-    assert check_working("Start 57, apply a+8 b-3 c+9", "a 57+8=65\nb 65-3=61\nc 61+9=70\n\\boxed{70}") == [
-        "step b: 'b 65-3=61', expected 'b 65-3=62'", "step c: 'c 61+9=70', expected 'c 62+9=71'"]
-
-
-def test_values_stay_in_range_and_every_operation_changes_the_value():
-    rng = random.Random(0)
-    for _ in range(200):
-        problem = chain_problem(rng, 42)
-        values = [problem["start"], *problem["values"]]
-        assert all(10 <= v <= 99 for v in values)
-        assert all(abs(b - a) == operand for (a, b), (_, operand) in zip(zip(values, values[1:]), problem["ops"]))
+    assert render_working(57, 33, 3) == ("a 57+33: 7+3=10, 5+3+1=9, 90\nb 33+90: 3+0=3, 3+9+0=12, 23\n"
+                                         "c 90+23: 0+3=3, 9+2+0=11, 13\n\\boxed{13}")
+    assert render_working(5, 95, 1) == "a 05+95: 5+5=10, 0+9+1=10, 00\n\\boxed{00}"
+    question = render_question(57, 33, 3)
+    assert question == "Start 57 33, add the last two, keep two digits: 3 steps"
+    wrong = "a 57+33: 7+3=10, 5+3+1=9, 90\nb 33+90: 3+0=3, 3+9+0=12, 24\nc 90+24: 0+4=4, 9+2+0=11, 14\n\\boxed{14}"
+    assert check_working(question, wrong) == [
+        "step b: 'b 33+90: 3+0=3, 3+9+0=12, 24', expected 'b 33+90: 3+0=3, 3+9+0=12, 23'",
+        "step c: 'c 90+24: 0+4=4, 9+2+0=11, 14', expected 'c 90+23: 0+3=3, 9+2+0=11, 13'"]
     with pytest.raises(ValueError, match="a chain has 1 to 52 steps"):
-        chain_problem(rng, 53)
+        render_working(1, 2, 53)
 
 
 @pytest.mark.parametrize("horizon", sorted(HORIZONS))
 def test_the_horizon_sets_the_response_length_as_documented(horizon):
-    """STEP_CHARS characters (tokens, for the package's character-level models) a step, plus the boxed answer: 30
-    tokens short, 150 medium, 430 long, every problem; 420 tokens of working before the answer at the long one."""
+    """28 to 30 characters (tokens, for the package's character-level models) a step, plus the boxed answer: about
+    39 tokens short, 155 medium, 444 long, and at least 420 tokens of working before the answer at the long one."""
     steps = HORIZONS[horizon]
-    workings = [r["extra_info"]["solution"] for r in chain_records(200, steps, seed=0)]
-    assert {len(w) for w in workings} == {STEP_CHARS * steps + 10} == {{"short": 30, "medium": 150, "long": 430}[horizon]}
-    assert {len(w) - len(w.split("\n")[-1]) for w in workings} == {STEP_CHARS * steps}
+    workings = [r["extra_info"]["solution"] for r in chain_records(10000, steps, seed=0)]
+    lengths = [len(w) for w in workings]
+    low, mean, high = {"short": (38, 39, 40), "medium": (150, 155, 159), "long": (430, 444, 451)}[horizon]
+    assert (min(lengths), round(sum(lengths) / len(lengths)), max(lengths)) == (low, mean, high)
+    assert {line_chars(x, y) for x in range(100) for y in range(100)} == {28, 29, 30}
+    if horizon == "long":
+        assert min(len(w) - len(w.split("\n")[-1]) for w in workings) == 420
 
 
 def test_the_held_out_split_is_disjoint_by_rendered_text():
-    env = ReasoningEnv({"source": "chain", "steps": 14, "size": 600, "heldout_size": 100, "seed": 3})
+    env = ReasoningEnv({"source": "chain", "steps": 5, "size": 600, "heldout_size": 100, "seed": 3})
     train, heldout = env.splits["train"].texts, env.splits["heldout"].texts
     assert (len(train), len(heldout)) == (500, 100) and not set(train) & set(heldout)
     assert len(set(train)) == 500
     env.close()
+    with pytest.raises(ValueError, match="there are 10,000 distinct 5-step chains"):
+        chain_records(10001, 5)
 
 
 def test_a_wrong_final_answer_scores_zero_however_much_of_the_working_is_right():
-    [record] = chain_records(1, 42, seed=1)
+    [record] = chain_records(1, 15, seed=1)
     working, truth = record["extra_info"]["solution"], record["ground_truth"]
     lines = working.split("\n")
-    wrong = str((int(truth) + 1) % 100)
+    wrong = f"{(int(truth) + 1) % 100:02d}"
     all_steps_right_last_answer_wrong = "\n".join(lines[:-1] + [f"\\boxed{{{wrong}}}"])
-    one_step_wrong = "\n".join(lines[:10] + ["k 1+1=3"] + lines[11:])  # the final value still right
     assert math_reward([working, all_steps_right_last_answer_wrong, "\n".join(lines[:-1])],
                        [truth] * 3) == [1.0, 0.0, None]  # (None: no boxed answer, which the env pays 0)
     # the reward is the outcome of the final answer alone: a broken step with the right answer still pays
-    assert math_reward([one_step_wrong], [truth]) == [1.0] and check_working(
-        record["prompt"][0]["content"], one_step_wrong) != []
+    broken = "\n".join(lines[:10] + ["k 01+01: 1+1=3, 0+0+0=0, 03"] + lines[11:])
+    assert math_reward([broken], [truth]) == [1.0] and check_working(record["prompt"][0]["content"], broken) != []

@@ -1,6 +1,6 @@
 """Tiny character-level Llamas for CPU-scale RL, and the built-in ones the package supervises on its own tasks.
 
-``tiny-arith`` ("What is a+b?") and ``tiny-chain-<horizon>`` (a running value through 2, 14 or 42 operations,
+``tiny-arith`` ("What is a+b?") and ``tiny-chain-<horizon>`` (a chain of 2, 13 or 38 additions,
 ``envs.chain``) are each supervised until their held-out exact accuracy is in a band (able, with room for RL), once,
 then loaded from the cache (``rllib_sppo.llm.assets.cache``).
 """
@@ -90,7 +90,7 @@ def tiny_arith_model(cache_dir=None, max_seconds=1200.0) -> str:
     return cached(cache_root(cache_dir) / TINY_ARITH, build)
 
 
-def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=1800.0) -> str:
+def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=5400.0) -> str:
     """Path of the tiny Llama supervised on ``horizon``'s chains (``envs.chain``) into the 20-50% band of held-out
     exact accuracy (64 held-out problems x 2 samples each evaluation); trained once, then cached."""
     env = chain_env(horizon)
@@ -103,7 +103,7 @@ def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=1800.0) -> str:
         build_tiny_llama(tmp / "init", max_positions=1024)
         train, test = supervise.env_split(env)
         supervise.supervise(tmp / "init", tmp, train, test[:64], task=f"{env['steps']}-step chains",
-                            target=(0.20, 0.50), max_seconds=max_seconds, batch_size=32, eval_samples=2,
+                            target=(0.20, 0.50), max_seconds=max_seconds, batch_size=32, eval_every=100, eval_samples=2,
                             max_new_tokens=max(len(supervise.solution(r)) for r in test) + 8, dtype="bfloat16")
         shutil.rmtree(tmp / "init")
 
