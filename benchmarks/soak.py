@@ -232,7 +232,7 @@ class Injector:
         return True
 
     def _watch_checkpoints(self) -> None:
-        from rllib_sppo.sppo import MANIFEST_FILE, IncompleteCheckpointError, check_checkpoint
+        from rllib_sppo.checkpoints import MANIFEST_FILE, IncompleteCheckpointError, check_checkpoint
 
         trial = self.trial
         for c in sorted(trial.glob("checkpoint_*")) if trial else []:

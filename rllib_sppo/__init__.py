@@ -2,7 +2,8 @@
 
 from ray.tune.registry import register_trainable
 
-from rllib_sppo.sppo import SPPO, SPPOConfig
+from rllib_sppo.config import SPPOConfig
+from rllib_sppo.sppo import SPPO
 
 register_trainable("SPPO", SPPO)
 

@@ -19,7 +19,7 @@ import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.cli import main
 from rllib_sppo.llm.assets import build_tiny_llama
-from rllib_sppo.sppo import MANIFEST_FILE, IncompleteCheckpointError, check_checkpoint
+from rllib_sppo.checkpoints import MANIFEST_FILE, IncompleteCheckpointError, check_checkpoint
 
 
 def small_config(**env_runners):
@@ -321,7 +321,7 @@ def test_a_checkpoint_that_cannot_be_written_is_an_error_and_leaves_the_previous
         import json, resource
         import envs
         from rllib_sppo import SPPOConfig
-        from rllib_sppo.sppo import CheckpointWriteError
+        from rllib_sppo.checkpoints import CheckpointWriteError
         algo = (SPPOConfig().environment("OutcomeCartPole-v1").training(train_batch_size_per_learner=200,
                 minibatch_size=100).rl_module(model_config={BIG_POLICY!r}).debugging(seed=0).build_algo())
         algo.train()
@@ -493,7 +493,7 @@ def test_a_runner_that_died_between_calls_is_restored_before_it_samples(tiny, ra
             break
         except ray.exceptions.RayError:  # (not yet restarted)
             time.sleep(0.5)
-    with caplog.at_level(logging.WARNING, logger="rllib_sppo.sppo"):
+    with caplog.at_level(logging.WARNING, logger="rllib_sppo.rollouts"):
         result = algo.train()
     assert "EnvRunner(s) [1] were restarted by Ray after their process died" in caplog.text
     assert pid() != [before] and result["fault_tolerance"]["num_remote_worker_restarts"] == 1  # counted by SPPO

@@ -18,7 +18,8 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.llm.assets import build_tiny_llama
-from rllib_sppo.sppo import MANIFEST_FILE, TIMEOUT_KEYS
+from rllib_sppo.checkpoints import MANIFEST_FILE
+from rllib_sppo.config import TIMEOUT_KEYS
 from rllib_sppo.watchdog import STUCK_EXIT_CODE
 
 
@@ -115,7 +116,7 @@ def test_a_frozen_remote_runner_is_named_and_restarted_with_the_weights_and_its_
     before = train_until(algo, lambda r: runner_place(algo) == {"epoch": 0, "pos": 16})[-1]
     [pid] = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)
     os.kill(pid, signal.SIGSTOP)
-    with caplog.at_level(logging.ERROR, logger="rllib_sppo.sppo"):
+    with caplog.at_level(logging.ERROR, logger="rllib_sppo.rollouts"):
         stalled = algo.train()
     assert not sampled(stalled)
     assert ("sampling: EnvRunner(s) [1] returned no sample within sample_timeout_s=15 s and did not answer for "
@@ -141,7 +142,7 @@ def test_a_frozen_remote_runner_with_async_rollouts_is_named_and_restarted(tiny,
     before = train_until(algo, sampled)[-1]
     [pid] = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)
     os.kill(pid, signal.SIGSTOP)
-    with caplog.at_level(logging.ERROR, logger="rllib_sppo.sppo"):  # (a batch finished before the stop comes first)
+    with caplog.at_level(logging.ERROR, logger="rllib_sppo.rollouts"):  # (a batch finished before the stop comes first)
         train_until(algo, lambda r: "Restarting it" in caplog.text, seconds=120)
     assert "sampling: EnvRunner(s) [1] returned no batch within sample_timeout_s=15 s" in caplog.text
     results = train_until(algo, sampled)  # the new runner: its first batch, then every iteration

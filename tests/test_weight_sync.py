@@ -88,13 +88,13 @@ def test_a_stuck_runner_is_named_within_the_sync_timeout_and_restarted(tiny, ray
     start = time.monotonic()
     try:
         if restart:
-            with caplog.at_level(logging.ERROR, logger="rllib_sppo.sppo"):
-                algo._sync_weights()
+            with caplog.at_level(logging.ERROR, logger="rllib_sppo.rollouts"):
+                algo.rollouts.sync_weights()
             assert re.search(named + r".*Restarting it", caplog.text)
             assert algo.env_runner_group.healthy_worker_ids() == []  # killed; RLlib brings it back next iteration
         else:
             with pytest.raises(TimeoutError, match=named + ".*Set restart_failed_env_runners=True"):
-                algo._sync_weights()
+                algo.rollouts.sync_weights()
         assert time.monotonic() - start < 30
     finally:
         try:
@@ -119,7 +119,7 @@ def test_the_engine_sleeps_through_the_update_and_wakes_with_the_new_weights(tin
         assert result["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
     runner.sample()
     assert runner._asleep and all(p.numel() == 0 for p in runner._engine.model.parameters())
-    algo._sync_weights()
+    algo.rollouts.sync_weights()
     assert not runner._asleep and all(p.numel() > 0 for p in runner._engine.model.parameters())
     algo.stop()
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+#: ``SPPOConfig.prompt_selection``'s keys and their defaults.
+PROMPT_SELECTION_DEFAULTS = {"pool": 4, "weight": "variance", "floor": 0.05}
+
 
 def critic_logits(learner_group, texts: list[str]) -> np.ndarray:
     """The critic's logit for each prompt text, [len(texts)]. Every learner reads them (a ZeRO-3 forward gathers
@@ -48,3 +51,32 @@ def score_prompt_candidates(env_runner_group, learner_group) -> None:
                                         local_env_runner=False,
                                         remote_worker_ids=[w for w in env_runner_group.healthy_worker_ids()
                                                            if w in scores])
+
+
+def prompt_selection_problems(config):
+    """What is wrong with ``config.prompt_selection`` (``SPPOConfig.validate``), each with its fix."""
+    example = "{'pool': 4, 'weight': 'variance', 'floor': 0.05}"
+    if not isinstance(config.prompt_selection, dict):
+        yield f"prompt_selection must be a dict such as {example} (or None: off), got {config.prompt_selection!r}."
+        return
+    unknown = sorted(set(config.prompt_selection) - set(PROMPT_SELECTION_DEFAULTS))
+    if unknown:
+        yield f"prompt_selection has unknown key(s) {unknown}; its keys are pool, weight and floor, e.g. {example}."
+    sel = config.resolved_prompt_selection
+    if not isinstance(sel["pool"], int) or isinstance(sel["pool"], bool) or sel["pool"] < 2:
+        yield (f"prompt_selection pool={sel['pool']!r}: candidates scored per prompt posed, an int >= 2 (4: score "
+               f"four times the prompts, pose a quarter of them).")
+    if sel["weight"] != "variance":
+        yield (f"prompt_selection weight={sel['weight']!r}: 'variance' (p (1 - p), the variance of the outcome the "
+               f"critic predicts) is the one weight.")
+    if not isinstance(sel["floor"], (int, float)) or isinstance(sel["floor"], bool) or not sel["floor"] > 0:
+        yield (f"prompt_selection floor={sel['floor']!r} must be a number > 0: it keeps every prompt reachable (with "
+               f"0, a prompt the critic is sure about, p = 0 or 1, is never posed).")
+    if not config.prompt_critic:
+        yield (f"prompt_selection scores prompts with SPPO's critic of the prompt, a probability (advantage_estimator="
+               f"'sppo', critic_loss='bce'); advantage_estimator={config.advantage_estimator!r} with critic_loss="
+               f"{config.resolved_critic_loss!r} has none.")
+    if not hasattr(config.env_runner_cls, "prompt_candidates"):
+        name = getattr(config.env_runner_cls, "__name__", config.env_runner_cls)
+        yield (f"prompt_selection chooses the prompts of LLM runs: set env_runner_cls to "
+               f"rllib_sppo.llm.runner.LLMEnvRunner (got {name}).")

@@ -235,3 +235,17 @@ def make_engine(kind: str, model_dir: str, **kwargs) -> Engine:
     engine = ENGINES[kind](model_dir, **kwargs)
     log.info("%s engine ready in %.0f s", kind, time.perf_counter() - start)
     return engine
+
+
+def engine_problems(config):
+    """What is wrong with the config's engine settings (``SPPOConfig.validate``), each with its fix."""
+    if config.rollout_engine not in ENGINES:
+        yield f"rollout_engine={config.rollout_engine!r}; choose one of {sorted(ENGINES)}."
+    if config.engine_sleep_level not in (None, 0, 1, 2):
+        yield (f"engine_sleep_level={config.engine_sleep_level!r}: 0 (off), 1 (free the KV cache), 2 (the weights "
+               f"too) or None (2 when the EnvRunner shares the learner's GPU, else 0).")
+    if "gpu_memory_utilization" in config.engine_kwargs:
+        yield ("engine_kwargs sets gpu_memory_utilization: set the config key gpu_memory_utilization instead (one "
+               "place).")
+    if config.gpu_memory_utilization is not None and not 0 < config.gpu_memory_utilization <= 1:
+        yield f"gpu_memory_utilization={config.gpu_memory_utilization} is a share of the GPU: (0, 1]."

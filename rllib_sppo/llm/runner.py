@@ -78,7 +78,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         self._num_prompts = 0
         # Ray restarts a remote runner whose process died (max_restarts), and RLlib does not notice when it died
         # between two calls: it would sample from the start of its shard with the weights it started with. It refuses
-        # to sample until the driver has restored it (its place in the data, the weights; SPPO._restore_runners).
+        # to sample until the driver has restored it (its place in the data, the weights; Rollouts.restore).
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
         self.restarted_in_place = (self.worker_index > 0 and in_actor
                                    and ray.get_runtime_context().was_current_actor_reconstructed)

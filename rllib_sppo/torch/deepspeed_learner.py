@@ -12,6 +12,7 @@ optimizer partition.
 """
 
 import contextlib
+import importlib.util
 import math
 import os
 import tempfile
@@ -23,6 +24,7 @@ import tree
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 from ray.rllib.core.learner.learner_group import LearnerGroup
 
+from rllib_sppo.apis import SeparateNetworksAPI
 from rllib_sppo.private_api import disable_deepspeed_shm_comm
 from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
 
@@ -33,6 +35,40 @@ DEEPSPEED_DEFAULTS = {"zero_stage": 2, "offload_optimizer": False, "offload_para
 
 class MissingExtraError(ImportError, ValueError):
     """An optional dependency is not installed (also a ValueError: config validation reports it like the others)."""
+
+
+def deepspeed_problems(config):
+    """What is wrong with ``config.deepspeed`` (``SPPOConfig.validate``), each with its fix; a MissingExtraError if
+    DeepSpeed is not installed."""
+    ds = config.deepspeed
+    if not isinstance(ds, dict):
+        yield f"deepspeed must be a dict such as {{'zero_stage': 3}} (or None), got {ds!r}."
+        return
+    unknown = sorted(set(ds) - set(DEEPSPEED_DEFAULTS))
+    if unknown:
+        yield (f"deepspeed has unknown key(s) {unknown}; its keys are zero_stage (2 or 3), offload_optimizer and "
+               f"offload_param (True/False).")
+    ds = {**DEEPSPEED_DEFAULTS, **ds}
+    if ds["zero_stage"] not in (2, 3):
+        yield (f"deepspeed zero_stage={ds['zero_stage']!r}: set 2 (gradients and optimizer state partitioned) or 3 "
+               f"(parameters too).")
+    for key in ("offload_optimizer", "offload_param"):
+        if not isinstance(ds[key], bool):
+            yield f"deepspeed {key} must be True or False, got {ds[key]!r}."
+    if ds["offload_param"] and ds["zero_stage"] != 3:
+        yield ("deepspeed offload_param=True needs zero_stage 3 (ZeRO-2 keeps whole parameters on the device); set "
+               "zero_stage: 3, or drop offload_param.")
+    module_class = getattr(config.rl_module_spec, "module_class", None)
+    if not (isinstance(module_class, type) and issubclass(module_class, SeparateNetworksAPI)):
+        yield (f"deepspeed trains a module whose policy and critic are separate networks (SeparateNetworksAPI, e.g. "
+               f"SPPOLLMModule); {getattr(module_class, '__name__', module_class)} is not one. Classic-control "
+               f"networks are small: leave deepspeed unset (the torch learner).")
+    if config.grad_clip_by != "global_norm":
+        yield (f"deepspeed clips gradients by their global norm (grad_clip), not by {config.grad_clip_by!r}: set "
+               f"grad_clip_by='global_norm'.")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MissingExtraError(f"deepspeed={config.deepspeed} needs DeepSpeed, which is not installed: {INSTALL}",
+                                name="deepspeed")
 
 
 def import_deepspeed():

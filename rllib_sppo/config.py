@@ -1,0 +1,409 @@
+"""``SPPOConfig``: SPPO's keys (typed ``training()`` arguments, documented there), ``.llm(...)``, and validation
+grouped by concern, each refusal saying the fix."""
+
+import numpy as np
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.tune.registry import get_trainable_cls
+
+from rllib_sppo.apis import SamplerLogpAPI, TokenValueAPI
+from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
+from rllib_sppo.env_runner import EpisodeEnvRunner, flatten_observations
+from rllib_sppo.estimators import ESTIMATORS, CriticKind
+from rllib_sppo.llm.critic import PROMPT_SELECTION_DEFAULTS
+from rllib_sppo.monitoring import PrometheusExport
+
+#: The seconds after which a stuck part of a run is named and restarted (docs/reliability.md).
+TIMEOUT_KEYS = ("sample_timeout_s", "generation_timeout_s", "learner_update_timeout_s", "weight_sync_timeout_s")
+
+
+class SPPOConfig(AlgorithmConfig):
+    """SPPO's configuration; defaults are the reference run's (1.5B on DeepScaleR).
+
+    Inherited keys keep RLlib's meaning: ``lr`` is the policy's learning rate,
+    ``train_batch_size_per_learner`` counts env steps (= prompts for LLM bandits),
+    ``minibatch_size`` and ``num_epochs`` shape the PPO update, ``grad_clip`` is
+    applied to each optimizer's global norm. SPPO's own keys: ``training()``.
+    """
+
+    def __init__(self, algo_class=None):
+        # The algorithm: SPPO, registered with Tune under its name when this package is imported (rllib_sppo.sppo
+        # imports this module, so the class is not imported here).
+        super().__init__(algo_class=algo_class or get_trainable_cls("SPPO"))
+        # RLlib keys, at the reference values.
+        self.lr = 1e-6
+        self.train_batch_size_per_learner = 256
+        self.minibatch_size = 128
+        self.num_epochs = 1
+        self.shuffle_batch_per_epoch = False
+        self.grad_clip = 1.0
+        self.grad_clip_by = "global_norm"
+        self.batch_mode = "complete_episodes"
+        self.env_runner_cls = EpisodeEnvRunner  # fresh start states in every batch (RLlib re-seeds them)
+        self.env_runners(env_to_module_connector=flatten_observations)  # any gymnasium space, one-hot or flattened
+        self.num_env_runners = 0
+        # A remote EnvRunner that has not returned its sample within this many seconds is named in an error and
+        # restarted (RLlib alone would drop the late sample and ask again: a silent stall). RLlib's 60 s is short
+        # for LLM sampling.
+        self.sample_timeout_s = 3600.0
+        # SPPO's metrics as Prometheus series for the Ray dashboard (rllib_sppo/monitoring.py).
+        self.callbacks_on_train_result = PrometheusExport()
+        # SPPO's keys (see training()): the update, the critic, and the estimator.
+        self.critic_lr = 5e-6
+        self.weight_decay = 0.01
+        self.critic_weight_decay = 0.01
+        self.clip_low = 0.2
+        self.clip_high = 0.2
+        self.dual_clip = 3.0
+        self.loss_agg_mode = "token-mean"
+        self.advantage_estimator = "sppo"
+        self.gamma = 1.0
+        self.lambda_ = 1.0
+        self.critic_loss = None
+        self.value_clip = None
+        self.critic_init = None
+        self.normalize_advantage = False
+        self.entropy_coeff = 0.0
+        self.tis_cap = None
+        self.async_rollouts = False
+        self.max_nonfinite_updates = 3
+        self.max_tokens_per_micro_batch = None
+        self.deepspeed = None
+        # LLM rollouts (read by rllib_sppo.llm.runner.LLMEnvRunner) and the held-out evaluation.
+        self.temperature = 0.6
+        self.top_p = 1.0
+        self.max_response_tokens = 8192
+        self.samples_per_prompt = 1
+        self.rollout_engine = "vllm"
+        self.engine_kwargs = {}
+        self.gpu_memory_utilization = None
+        self.engine_sleep_level = None
+        self.weight_sync_chunk_mb = 512
+        self.eval_samples_per_prompt = 4
+        self.prompt_selection = None
+        # Timeouts (TIMEOUT_KEYS, with RLlib's sample_timeout_s above).
+        self.weight_sync_timeout_s = 600.0
+        self.generation_timeout_s = 1800.0
+        self.learner_update_timeout_s = 1800.0
+
+    def training(
+        self, *,
+        critic_lr: float = NotProvided, weight_decay: float = NotProvided, critic_weight_decay: float = NotProvided,
+        clip_low: float = NotProvided, clip_high: float = NotProvided, dual_clip: float | None = NotProvided,
+        loss_agg_mode: str = NotProvided, advantage_estimator: str = NotProvided, lambda_: float = NotProvided,
+        critic_loss: str | None = NotProvided, value_clip: float | None = NotProvided,
+        critic_init: float | None = NotProvided, normalize_advantage: bool = NotProvided,
+        entropy_coeff: float = NotProvided, tis_cap: float | None = NotProvided, async_rollouts: bool = NotProvided,
+        max_nonfinite_updates: int = NotProvided, max_tokens_per_micro_batch: int | None = NotProvided,
+        deepspeed: dict | None = NotProvided, temperature: float = NotProvided, top_p: float = NotProvided,
+        max_response_tokens: int = NotProvided, samples_per_prompt: int = NotProvided,
+        rollout_engine: str = NotProvided, engine_kwargs: dict = NotProvided,
+        gpu_memory_utilization: float | None = NotProvided, engine_sleep_level: int | None = NotProvided,
+        weight_sync_chunk_mb: float = NotProvided, eval_samples_per_prompt: int = NotProvided,
+        prompt_selection: dict | None = NotProvided, weight_sync_timeout_s: float = NotProvided,
+        generation_timeout_s: float = NotProvided, learner_update_timeout_s: float = NotProvided,
+        **kwargs,
+    ) -> "SPPOConfig":
+        """Sets SPPO's training keys; ``kwargs`` are RLlib's (``AlgorithmConfig.training``: ``lr``, ``gamma``, ...).
+        Each key in more detail: docs/configuration.md.
+
+        Args:
+            critic_lr: The critic's learning rate (its own AdamW).
+            weight_decay: AdamW weight decay of the policy optimizer.
+            critic_weight_decay: AdamW weight decay of the critic optimizer.
+            clip_low: PPO clip range below 1 (ratio >= 1 - clip_low).
+            clip_high: PPO clip range above 1 (ratio <= 1 + clip_high).
+            dual_clip: Dual-clip constant c > 1 bounding the loss for A < 0; None turns it off.
+            loss_agg_mode: How per-token losses become one number: token-mean, seq-mean-token-mean, seq-mean-token-sum.
+            advantage_estimator: A name in ``rllib_sppo.estimators.ESTIMATORS``: "sppo" (the critic's baseline,
+                N = 1); "grpo", "drgrpo", "rloo" (N > 1 samples per prompt, no critic); "ppo" (token-level PPO as
+                verl runs it, LLM module only); or your own (``register_estimator``).
+            lambda_: GAE lambda of token-level PPO, with RLlib's ``gamma`` ("ppo" only; 1 and 1 suit outcomes).
+            critic_loss: "bce" (outcomes in [0, 1]; A = R - sigmoid(z)) or "mse" (A = R - V); None: the estimator's.
+            value_clip: Clip range of an mse critic's loss around its value before the update (verl's
+                cliprange_value); None: the estimator's own (0.5 for "ppo", unclipped for "sppo").
+            critic_init: The critic's estimate before any update (P(R = 1) for bce, V for mse), e.g. the policy's
+                starting accuracy. None: the head starts at 0 (p = 0.5), as the reference.
+            normalize_advantage: A = (R - p) / sqrt(p (1 - p)) instead of R - p (bce only; not in the reference).
+            entropy_coeff: Entropy bonus coefficient (reference: 0).
+            tis_cap: Truncated importance sampling: each response token's policy loss weighed by min(pi_old /
+                pi_engine, tis_cap), detached (LLM module). None: off; 2.0 is the usual cap.
+            async_rollouts: One-step-off-policy rollouts: remote EnvRunners sample the next batch during the update,
+                with weights one update behind (needs num_env_runners >= 1, the LLM EnvRunner and tis_cap).
+            max_nonfinite_updates: Stop the run (saving the last good weights) after this many optimizer steps in a
+                row were skipped for a non-finite loss or gradient.
+            max_tokens_per_micro_batch: Token budget of one forward/backward (classic control: steps): minibatches
+                are split into micro-batches packed by length, gradients accumulated. None: no split.
+            deepspeed: A DeepSpeed learner for the LLM module: {"zero_stage": 2 or 3, "offload_optimizer": bool,
+                "offload_param": bool}, defaults 2, False, False. None: the torch learner.
+            temperature: Sampling temperature; the learner's log-probs use logits / temperature too.
+            top_p: Nucleus sampling threshold (reference: 1.0).
+            max_response_tokens: Longest response, in tokens (reference: 8192).
+            samples_per_prompt: Responses sampled per prompt: 1 for SPPO (its baseline is the critic), N > 1 for
+                group estimators.
+            rollout_engine: A name in ``rllib_sppo.llm.engines.ENGINES``: "vllm" or "transformers".
+            engine_kwargs: Extra engine arguments, e.g. {"max_model_len": 1024, "dtype": "bfloat16"}.
+            gpu_memory_utilization: Share of a GPU vLLM takes. None: 0.4 beside the learner (num_env_runners=0),
+                else 0.9.
+            engine_sleep_level: What the engine frees during the update: 0 nothing, 1 its KV cache, 2 its weights
+                too. None: 2 beside the learner on a GPU, else 0.
+            weight_sync_chunk_mb: Remote EnvRunners receive the policy in its compute dtype in chunks of at most this
+                many MB, loaded one at a time.
+            eval_samples_per_prompt: k of the held-out evaluation (avg@k, pass@k).
+            prompt_selection: Critic-guided prompt selection: {"pool": int >= 2, "weight": "variance", "floor":
+                float > 0}, defaults 4, "variance", 0.05 (docs/critic.md). None: off.
+            weight_sync_timeout_s: A remote EnvRunner not done loading new weights within this many seconds is named
+                and restarted; fetching them from the learners past it ends the process naming it.
+            generation_timeout_s: One engine call past this many seconds ends its EnvRunner's process, naming it.
+            learner_update_timeout_s: One learner update, or reading the learners' state for a checkpoint, past this
+                many seconds ends the algorithm's process, naming it (Tune restarts the trial: max_failures).
+        """
+        sppo_keys = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}
+        super().training(**kwargs)
+        for key, value in sppo_keys.items():
+            if value is not NotProvided:
+                setattr(self, key, value)
+        return self
+
+    def llm(self, *, policy: str, critic: str | None = None, engine: str | None = None,
+            **model_config) -> "SPPOConfig":
+        """Wires an LLM run in one call (YAML: ``llm: {policy: ..., critic: ..., engine: ...}``): the LLM EnvRunner,
+        the LLM RLModule (``policy`` and ``critic`` model folders or ``builtin:`` names, and any other of its
+        ``model_config`` keys, e.g. ``dtype``, ``gradient_checkpointing``), the token-batch learner connector in
+        place of RLlib's default pipeline, and the held-out evaluation; ``engine`` sets ``rollout_engine``. Each
+        piece stays overridable by the usual calls afterwards; ``validate()`` refuses a set that does not fit
+        together (``rllib_sppo.llm_wiring``)."""
+        from rllib_sppo.llm_wiring import wire
+
+        wire(self, policy, critic, engine, model_config)
+        return self
+
+    # Validation, by concern; each refusal says the fix.
+
+    def validate(self) -> None:
+        super().validate()
+        self._validate_batch()
+        self._validate_estimator()
+        self._validate_update()
+        self._validate_rollouts()
+        self._validate_off_policy()
+        from rllib_sppo.llm_wiring import wiring_problems
+
+        self._refuse_any(wiring_problems(self))
+        if self.prompt_selection is not None:
+            from rllib_sppo.llm.critic import prompt_selection_problems
+
+            self._refuse_any(prompt_selection_problems(self))
+        if self.deepspeed is not None:
+            from rllib_sppo.torch.deepspeed_learner import deepspeed_problems
+
+            self._refuse_any(deepspeed_problems(self))
+
+    def _refuse_any(self, problems) -> None:
+        for problem in problems:
+            self._value_error(problem)
+
+    def _validate_batch(self) -> None:
+        batch, n = self.train_batch_size_per_learner, self.samples_per_prompt
+        if self.minibatch_size is not None and batch is not None and self.minibatch_size > batch:
+            self._value_error(f"minibatch_size ({self.minibatch_size}) is larger than train_batch_size_per_learner "
+                        f"({batch}); lower minibatch_size or raise the batch.")
+        if self.batch_mode != "complete_episodes":
+            self._value_error(f"SPPO scores whole episodes: batch_mode must be 'complete_episodes', not {self.batch_mode!r}.")
+        if n > 1 and batch is not None and batch % n:
+            self._value_error(f"train_batch_size_per_learner ({batch}) is not a multiple of samples_per_prompt ({n}): "
+                        f"{batch} / {n} = {batch / n:g} prompts per learner, so a group would be cut; use "
+                        f"{batch // n * n or n} or {(batch // n + 1) * n}.")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            self._value_error(f"max_tokens_per_micro_batch must be a positive token budget (or None: no split), got "
+                        f"{self.max_tokens_per_micro_batch}.")
+
+    def _validate_estimator(self) -> None:
+        """The estimator, the critic it reads (and its settings), and the samples per prompt its baseline needs."""
+        if self.advantage_estimator not in ESTIMATORS:
+            self._value_error(f"advantage_estimator={self.advantage_estimator!r}; choose one of {sorted(ESTIMATORS)}.")
+        estimator, name = ESTIMATORS[self.advantage_estimator], self.advantage_estimator
+        critic, critic_loss = estimator.critic, self.resolved_critic_loss
+        if critic is None and (self.critic_loss, self.value_clip, self.critic_init) != (None, None, None):
+            self._value_error(f"advantage_estimator={name!r} has no critic (its baseline is the group of samples), so "
+                        f"critic_loss, value_clip and critic_init do not apply; leave them unset.")
+        if critic is None and {"critic", "critic_layers"} & set(self.module_config):
+            self._value_error(f"advantage_estimator={name!r} has no critic, so model_config's critic and critic_layers do "
+                        f"not apply; remove them.")
+        if critic is not None and critic_loss not in CRITIC_LOSSES:
+            self._value_error(f"critic_loss={self.critic_loss!r}; choose one of {CRITIC_LOSSES}.")
+        if self.value_clip is not None and (critic_loss != "mse" or self.value_clip <= 0):
+            self._value_error(f"value_clip={self.value_clip} clips an mse critic's loss and must be > 0 (critic_loss is "
+                        f"{critic_loss!r}); unset it or set critic_loss='mse'.")
+        if self.normalize_advantage and (name != "sppo" or critic_loss != "bce"):
+            self._value_error("normalize_advantage=True needs critic_loss='bce' and advantage_estimator='sppo': it is "
+                        "SPPO's A = (R - p) / sqrt(p (1 - p)), with p a probability.")
+        if self.critic_init is not None and critic_loss == "bce" and not 0 < self.critic_init < 1:
+            self._value_error(f"critic_init={self.critic_init} is a probability for the bce critic: pick it in (0, 1).")
+        if critic and self.samples_per_prompt != 1:
+            self._value_error(f"advantage_estimator={name!r} samples one response per prompt (its baseline is the "
+                        f"critic), got samples_per_prompt={self.samples_per_prompt}; set it to 1, or "
+                        f"advantage_estimator='grpo'/'rloo' for N > 1.")
+        if estimator.needs_groups and self.samples_per_prompt < 2:
+            self._value_error(f"advantage_estimator={name!r} needs a group of samples per prompt for its baseline, got "
+                        f"samples_per_prompt={self.samples_per_prompt}; set it to 2 or more (GRPO uses 8).")
+        if critic == CriticKind.TOKEN:
+            offers, module_name = self._module_offers(TokenValueAPI)
+            if not offers:
+                self._value_error(f"advantage_estimator={name!r} needs a critic read at every token (an RLModule with "
+                            f"TokenValueAPI, e.g. SPPOLLMModule); {module_name} has none. For classic control, "
+                            f"RLlib's own PPO is the token-level baseline.")
+            if not (0 < self.gamma <= 1 and 0 <= self.lambda_ <= 1):
+                self._value_error(f"need 0 < gamma <= 1 and 0 <= lambda_ <= 1, got {self.gamma}, {self.lambda_}.")
+        elif (self.gamma, self.lambda_) != (1.0, 1.0):
+            self._value_error(f"gamma={self.gamma}, lambda_={self.lambda_}: only advantage_estimator='ppo' discounts "
+                        f"(per-token GAE); {name!r} scores the whole episode by its outcome. Leave both at 1.")
+
+    def _validate_update(self) -> None:
+        """The PPO update: its loss, learning rates and compute dtype."""
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            self._value_error(f"loss_agg_mode={self.loss_agg_mode!r}; choose one of {LOSS_AGG_MODES}.")
+        if not (0 < self.clip_low < 1 and self.clip_high > 0):
+            self._value_error(f"need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}.")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            self._value_error(f"dual_clip must be > 1 (reference 3.0) or None, got {self.dual_clip}.")
+        if self.critic_lr <= 0 or self.lr <= 0:
+            self._value_error(f"learning rates must be > 0 (lr={self.lr}, critic_lr={self.critic_lr}).")
+        if self.temperature <= 0:
+            self._value_error(f"temperature must be > 0 (log-probs divide by it), got {self.temperature}.")
+        if self.module_config.get("dtype", "float32") == "float16":
+            self._value_error("model_config dtype='float16' would need loss scaling, which SPPO's learners do not do; use "
+                        "'bfloat16' (fp32 master weights, bf16 compute) or 'float32'.")
+
+    def _validate_rollouts(self) -> None:
+        """The generation engine, the weight sync and the timeouts."""
+        from rllib_sppo.llm.engines import engine_problems
+
+        self._refuse_any(engine_problems(self))
+        if self.weight_sync_chunk_mb <= 0:
+            self._value_error(f"weight_sync_chunk_mb must be > 0, got {self.weight_sync_chunk_mb}.")
+        for key in TIMEOUT_KEYS:
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or value <= 0:
+                self._value_error(f"{key}={value!r}: give a number of seconds > 0 (past it the stuck part is named and "
+                            f"restarted; without a bound a stuck part would hang the run).")
+
+    def _validate_off_policy(self) -> None:
+        """Truncated importance sampling, and the one-step-off-policy rollouts it corrects."""
+        if self.tis_cap is not None:
+            if not self.tis_cap >= 1:
+                self._value_error(f"tis_cap={self.tis_cap} caps importance weights pi_old / pi_engine and must be >= 1 (a "
+                            f"cap below 1 would down-weigh on-policy tokens too); 2.0 is the usual value.")
+            offers, module_name = self._module_offers(SamplerLogpAPI)
+            if not offers:
+                self._value_error(f"tis_cap corrects the gap between an inference engine's log-probs and the learner's; "
+                            f"{module_name} samples with the learner's own network (its batches carry no engine "
+                            f"log-probs), so there is nothing to correct: leave tis_cap unset.")
+        if not self.async_rollouts or self.in_evaluation:  # (RLlib's evaluation config has no EnvRunners of its own)
+            return
+        if self.num_env_runners < 1:
+            self._value_error("async_rollouts samples the next batch on remote EnvRunners while the learner updates on this "
+                        "one; with num_env_runners=0 the only EnvRunner samples in the learner's own process, so "
+                        "nothing can overlap: set num_env_runners >= 1, or async_rollouts=False.")
+        if not self.llm_runner:
+            self._value_error(f"async_rollouts needs the LLM EnvRunner (rllib_sppo.llm.runner.LLMEnvRunner), not "
+                        f"{getattr(self.env_runner_cls, '__name__', self.env_runner_cls)}.")
+        if self.tis_cap is None:
+            self._value_error("async_rollouts samples each batch with weights one update behind the learner's; set tis_cap "
+                        "(e.g. 2.0) so that truncated importance sampling corrects that lag.")
+        if self.max_requests_in_flight_per_env_runner != 1:
+            self._value_error(f"async_rollouts keeps exactly one batch in flight per EnvRunner (one step off policy); "
+                        f"max_requests_in_flight_per_env_runner={self.max_requests_in_flight_per_env_runner} would "
+                        f"keep more: set it to 1.")
+
+    def _module_offers(self, api: type) -> tuple[bool, str]:
+        """Whether the configured RLModule class implements ``api``, and the class's name (for messages)."""
+        module_class = getattr(self.rl_module_spec, "module_class", None)
+        offers = isinstance(module_class, type) and issubclass(module_class, api)
+        return offers, getattr(module_class, "__name__", str(module_class))
+
+    # What the rest of the package reads.
+
+    @property
+    def module_config(self) -> dict:
+        """The RLModule's model_config as the module gets it (RLlib: the spec's keys win over ``model_config``)."""
+        return {**self.model_config, **(getattr(self.rl_module_spec, "model_config", None) or {})}
+
+    @property
+    def llm_runner(self) -> bool:
+        """Whether the EnvRunners are LLM ones (``rllib_sppo.llm.runner.LLMEnvRunner``: chunked weight sync, one-call
+        batches, a data position)."""
+        from rllib_sppo.llm_wiring import is_llm_runner
+
+        return is_llm_runner(self.env_runner_cls)
+
+    @property
+    def resolved_prompt_selection(self) -> dict | None:
+        """``prompt_selection`` with its defaults filled in; None when off."""
+        return None if self.prompt_selection is None else {**PROMPT_SELECTION_DEFAULTS, **self.prompt_selection}
+
+    @property
+    def prompt_critic(self) -> bool:
+        """Whether the critic predicts, from the prompt alone, the probability that the policy solves it (SPPO's
+        sequence critic with the bce loss): what prompt selection and the held-out calibration read."""
+        estimator = ESTIMATORS.get(self.advantage_estimator)
+        return bool(estimator and estimator.critic == CriticKind.SEQUENCE and self.resolved_critic_loss == "bce")
+
+    @property
+    def resolved_critic_loss(self) -> str | None:
+        """``critic_loss``, or the estimator's own when unset (None for a critic-free estimator)."""
+        estimator = ESTIMATORS.get(self.advantage_estimator)
+        return self.critic_loss or (estimator and estimator.default_critic_loss)
+
+    @property
+    def resolved_value_clip(self) -> float | None:
+        """``value_clip``, or the estimator's own for its mse critic (see ``rllib_sppo.estimators``)."""
+        estimator = ESTIMATORS.get(self.advantage_estimator)
+        if self.value_clip is not None or self.resolved_critic_loss != "mse":
+            return self.value_clip
+        return estimator and estimator.default_value_clip
+
+    @property
+    def _model_config_auto_includes(self) -> dict:
+        # The module computes log-probs at the sampling temperature, builds the critic the estimator reads (or
+        # none), and splits its batches into micro-batches of the token budget.
+        bias = self.critic_init
+        if bias is not None and self.resolved_critic_loss == "bce" and 0 < bias < 1:
+            bias = float(np.log(bias / (1 - bias)))
+        estimator = ESTIMATORS.get(self.advantage_estimator)
+        return super()._model_config_auto_includes | {
+            "temperature": self.temperature, "critic_bias": bias, "critic_kind": estimator and estimator.critic,
+            "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch}
+
+    def freeze(self) -> None:
+        # Asynchronous rollouts keep the remote EnvRunners sampling between iterations; RLlib's sync of their
+        # connector states after every iteration would wait for that sampling. As IMPALA does, it is off then (the
+        # LLM EnvRunner, the only one async_rollouts runs with, has no connector state).
+        if not self._is_frozen:
+            self._dont_auto_sync_env_runner_states = bool(self.async_rollouts)
+        super().freeze()
+
+    # The learners and the module RLlib builds.
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from rllib_sppo.torch.mlp_rl_module import SPPOMLPModule
+
+        return RLModuleSpec(module_class=SPPOMLPModule)
+
+    def build_learner_group(self, *, env=None, spaces=None, rl_module_spec=None, placement_group=None):
+        if self.deepspeed is None:
+            return super().build_learner_group(env=env, spaces=spaces, rl_module_spec=rl_module_spec,
+                                               placement_group=placement_group)
+        from rllib_sppo.torch.deepspeed_learner import DeepSpeedLearnerGroup
+
+        spec = rl_module_spec or self.get_multi_rl_module_spec(env=env, spaces=spaces)
+        return DeepSpeedLearnerGroup(config=self.copy(), module_spec=spec, placement_group=placement_group)
+
+    def get_default_learner_class(self):
+        if self.deepspeed is not None:
+            from rllib_sppo.torch.deepspeed_learner import SPPODeepSpeedLearner
+
+            return SPPODeepSpeedLearner
+        from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
+
+        return SPPOTorchLearner

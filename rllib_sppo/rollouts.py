@@ -1,0 +1,227 @@
+"""SPPO's rollout side: sampling (synchronous, or one step off policy), the policy's weights to the EnvRunners, and
+remote EnvRunners that stall or restart (named, restarted, given back their places in the data and the weights).
+
+Asynchronous rollouts (one step off policy): each remote EnvRunner has at most one batch in flight, and Ray runs an
+actor's calls in the order they were made. A runner samples batch t+1 (started as soon as batch t was fetched) while
+the learner updates on batch t, then loads the weights of update t (sent after it, acknowledged in the next sync),
+then samples batch t+2 with them. Batch t+1 is thus sampled with the weights of update t-1.
+"""
+
+import logging
+
+import ray
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
+
+from rllib_sppo.private_api import count_env_runner_restarts, remote_env_runner_actor
+from rllib_sppo.watchdog import deadline
+
+logger = logging.getLogger(__name__)
+
+
+def learner_deadline(config, part: str, key: str):
+    """Bounds a call into the learners by the config's ``key`` (``rllib_sppo.watchdog``): a stuck learner ends this
+    process naming ``part``, and Tune restarts the trial from its last checkpoint (``max_failures``)."""
+    return deadline(part, getattr(config, key), key)
+
+
+class ObjectStoreWeights:
+    """How the policy's weights reach remote LLM EnvRunners: the learners put them into Ray's object store in chunks
+    of at most ``weight_sync_chunk_mb``, in the module's compute dtype (``SPPOTorchLearner.weight_chunks``); each
+    runner fetches and loads them one chunk at a time (``LLMEnvRunner.load_weight_chunks``). Another transport (e.g.
+    a collective broadcast from the learners) is another class with the same two members."""
+
+    #: The runner method that loads what ``publish`` returns (as keyword arguments); it returns the runner's index.
+    runner_method = "load_weight_chunks"
+
+    def __init__(self, config):
+        self.max_bytes = int(config.weight_sync_chunk_mb * 2**20)
+
+    def publish(self, learner_group) -> dict:
+        """The weights, sent by the learners: ``{"chunks": [ObjectRef], "seq_no": int}``."""
+        max_bytes = self.max_bytes
+        results = list(learner_group.foreach_learner(lambda learner: learner.weight_chunks(max_bytes)))
+        for result in results:
+            if not result.ok:
+                raise result.get()
+        chunks, seq_no = next((r.get() for r in results if r.get()[0]), ([], 0))
+        return {"chunks": chunks, "seq_no": seq_no}
+
+
+class Rollouts:
+    """The EnvRunner side of one SPPO algorithm: it samples, syncs the policy's weights, and keeps each remote LLM
+    EnvRunner's place in the data (``places``), to give back to a runner that restarts and to checkpoint."""
+
+    def __init__(self, config, env_runner_group, learner_group, metrics):
+        self.config, self.group, self.learner_group, self.metrics = config, env_runner_group, learner_group, metrics
+        self.weights = ObjectStoreWeights(config)
+        #: Remote LLM EnvRunner index -> its place in the data (as of the last batch trained on).
+        self.places = {}
+        self._in_flight = None  # (runner indices, payload) of an asynchronous weight sync not yet acknowledged
+
+    # Sampling.
+
+    def sample(self) -> tuple[list, list]:
+        """One batch from the EnvRunners (RLlib's synchronous sampling), after restoring remote LLM runners that Ray
+        restarted in place since the last one (their process died between two calls, which RLlib does not see); then
+        each remote runner must answer (``_probe_remote_runners``)."""
+        group = self.group
+        if self.config.llm_runner and group.num_remote_workers():
+            restarted = sorted(i for i, flag in group.foreach_env_runner(
+                lambda runner: (runner.worker_index, runner.restarted_in_place), local_env_runner=False,
+                timeout_seconds=self.config.env_runner_health_probe_timeout_s) if flag)
+            if restarted:
+                logger.warning("EnvRunner(s) %s were restarted by Ray after their process died: giving them back their "
+                               "places in the data and the policy's weights.", restarted)
+                count_env_runner_restarts(group, len(restarted))
+                self.restore(restarted)
+        episodes, runner_metrics = synchronous_parallel_sample(
+            worker_set=group, max_env_steps=self.config.total_train_batch_size,
+            sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True, _return_metrics=True)
+        self._probe_remote_runners()
+        return episodes, runner_metrics
+
+    def sample_async(self) -> tuple[list, list, list]:
+        """The batch the remote EnvRunners sampled during the last update, its runners' metrics and wall-clock
+        windows; and the next batch started. A runner with no batch in flight (the first iteration, after a restore,
+        a restarted runner) starts one first, and this iteration waits for it (RLlib starts no second call on a
+        runner with one in flight)."""
+        group = self.group
+        group.foreach_env_runner_async("sample_batch", tag="sample")
+        ready = group.fetch_ready_async_reqs(tags="sample", timeout_seconds=self.config.sample_timeout_s)
+        group.foreach_env_runner_async("sample_batch", tag="sample")
+        self._restart_stuck_runners(
+            set(group.healthy_worker_ids()) - {index for index, _ in ready}, "sampling: EnvRunner(s) {} returned no "
+            f"batch within sample_timeout_s={self.config.sample_timeout_s:g} s", "sample_timeout_s")
+        if not ready:
+            return [], [], []
+        self.places.update({index: batch["data"] for index, batch in ready})  # as of the batch trained on
+        return ([e for _, batch in ready for e in batch["episodes"]], [batch["metrics"] for _, batch in ready],
+                [batch["window"] for _, batch in ready])
+
+    def drop_in_flight(self) -> None:
+        """Waits for and discards what the asynchronous rollouts have in flight (before a restore)."""
+        if self.config.async_rollouts:
+            self.group.fetch_ready_async_reqs(tags=["sample", "weights"], timeout_seconds=(
+                self.config.sample_timeout_s + self.config.weight_sync_timeout_s))
+            self._in_flight = None
+
+    # Weight sync.
+
+    def sync_weights(self, runners: list[int] | None = None) -> None:
+        """The policy's weights to the EnvRunners (the critic stays on the learners).
+
+        A local EnvRunner (num_env_runners=0) receives the learner's state as it is: beside a local learner, the
+        learner's tensors themselves (no copy, no numpy, no dtype change). Remote LLM EnvRunners receive them through
+        ``self.weights`` (``ObjectStoreWeights``); other remote EnvRunners (classic control) through RLlib's
+        ``sync_weights``. Bounded by ``weight_sync_timeout_s``: an in-process engine past it ends this process
+        (``rllib_sppo.watchdog``), a remote runner past it is named and restarted. With ``async_rollouts`` the load
+        is queued behind each runner's sampling and the next sync checks that it happened. ``runners``: only these
+        remote runners (restarted ones, loaded at once).
+        """
+        group = self.group
+        if not group.num_remote_workers():
+            if group.local_env_runner is not None:
+                with learner_deadline(self.config, "the weight sync (the policy's weights from the learner(s) into "
+                                      "the local EnvRunner's engine)", "weight_sync_timeout_s"):
+                    state = self.learner_group.get_state(components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}",
+                                                         inference_only=True)[COMPONENT_LEARNER]
+                    group.local_env_runner.set_state({COMPONENT_RL_MODULE: state[COMPONENT_RL_MODULE],
+                                                      WEIGHTS_SEQ_NO: state[WEIGHTS_SEQ_NO]})
+            return
+        if not self.config.llm_runner:
+            with learner_deadline(self.config, "the weight sync (the policy's weights from the learner(s))",
+                                  "weight_sync_timeout_s"):
+                group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+            return
+        with learner_deadline(self.config, "the weight sync (the policy's weights from the learner(s))",
+                              "weight_sync_timeout_s"):
+            payload = self.weights.publish(self.learner_group)
+        method = self.weights.runner_method
+        if self.config.async_rollouts and runners is None:  # queued behind sampling; acknowledged at the next sync
+            self._await_weight_loads()
+            group.foreach_env_runner_async(method, tag="weights", kwargs=payload)
+            self._in_flight = (set(group.healthy_worker_ids()), payload)
+            return
+        loaded = group.foreach_env_runner(lambda runner: getattr(runner, method)(**payload), local_env_runner=False,
+                                          remote_worker_ids=runners, timeout_seconds=self.config.weight_sync_timeout_s)
+        healthy = set(group.healthy_worker_ids())  # (runners that died are restarted by RLlib)
+        self._weights_not_loaded((set(runners or healthy) & healthy) - set(loaded))
+
+    def _await_weight_loads(self) -> None:
+        """The EnvRunners' acknowledgements of the last asynchronous weight sync, each within weight_sync_timeout_s."""
+        if self._in_flight is None:
+            return
+        sent, _ = self._in_flight  # (the payload is kept alive until loaded)
+        acks = self.group.fetch_ready_async_reqs(tags="weights", timeout_seconds=self.config.weight_sync_timeout_s)
+        self._in_flight = None
+        self._weights_not_loaded(sent & set(self.group.healthy_worker_ids()) - {i for _, i in acks})
+
+    def _weights_not_loaded(self, stuck: set) -> None:
+        self._restart_stuck_runners(stuck, "weight sync: EnvRunner(s) {} did not load the new policy weights within "
+                                    f"weight_sync_timeout_s={self.config.weight_sync_timeout_s:g} s",
+                                    "weight_sync_timeout_s")
+
+    # Stuck and restarted runners, and their places in the data.
+
+    def _probe_remote_runners(self) -> None:
+        """After sampling, each healthy remote EnvRunner answers within ``env_runner_health_probe_timeout_s``. One
+        still busy has not returned its sample within ``sample_timeout_s`` (RLlib drops such a sample and asks again:
+        a stuck runner would stall the run silently), so it is named and restarted. LLM runners answer with their
+        place in the data, kept to give back to a runner that restarts."""
+        if not self.group.num_remote_workers():
+            return
+        places = self.read_places()
+        self.places.update({i: place for i, place in places.items() if place is not None})
+        self._restart_stuck_runners(
+            set(self.group.healthy_worker_ids()) - set(places), "sampling: EnvRunner(s) {} returned no sample within "
+            f"sample_timeout_s={self.config.sample_timeout_s:g} s and did not answer for "
+            f"env_runner_health_probe_timeout_s={self.config.env_runner_health_probe_timeout_s:g} s more",
+            "sample_timeout_s")
+
+    def read_places(self) -> dict:
+        """{index: place in the data (None where the runner has none)} of the remote EnvRunners that answer in time."""
+        return dict(self.group.foreach_env_runner(
+            lambda runner: (runner.worker_index, runner.get_state(components="data").get("data")),
+            local_env_runner=False, timeout_seconds=self.config.env_runner_health_probe_timeout_s))
+
+    def _restart_stuck_runners(self, stuck: set, message: str, key: str) -> None:
+        """Remote EnvRunners that did not answer in time (``message`` names them at ``{}``) are logged as an error and
+        killed, and RLlib restarts them (``fault_tolerance/num_remote_worker_restarts`` counts it; the restarted
+        runner gets the current weights and its place in the data, see ``SPPO.restore_env_runners``). Without
+        RLlib's restarts (``restart_failed_env_runners=False``), a TimeoutError."""
+        if not stuck:
+            return
+        message = (f"{message.format(sorted(stuck))} (an engine or env stuck, or the runner's process stopped); see "
+                   f"the runner's log, or raise {key} if it is only slow")
+        if not self.config.restart_failed_env_runners:
+            raise TimeoutError(f"{message}. Set restart_failed_env_runners=True to restart such a runner instead.")
+        logger.error("%s. Restarting it.", message)
+        for index in stuck:
+            actor, manager = remote_env_runner_actor(self.group, index)
+            ray.kill(actor, no_restart=False)  # Ray starts the actor again (RLlib's max_restarts)
+            manager.set_actor_state(index, healthy=False)  # RLlib's probe brings it back into service
+        self._forget_in_flight(stuck)
+
+    def restore(self, runners: list[int]) -> None:
+        """Restarted remote LLM EnvRunners: their places in the data, the current weights, then they sample again."""
+        self._forget_in_flight(runners)
+        self.give_back_places(runners)
+        self.sync_weights(runners)
+        self.group.foreach_env_runner(lambda runner: runner.restored(), local_env_runner=False,
+                                      remote_worker_ids=runners,
+                                      timeout_seconds=self.config.env_runner_health_probe_timeout_s)
+
+    def _forget_in_flight(self, runners) -> None:
+        """A restarted runner lost the weights queued to it (async_rollouts); it is sent the current ones at once."""
+        if self._in_flight is not None:
+            sent, payload = self._in_flight
+            self._in_flight = (sent - set(runners), payload)
+
+    def give_back_places(self, runners: list[int]) -> None:
+        places = {i: self.places[i] for i in runners if i in self.places}
+        if places:
+            self.group.foreach_env_runner(
+                lambda runner: runner.set_state({"data": places[runner.worker_index]}), local_env_runner=False,
+                remote_worker_ids=list(places), timeout_seconds=self.config.env_runner_health_probe_timeout_s)
