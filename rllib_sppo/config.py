@@ -4,7 +4,6 @@ grouped by concern, each refusal saying the fix."""
 import numpy as np
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.tune.registry import get_trainable_cls
 
 from rllib_sppo.apis import SamplerLogpAPI, TokenValueAPI
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
@@ -27,9 +26,11 @@ class SPPOConfig(AlgorithmConfig):
     """
 
     def __init__(self, algo_class=None):
-        # The algorithm: SPPO, registered with Tune under its name when this package is imported (rllib_sppo.sppo
-        # imports this module, so the class is not imported here).
-        super().__init__(algo_class=algo_class or get_trainable_cls("SPPO"))
+        # The algorithm this config builds (RLlib's configs sit in their algorithm's file; SPPO's imports this module,
+        # so its class is imported when a config is made, not when this module loads).
+        from rllib_sppo.sppo import SPPO
+
+        super().__init__(algo_class=algo_class or SPPO)
         # RLlib keys, at the reference values.
         self.lr = 1e-6
         self.train_batch_size_per_learner = 256
