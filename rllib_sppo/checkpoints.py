@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pyarrow.fs
 
+from rllib_sppo.private_api import trial_storage
+
 logger = logging.getLogger(__name__)
 
 #: Written last into every SPPO checkpoint: its files, their sizes and CRC-32s.
@@ -109,7 +111,7 @@ class IntactCheckpoints:
         """Tune's checkpoint: written to a local folder, then copied to the trial's storage. A failure of either stops
         training with an error naming the checkpoint, the cause and the previous checkpoint (intact; Tune restores it
         when ``max_failures`` allows a retry); a copy cut short is removed from storage."""
-        storage = self._storage
+        storage = trial_storage(self)
         index = storage.current_checkpoint_index if storage else None
         try:
             result = super().save(checkpoint_dir)

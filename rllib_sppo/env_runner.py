@@ -3,9 +3,9 @@
 import gymnasium as gym
 import numpy as np
 from ray.rllib.connectors.env_to_module import FlattenObservations
-from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
 from envs.classic import register_env_spec  # importing envs registers the Outcome* ids in this process
+from rllib_sppo.private_api import SingleAgentEnvRunnerHooks, registered_env_creator
 
 #: The observation spaces RLlib's FlattenObservations turns into one flat float vector (Discrete and MultiDiscrete
 #: one-hot), also inside a Tuple or Dict.
@@ -52,7 +52,7 @@ def check_spaces(observation_space: gym.Space, action_space: gym.Space) -> None:
                          f"gymnasium.ActionWrapper that maps its actions to one of these")
 
 
-class EpisodeEnvRunner(SingleAgentEnvRunner):
+class EpisodeEnvRunner(SingleAgentEnvRunnerHooks):
     """RLlib's SingleAgentEnvRunner, with new start states in every ``sample()`` of whole episodes, and any env
     ``envs.classic.make_env`` builds (a dotted path, an ``outcome`` in the env_config) whose spaces ``check_spaces``
     takes.
@@ -65,11 +65,10 @@ class EpisodeEnvRunner(SingleAgentEnvRunner):
 
     def make_env(self) -> None:
         if isinstance(self.config.env, str):  # in every process (a restored checkpoint's too), not only the CLI's
-            register_env_spec(self.config.env, self.config.env_config)
+            register_env_spec(self.config.env, self.config.env_config,
+                              registered=registered_env_creator(self.config.env) is not None)
         super().make_env()
         check_spaces(self.env.single_observation_space, self.env.single_action_space)
 
-    def _try_env_reset(self, *, seed=None, options=None):
-        if seed is not None:
-            seed = int(np.random.randint(2**31 - 1))
-        return super()._try_env_reset(seed=seed, options=options)
+    def reset_seed(self, seed):
+        return None if seed is None else int(np.random.randint(2**31 - 1))

@@ -57,8 +57,8 @@ def wiring_problems(config):
     unknown = sorted(set(getattr(config.rl_module_spec, "model_config", None) or {}) - MODEL_CONFIG_KEYS)
     if unknown:
         yield f"the LLM module's model_config has unknown key(s) {unknown}; its keys are {sorted(MODEL_CONFIG_KEYS)}."
-    connector = config._learner_connector(None, None) if config._learner_connector else None
-    if not isinstance(connector, TokenBatch) or config.add_default_connectors_to_learner_pipeline:
+    if not isinstance(config.learner_connector_instance(), TokenBatch) or \
+            config.add_default_connectors_to_learner_pipeline:
         yield (f"an LLM run builds its batches with the TokenBatch learner connector alone (learner_connector="
                f"TokenBatch, add_default_connectors_to_learner_pipeline=False); {FIX}.")
     if config.evaluation_interval and config.custom_evaluation_function is not heldout_accuracy:

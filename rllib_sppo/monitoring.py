@@ -29,6 +29,8 @@ from ray import tune
 from ray.tune.utils import flatten_dict
 from ray.util.metrics import Gauge
 
+from rllib_sppo.private_api import trial_info
+
 #: Console namespaces SPPO logs into (plus RLlib's episode_return_mean, the outcome mean).
 NAMESPACES = ("policy", "critic", "rollout", "timing_s", "accuracy")
 _GROUP = re.compile(r"^(evaluation/env_runners|env_runners|learners/[^/]+)/(.+)$")
@@ -146,7 +148,7 @@ class PrometheusExport:
         self._gauges = {}
 
     def __call__(self, algorithm, result: dict, **kwargs) -> None:
-        info = algorithm._trial_info
+        info = trial_info(algorithm)
         tags = {"experiment": info.experiment_name if info else "default", "trial": algorithm.trial_name}
         for key, value in flatten_dict(result, delimiter="/").items():
             match = _GROUP.match(key)

@@ -1,73 +1,143 @@
-"""Every private internal of RLlib, Tune and DeepSpeed this package overrides or reads, in one place.
+"""The ONE door to the private members of RLlib, Ray (Tune), DeepSpeed and vLLM that this package reads or overrides.
 
-The pinned versions (``pyproject.toml``) have them; an upgrade may rename or drop any. ``tests/test_private_api.py``
-checks each against the installed versions, so that an upgrade fails loudly here rather than deep in a run. Where
-the package reads a private object it goes through the accessors below (``envs``, which imports nothing of this
-package, has its one read in ``envs.classic.registered_creator``); where it overrides a private method or reads
-a private attribute of a class it subclasses, the method is defined in that subclass and listed in ``USED``.
+Reads go through the accessors below; overrides of private methods through the hook classes below, which turn each
+into a public, documented method that the package's subclasses override instead (``SPPOConfig`` subclasses
+``AlgorithmConfigHooks``, the torch learner ``TorchLearnerHooks``, the classic-control EnvRunner
+``SingleAgentEnvRunnerHooks``). ``USED`` lists every internal reached, with where and why; the pinned versions
+(``pyproject.toml``) have them all, and an upgrade may rename or drop any: ``tests/test_private_api.py`` checks each
+against the installed versions, and scans the package (``rllib_sppo`` and ``envs``) for a private use anywhere else.
+
+One exception, by RLlib's design: an RLModule implements ``_forward`` (RLlib's documented way to write a module;
+``DOCUMENTED_OVERRIDES``). ``envs`` imports nothing of this package: the one registry read it needs (is an env id
+registered with Tune?) is made here (``registered_env_creator``) by the callers in ``rllib_sppo``.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
+import os
 
-#: (module, class or None for a module attribute, private name, where this package uses it and why).
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+#: (module, class or None for a module attribute, internal name, where this package uses it and why).
 USED = (
-    # RLlib: Algorithm and AlgorithmConfig
-    ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_value_error",
-     "SPPOConfig.validate: RLlib's way to refuse a config (an error, or a warning when validation is lenient)"),
+    # RLlib: AlgorithmConfig (through AlgorithmConfigHooks)
+    ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_value_error", "AlgorithmConfigHooks.refuse: "
+     "RLlib's way to refuse a config (an error, or a warning when validation is lenient)"),
     ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_model_config_auto_includes",
-     "SPPOConfig: overridden, adds the sampling temperature, critic bias and kind, and micro-batch budget"),
+     "AlgorithmConfigHooks.model_config_additions: SPPO's module keys (temperature, critic kind and bias, budget)"),
     ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_learner_connector",
-     "SPPOConfig._validate_llm_wiring: which learner connector a config installs"),
-    ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_is_frozen", "SPPOConfig.freeze"),
+     "AlgorithmConfigHooks.learner_connector_instance: which learner connector a config installs"),
+    ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_is_frozen", "AlgorithmConfigHooks.freeze"),
     ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_dont_auto_sync_env_runner_states",
-     "SPPOConfig.freeze: async_rollouts turns off the per-iteration sync of EnvRunner connector states (as IMPALA)"),
+     "AlgorithmConfigHooks.freeze: async_rollouts turns off the per-iteration sync of EnvRunner connector states"),
+    # RLlib and Tune: Algorithm, checkpoints, EnvRunners
     ("ray.rllib.utils.checkpoints", "Checkpointable", "_check_component",
-     "SPPO, LLMEnvRunner and the DeepSpeed learner group: whether get_state was asked for a component"),
-    ("ray.rllib.utils.checkpoints", "Checkpointable", "_get_subcomponents", "DeepSpeedLearnerGroup.get_state"),
+     "asked_for: whether get_state was asked for a component (SPPO, LLMEnvRunner, the DeepSpeed learner and group)"),
+    ("ray.rllib.utils.checkpoints", "Checkpointable", "_get_subcomponents", "subcomponents: DeepSpeedLearnerGroup"),
     ("ray.tune.trainable.trainable", "Trainable", "_storage",
-     "SPPO.save_checkpoint: the trial's storage, to name the checkpoint a failed write leaves intact"),
-    ("ray.tune.trainable.trainable", "Trainable", "_trial_info", "monitoring: the trial's name in gauges"),
+     "trial_storage: the trial's storage, to name the checkpoint a failed write leaves intact"),
+    ("ray.tune.trainable.trainable", "Trainable", "_trial_info", "trial_info: the trial's name in monitoring's gauges"),
     ("ray.rllib.env.env_runner_group", "EnvRunnerGroup", "_worker_manager",
-     "SPPO._restart_stuck_runners: kill a stuck remote EnvRunner so that RLlib restarts it"),
+     "remote_env_runner_actor: kill a stuck remote EnvRunner so that RLlib restarts it"),
     ("ray.rllib.utils.actor_manager", "FaultTolerantActorManager", "_num_actor_restarts",
-     "SPPO._sample: EnvRunners Ray restarted unseen by RLlib count in fault_tolerance/num_remote_worker_restarts"),
-    ("ray.rllib.core.learner.learner_group", "LearnerGroup", "_get_results", "DeepSpeedLearnerGroup.get_state"),
-    # RLlib: Learner and TorchLearner
-    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_uncompiled_update",
-     "SPPOTorchLearner: overridden, micro-batches with gradient accumulation inside one minibatch"),
-    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_make_modules_ddp_if_necessary",
-     "SPPODeepSpeedLearner: overridden, DeepSpeed wraps the module instead of DDP"),
-    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_get_optimizer_state",
-     "SPPODeepSpeedLearner: overridden, the optimizer state of DeepSpeed's engines"),
-    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_set_optimizer_state",
-     "SPPODeepSpeedLearner: overridden"),
-    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_compute_off_policyness",
-     "SPPOTorchLearner._uncompiled_update: RLlib's off-policyness metric, as its own update logs it"),
-    ("ray.rllib.core.learner.learner", "Learner", "_optimizer_parameters", "SPPOTorchLearner: gradient clipping"),
-    ("ray.rllib.core.learner.learner", "Learner", "_params", "SPPOTorchLearner: the gradients of an update"),
-    ("ray.rllib.core.learner.learner", "Learner", "_weights_seq_no",
-     "SPPOTorchLearner.weight_chunks: the weights' sequence number sent with them"),
-    ("ray.rllib.core.learner.learner", "Learner", "_learner_connector",
-     "SPPOLearner.build: appends SPPO's advantage connector"),
-    # RLlib: EnvRunner, registries
+     "count_env_runner_restarts: runners Ray restarted unseen by RLlib count in num_remote_worker_restarts"),
+    ("ray.rllib.execution.rollout_ops", "synchronous_parallel_sample", "_uses_new_env_runners",
+     "sample_episodes: a keyword argument, episodes from new-stack EnvRunners"),
+    ("ray.rllib.execution.rollout_ops", "synchronous_parallel_sample", "_return_metrics",
+     "sample_episodes: a keyword argument, the runners' metrics returned with the episodes"),
     ("ray.rllib.env.single_agent_env_runner", "SingleAgentEnvRunner", "_try_env_reset",
-     "EpisodeEnvRunner: overridden, whole episodes per sample"),
+     "SingleAgentEnvRunnerHooks.reset_seed: EpisodeEnvRunner draws each reset's seed (new states every batch)"),
+    ("ray.rllib.core.learner.learner_group", "LearnerGroup", "_get_results", "learner_results: DeepSpeedLearnerGroup"),
     ("ray.tune.registry", None, "_global_registry",
-     "envs.classic.registered_creator (envs imports nothing of this package): envs registered with tune.register_env"),
-    ("ray.rllib.algorithms.registry", None, "ALGORITHMS", "the CLI: RLlib's algorithm names, resolved and suggested"),
+     "registered_env_creator: envs registered with tune.register_env (read for envs.classic's callers)"),
+    ("ray.rllib.algorithms.registry", None, "ALGORITHMS", "rllib_algorithms: the CLI resolves RLlib's algorithm names"),
+    ("ray._private.worker", None, "_global_node",
+     "grafana.dashboards_folder: this Ray session's folder (where its dashboard writes Grafana's dashboards)"),
+    ("ray.tune.execution.cluster_info", None, "_is_ray_cluster",
+     "autoscaling_cluster: the CLI's resource check (Tune's test for an autoscaling cluster, where nodes may come)"),
+    # RLlib: Learner and TorchLearner (through TorchLearnerHooks)
+    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_uncompiled_update",
+     "TorchLearnerHooks.minibatch_update: micro-batches with gradient accumulation inside one minibatch"),
+    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_make_modules_ddp_if_necessary",
+     "TorchLearnerHooks.wrap_modules_for_data_parallel: DeepSpeed wraps the modules instead of DDP"),
+    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_get_optimizer_state",
+     "TorchLearnerHooks.read_optimizer_state: the optimizer state of DeepSpeed's engines"),
+    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_set_optimizer_state",
+     "TorchLearnerHooks.write_optimizer_state"),
+    ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_compute_off_policyness",
+     "TorchLearnerHooks.log_off_policyness: RLlib's off-policyness metric, as its own update logs it"),
+    ("ray.rllib.core.learner.learner", "Learner", "_optimizer_parameters",
+     "TorchLearnerHooks.optimizers: zeroing the gradients of an update"),
+    ("ray.rllib.core.learner.learner", "Learner", "_params",
+     "TorchLearnerHooks.parameters_by_id: an update's gradients"),
+    ("ray.rllib.core.learner.learner", "Learner", "_weights_seq_no",
+     "TorchLearnerHooks.weights_seq_no: the weights' sequence number sent with them"),
+    ("ray.rllib.core.learner.learner", "Learner", "_learner_connector",
+     "learner_pipeline: SPPOLearner.build appends SPPO's advantage connector"),
+    # RLlib: the documented way to write an RLModule (DOCUMENTED_OVERRIDES)
+    ("ray.rllib.core.rl_module.torch.torch_rl_module", "TorchRLModule", "_forward",
+     "SPPOMLPModule, SPPOLLMModule: the forward pass (RLlib's RLModule guide: implement _forward)"),
     # DeepSpeed
     ("deepspeed.ops", None, "__compatible_ops__",
-     "the DeepSpeed learner: marks the shared-memory comm op unusable (it needs a compiler at run time)"),
+     "disable_deepspeed_shm_comm: the shared-memory comm op marked unusable (it needs a compiler at run time)"),
+    # vLLM (the engine in this process, weights reloaded in place, LoRA adapters swapped, sleep mode)
+    ("vllm.envs", "environment_variables", "VLLM_ENABLE_V1_MULTIPROCESSING",
+     "vllm_in_this_process: the engine core in the caller's process (collective_rpc reaches its worker)"),
+    ("vllm.entrypoints.llm", "LLM", "collective_rpc", "vllm_reload_weights"),
+    ("vllm.v1.worker.gpu_worker", "Worker", "reload_weights",
+     "vllm_reload_weights: the policy's new weights loaded in place, lazily from an iterator (CPUWorker inherits)"),
+    ("vllm.entrypoints.llm", "LLM", "llm_engine", "vllm_swap_lora: the engine under the offline LLM"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine", "add_lora", "vllm_swap_lora: the new adapter loaded now"),
+    ("vllm.v1.engine.llm_engine", "LLMEngine", "remove_lora", "vllm_swap_lora: the last adapter dropped"),
+    ("vllm.entrypoints.llm", "LLM", "sleep", "VLLMEngine.sleep: the KV cache (and weights) freed during the update"),
+    ("vllm.entrypoints.llm", "LLM", "wake_up", "VLLMEngine.wake_up"),
 )
+#: Private names that RLlib documents as the way to extend a class; overridden where they are implemented.
+DOCUMENTED_OVERRIDES = {"_forward"}
 
 
-def rllib_algorithms() -> dict:
-    """RLlib's algorithm registry: name -> a function returning (Algorithm class, default config)."""
-    from ray.rllib.algorithms.registry import ALGORITHMS
+# Accessors.
 
-    return ALGORITHMS
+def asked_for(checkpointable, component: str, components, not_components) -> bool:
+    """Whether a ``get_state(components, not_components=...)`` call asks for ``component``."""
+    return checkpointable._check_component(component, components, not_components)
+
+
+def subcomponents(checkpointable, component: str, components):
+    """The parts of ``components`` under ``component`` (e.g. ``learner/rl_module`` -> ``rl_module``)."""
+    return checkpointable._get_subcomponents(component, components)
+
+
+def learner_results(learner_group, results):
+    """The values of a ``foreach_learner`` call, errors raised."""
+    return learner_group._get_results(results)
+
+
+def learner_pipeline(learner):
+    """A learner's learner-connector pipeline (None without one)."""
+    return learner._learner_connector
+
+
+def trial_storage(trainable):
+    """The Tune trial's storage context (None outside Tune)."""
+    return trainable._storage
+
+
+def trial_info(trainable):
+    """The Tune trial's info (None outside Tune)."""
+    return trainable._trial_info
+
+
+def ray_session_dir() -> str:
+    """The folder of the Ray session this process is connected to (on a cluster: as named on its head node)."""
+    from ray._private import worker
+
+    return worker._global_node.get_session_dir_path()
 
 
 def remote_env_runner_actor(env_runner_group, index: int):
@@ -82,6 +152,37 @@ def count_env_runner_restarts(env_runner_group, n: int) -> None:
     env_runner_group._worker_manager._num_actor_restarts += n
 
 
+def sample_episodes(env_runner_group, *, max_env_steps: int, sample_timeout_s: float) -> tuple[list, list]:
+    """RLlib's synchronous sampling from new-stack EnvRunners: (episodes, the runners' metrics)."""
+    from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+
+    return synchronous_parallel_sample(worker_set=env_runner_group, max_env_steps=max_env_steps,
+                                       sample_timeout_s=sample_timeout_s, _uses_new_env_runners=True,
+                                       _return_metrics=True)
+
+
+def registered_env_creator(spec: str):
+    """The creator ``ray.tune.register_env`` registered under ``spec``, or None."""
+    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    return _global_registry.get(ENV_CREATOR, spec) if _global_registry.contains(ENV_CREATOR, spec) else None
+
+
+def rllib_algorithms() -> dict:
+    """RLlib's algorithm registry: name -> a function returning (Algorithm class, default config)."""
+    from ray.rllib.algorithms.registry import ALGORITHMS
+
+    return ALGORITHMS
+
+
+def autoscaling_cluster() -> bool:
+    """Whether Ray runs with an autoscaler that may add nodes (Tune's own test: the cluster launcher's bootstrap
+    config exists)."""
+    from ray.tune.execution.cluster_info import _is_ray_cluster
+
+    return _is_ray_cluster()
+
+
 def disable_deepspeed_shm_comm() -> None:
     """DeepSpeed's shared-memory comm op builds a C++ extension at run time; marked unusable, DeepSpeed uses gloo."""
     import deepspeed.ops
@@ -89,21 +190,141 @@ def disable_deepspeed_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def vllm_in_this_process() -> None:
+    """vLLM's engine core in this process (before the engine starts): ``vllm_reload_weights`` reaches its worker."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def vllm_reload_weights(llm, named_tensors) -> None:
+    """Loads (name, tensor) pairs into the engine's model in place, consuming the iterator lazily."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+
+
+def vllm_swap_lora(llm, request, previous=None) -> None:
+    """Serves the LoRA adapter ``request`` (a ``LoRARequest``) from now on, dropping ``previous`` (its request)."""
+    if previous is not None:
+        llm.llm_engine.remove_lora(previous.lora_int_id)
+    llm.llm_engine.add_lora(request)
+
+
+# Hooks: a private method overridden here calls a public one, which the package's subclasses override.
+
+class AlgorithmConfigHooks(AlgorithmConfig):
+    """RLlib's AlgorithmConfig with its private parts behind public names."""
+
+    def refuse(self, message: str) -> None:
+        """Refuses the config with ``message`` (RLlib: a ValueError; a warning when validation is off)."""
+        self._value_error(message)
+
+    def learner_connector_instance(self):
+        """The learner connector this config installs (built for no spaces), or None."""
+        return self._learner_connector(None, None) if self._learner_connector else None
+
+    def model_config_additions(self) -> dict:
+        """Hook: keys the algorithm adds to every RLModule's model_config (RLlib's ``_model_config_auto_includes``)."""
+        return {}
+
+    def sync_env_runner_states_each_iteration(self) -> bool:
+        """Hook: whether RLlib syncs the EnvRunners' connector states after every iteration (its default: yes)."""
+        return True
+
+    @property
+    def _model_config_auto_includes(self) -> dict:
+        return super()._model_config_auto_includes | self.model_config_additions()
+
+    def freeze(self) -> None:
+        if not self._is_frozen:
+            self._dont_auto_sync_env_runner_states = not self.sync_env_runner_states_each_iteration()
+        super().freeze()
+
+
+class TorchLearnerHooks(TorchLearner):
+    """RLlib's TorchLearner with its private update steps and state as public hooks, and its private attributes
+    behind public names."""
+
+    def minibatch_update(self, batch, **kwargs):
+        """Hook: one update on a minibatch, returning (forward outputs, losses, metrics) (RLlib's
+        ``TorchLearner._uncompiled_update``)."""
+        return super()._uncompiled_update(batch, **kwargs)
+
+    def wrap_modules_for_data_parallel(self) -> None:
+        """Hook: with several learners, RLlib wraps the modules in torch's DDP."""
+        super()._make_modules_ddp_if_necessary()
+
+    def read_optimizer_state(self) -> dict:
+        """Hook: the optimizers' state, for a checkpoint."""
+        return super()._get_optimizer_state()
+
+    def write_optimizer_state(self, state: dict) -> None:
+        """Hook: restores the optimizers' state."""
+        super()._set_optimizer_state(state)
+
+    def log_off_policyness(self, batch) -> None:
+        """RLlib's off-policyness metric of a batch, as its own update logs it."""
+        self._compute_off_policyness(batch)
+
+    @property
+    def optimizers(self):
+        """The learner's optimizers."""
+        return self._optimizer_parameters
+
+    @property
+    def parameters_by_id(self) -> dict:
+        """The learner's parameters by id."""
+        return self._params
+
+    @property
+    def weights_seq_no(self) -> int:
+        """The sequence number of the learner's current weights."""
+        return self._weights_seq_no
+
+    def _uncompiled_update(self, batch, **kwargs):
+        return self.minibatch_update(batch, **kwargs)
+
+    def _make_modules_ddp_if_necessary(self) -> None:
+        self.wrap_modules_for_data_parallel()
+
+    def _get_optimizer_state(self):
+        return self.read_optimizer_state()
+
+    def _set_optimizer_state(self, state) -> None:
+        self.write_optimizer_state(state)
+
+
+class SingleAgentEnvRunnerHooks(SingleAgentEnvRunner):
+    """RLlib's SingleAgentEnvRunner with the seed of each env reset as a public hook."""
+
+    def reset_seed(self, seed: int | None) -> int | None:
+        """Hook: the seed an env reset gets, given RLlib's (None: not seeded)."""
+        return seed
+
+    def _try_env_reset(self, *, seed=None, options=None):
+        return super()._try_env_reset(seed=self.reset_seed(seed), options=options)
+
+
 def missing() -> list[str]:
     """The entries of ``USED`` the installed versions lack: a class attribute or method that is gone, an instance
-    attribute that its class's source no longer assigns, a module attribute that is gone."""
-    import inspect
-
+    attribute its class's source no longer assigns, a function's keyword argument or a module attribute that is gone.
+    Entries of a package that is not installed (vLLM, DeepSpeed: optional) are not checked."""
     gone = []
-    for module_name, class_name, name, _ in USED:
-        module = importlib.import_module(module_name)
-        if class_name is None:
-            ok = hasattr(module, name)
+    for module_name, owner_name, name, _ in USED:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            if importlib.util.find_spec(module_name.split(".")[0]) is None:
+                continue  # an optional package this machine does not have
+            raise
+        owner = module if owner_name is None else getattr(module, owner_name, None)
+        if owner is None:
+            ok = False
+        elif isinstance(owner, dict):  # a registry, e.g. vLLM's environment variables
+            ok = name in owner
+        elif inspect.isfunction(owner):  # a keyword argument
+            ok = name in inspect.signature(owner).parameters
         else:
-            cls = getattr(module, class_name, None)
-            ok = cls is not None and (hasattr(cls, name) or any(
+            ok = hasattr(owner, name) or inspect.isclass(owner) and any(
                 f"self.{name} =" in inspect.getsource(base) or f"self.{name}: " in inspect.getsource(base)
-                for base in cls.__mro__ if base.__module__.startswith(module_name.split(".")[0])))
+                for base in owner.__mro__ if base.__module__.startswith(module_name.split(".")[0]))
         if not ok:
-            gone.append(f"{module_name}.{class_name + '.' if class_name else ''}{name}")
+            gone.append(f"{module_name}.{owner_name + '.' if owner_name else ''}{name}")
     return gone

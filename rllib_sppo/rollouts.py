@@ -11,10 +11,9 @@ import logging
 
 import ray
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
-from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
-from rllib_sppo.private_api import count_env_runner_restarts, remote_env_runner_actor
+from rllib_sppo.private_api import count_env_runner_restarts, remote_env_runner_actor, sample_episodes
 from rllib_sppo.watchdog import deadline
 
 logger = logging.getLogger(__name__)
@@ -76,9 +75,8 @@ class Rollouts:
                                "places in the data and the policy's weights.", restarted)
                 count_env_runner_restarts(group, len(restarted))
                 self.restore(restarted)
-        episodes, runner_metrics = synchronous_parallel_sample(
-            worker_set=group, max_env_steps=self.config.total_train_batch_size,
-            sample_timeout_s=self.config.sample_timeout_s, _uses_new_env_runners=True, _return_metrics=True)
+        episodes, runner_metrics = sample_episodes(group, max_env_steps=self.config.total_train_batch_size,
+                                                   sample_timeout_s=self.config.sample_timeout_s)
         self._probe_remote_runners()
         return episodes, runner_metrics
 

@@ -25,6 +25,7 @@ from rllib_sppo.config import SPPOConfig
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.critic import score_prompt_candidates
 from rllib_sppo.monitoring import BEFORE_TRAINING
+from rllib_sppo.private_api import asked_for
 from rllib_sppo.rollouts import Rollouts, learner_deadline
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
 
@@ -174,12 +175,12 @@ class SPPO(IntactCheckpoints, Algorithm):
         with learner_deadline(self.config, "reading the algorithm's state (the learners' weights and optimizer "
                               "states, for a checkpoint)", "learner_update_timeout_s"):
             state = super().get_state(components, not_components=not_components, **kwargs)
-        if self._check_component("rng", components, not_components):
+        if asked_for(self, "rng", components, not_components):
             state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),
                             "torch": torch.get_rng_state().numpy()}
         rollouts = getattr(self, "rollouts", None)
-        if rollouts and rollouts.group.num_remote_workers() and self._check_component(RUNNER_PLACES, components,
-                                                                                         not_components):
+        if rollouts and rollouts.group.num_remote_workers() and asked_for(self, RUNNER_PLACES, components,
+                                                                            not_components):
             if not self.config.async_rollouts:  # (async: the places of the batches trained on, kept when sampled)
                 rollouts.places.update({i: p for i, p in rollouts.read_places().items() if p is not None})
             if rollouts.places:
@@ -193,6 +194,11 @@ class SPPO(IntactCheckpoints, Algorithm):
             random.setstate(state["rng"]["python"])
             np.random.set_state(state["rng"]["numpy"])
             torch.set_rng_state(torch.from_numpy(state["rng"]["torch"]))
+        # The learning rates are this config's, not the checkpoint's optimizers' (Tune's PBT restores a better trial's
+        # checkpoint into a trial with a mutated lr; RLlib itself would set them only after the next update).
+        steps = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+        self.learner_group.foreach_learner(lambda learner: learner.after_gradient_based_update(
+            timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: steps}))
         if RUNNER_PLACES in state:
             places, group = state[RUNNER_PLACES], self.env_runner_group
             if not set(places) <= set(range(1, group.num_remote_workers() + 1)):

@@ -5,6 +5,7 @@ from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 
 from rllib_sppo.apis import TokenLogpAPI
 from rllib_sppo.connectors import SequenceAdvantage
+from rllib_sppo.private_api import learner_pipeline
 
 
 NONFINITE_SKIPPED = "numerics/skipped_updates"  # optimizer steps skipped for a non-finite loss/gradient
@@ -15,8 +16,8 @@ class SPPOLearner(Learner):
     def build(self) -> None:
         super().build()
         # The advantage is SPPO itself, so it is appended even to a custom pipeline.
-        if self._learner_connector is not None:
-            self._learner_connector.append(
+        if learner_pipeline(self) is not None:
+            learner_pipeline(self).append(
                 SequenceAdvantage(estimator=self.config.advantage_estimator,
                                   critic_loss=self.config.resolved_critic_loss,
                                   normalize=self.config.normalize_advantage,

@@ -1,12 +1,67 @@
-"""The private internals of RLlib, Tune and DeepSpeed the package overrides or reads still exist in the pinned
-versions (``rllib_sppo.private_api``): an upgrade that drops one fails here, by name."""
+"""``rllib_sppo.private_api`` is the one door to the internals of RLlib, Ray, DeepSpeed and vLLM: every internal it
+lists still exists in the pinned versions (an upgrade that drops one fails here, by name), it lists every internal it
+reaches, and nothing else in the package (``rllib_sppo`` and ``envs``) reaches one."""
 
 import ast
+import importlib
+import inspect
 from pathlib import Path
 
 from rllib_sppo import private_api
 
 REPO = Path(__file__).resolve().parents[1]
+DOOR = REPO / "rllib_sppo" / "private_api.py"
+FOREIGN = ("ray", "deepspeed", "vllm")
+#: Private names of the standard library the package calls (documented there): not a door's business.
+STDLIB = {"_exit"}  # os._exit, the watchdog's way out of a stuck process
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name != "_abc_impl"  # (every ABC's, Python's)
+
+
+def sources() -> list[Path]:
+    return sorted([*REPO.glob("rllib_sppo/**/*.py"), *REPO.glob("envs/**/*.py")])
+
+
+def defined_here() -> set[str]:
+    """Private names the package defines itself (outside the door): functions, classes, attributes it assigns."""
+    names = set()
+    for path in sources():
+        if path == DOOR:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.keyword) and node.arg:  # SimpleNamespace(_x=...)-style objects of its own
+                names.add(node.arg)
+    return {name for name in names if is_private(name)}
+
+
+def private_uses(path: Path, ours: set[str]) -> list[tuple[str, int]]:
+    """(name, line) of the private names of other packages a file reaches: imported (or their private modules),
+    read as an attribute, passed as a keyword argument."""
+    uses = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in FOREIGN:
+            uses += [(a.name, node.lineno) for a in node.names if is_private(a.name)]
+            uses += [(part, node.lineno) for part in node.module.split(".") if is_private(part)]
+        elif isinstance(node, ast.Attribute) and is_private(node.attr) and node.attr not in ours | STDLIB:
+            uses.append((node.attr, node.lineno))
+        elif isinstance(node, ast.Call):
+            uses += [(k.arg, node.lineno) for k in node.keywords if k.arg and is_private(k.arg) and k.arg not in ours]
+    return uses
+
+
+def package_classes():
+    for path in sources():
+        module = importlib.import_module(".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(
+            ".__init__"))
+        yield from (c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == module.__name__)
 
 
 def test_every_private_internal_used_still_exists():
@@ -19,18 +74,46 @@ def test_a_missing_internal_is_named(monkeypatch):
     assert private_api.missing() == ["ray.rllib.core.learner.learner.Learner._no_such_thing"]
 
 
-def test_private_objects_of_other_packages_are_read_only_through_the_module():
-    """Outside private_api (and envs.classic's one registry read), no import of a private name from ray or deepspeed,
-    and no reference to the private objects listed as module attributes."""
-    module_attrs = {name for _, cls, name, _ in private_api.USED if cls is None}
-    allowed = {REPO / "rllib_sppo" / "private_api.py", REPO / "envs" / "classic.py"}
+def test_nothing_outside_the_door_reads_a_private_internal():
+    """No private import from ray, deepspeed or vllm, no read of a private attribute the package does not define
+    itself, no private keyword argument: anywhere in rllib_sppo or envs but private_api.py."""
+    ours = defined_here()
+    offenders = {str(path.relative_to(REPO)): uses for path in sources() if path != DOOR
+                 for uses in [private_uses(path, ours)] if uses}
+    assert offenders == {}
+
+
+def test_nothing_outside_the_door_overrides_a_private_internal():
+    """A class of the package defines no private method or attribute that a base class of ray, deepspeed or vllm has
+    (which would override it unseen), but for the hook classes in private_api.py and RLlib's documented ``_forward``
+    of an RLModule."""
     offenders = []
-    for path in [*REPO.glob("rllib_sppo/**/*.py"), *REPO.glob("envs/**/*.py")]:
-        if path in allowed:
+    for cls in package_classes():
+        if cls.__module__ == private_api.__name__:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("ray", "deepspeed"):
-                offenders += [f"{path.name}: {a.name}" for a in node.names if a.name in module_attrs]
-            if isinstance(node, ast.Attribute) and node.attr in module_attrs | {"_worker_manager"}:
-                offenders.append(f"{path.name}: .{node.attr}")
+        foreign = [b for b in cls.__mro__ if b.__module__.split(".")[0] in FOREIGN]
+        source = inspect.getsource(cls)
+        names = {n for n in vars(cls) if is_private(n)} | {
+            n.attr for n in ast.walk(ast.parse(inspect.cleandoc("\n" + source)))
+            if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and is_private(n.attr)}
+        for name in sorted(names - private_api.DOCUMENTED_OVERRIDES):
+            if any(name in vars(base) or f"self.{name} =" in inspect.getsource(base) for base in foreign):
+                offenders.append(f"{cls.__name__}.{name}")
     assert offenders == []
+
+
+def test_the_door_lists_every_internal_it_reaches():
+    """Every private name private_api.py reaches (imports, attributes, keyword arguments, overrides) is in USED, and
+    the vLLM internals it lists are called nowhere else."""
+    listed = {name for _, _, name, _ in private_api.USED}
+    listed |= {part for module, _, _, _ in private_api.USED for part in module.split(".") if is_private(part)}
+    reached = {name for name, _ in private_uses(DOOR, set())}
+    hooks = [c for c in vars(private_api).values() if inspect.isclass(c) and c.__module__ == private_api.__name__]
+    reached |= {name for c in hooks for name in vars(c) if is_private(name)}
+    assert reached - listed == set()
+    vllm_names = {name for module, _, name, _ in private_api.USED if module.startswith("vllm")} - {"sleep", "wake_up"}
+    elsewhere = [f"{path.name}: {node.attr if isinstance(node, ast.Attribute) else node.value}"
+                 for path in sources() if path != DOOR for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Attribute) and node.attr in vllm_names
+                 or isinstance(node, ast.Constant) and node.value in vllm_names]
+    assert elsewhere == []

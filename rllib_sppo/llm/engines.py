@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from rllib_sppo.llm.lora import VLLM_LORA_RANKS, peft_config
+from rllib_sppo.private_api import vllm_in_this_process, vllm_reload_weights, vllm_swap_lora
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,7 @@ class VLLMEngine:
     def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, sleep_level: int = 0,
                  lora: dict | None = None, **_):
-        # In-process engine core: required for in-place weight reloads via collective_rpc.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm_in_this_process()  # in-place weight reloads reach the engine core's worker
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no INFO lines on every weight sync
         try:
@@ -196,9 +196,7 @@ class VLLMEngine:
         if self.lora:
             self._load_adapter(named_tensors)
         else:
-            # The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): the iterator is consumed
-            # lazily, a chunk of weights at a time.
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+            vllm_reload_weights(self.llm, named_tensors)  # consumed lazily, a chunk of weights at a time
         self.llm.reset_prefix_cache()
 
     def _load_adapter(self, named_tensors) -> None:
@@ -209,12 +207,10 @@ class VLLMEngine:
 
         save_file({f"base_model.model.{name}": tensor.contiguous() for name, tensor in named_tensors},
                   f"{self._adapter_dir}/adapter_model.safetensors")
-        adapter_id = 1
-        if self._adapter is not None:
-            adapter_id = self._adapter.lora_int_id + 1
-            self.llm.llm_engine.remove_lora(self._adapter.lora_int_id)
+        previous = self._adapter
+        adapter_id = 1 if previous is None else previous.lora_int_id + 1
         self._adapter = LoRARequest(f"policy-{adapter_id}", adapter_id, self._adapter_dir)
-        self.llm.llm_engine.add_lora(self._adapter)
+        vllm_swap_lora(self.llm, self._adapter, previous)
 
     def sleep(self, level: int) -> None:
         self.llm.sleep(level=level)

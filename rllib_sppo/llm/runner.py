@@ -42,12 +42,12 @@ from ray.rllib.utils.checkpoints import Checkpointable
 from ray.rllib.utils.metrics.metrics_logger import MetricsLogger
 
 import envs  # noqa: F401  (registers ReasoningBandit-v0 in this process: a remote EnvRunner's too)
-from envs.classic import registered_creator
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.engines import GenerationConfig, make_engine
 from rllib_sppo.llm.lora import resolve_lora
 from rllib_sppo.llm.models import resolve_model
 from rllib_sppo.llm.sampler import EpochSampler, PromptPool
+from rllib_sppo.private_api import asked_for, registered_env_creator
 from rllib_sppo.watchdog import deadline
 
 
@@ -97,7 +97,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if env_config.get("chat_template_model") is not None:
             env_config["chat_template_model"] = resolve_model(env_config["chat_template_model"])
         ctx = EnvContext(env_config, worker_index=self.worker_index, vector_index=0)
-        creator = registered_creator(self.config.env)
+        creator = registered_env_creator(self.config.env)
         if creator is not None:
             return creator(ctx).unwrapped
         return gym.make(self.config.env, env_config=ctx).unwrapped
@@ -255,7 +255,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
 
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
-        if self._check_component("data", components, not_components):  # the place in the epochs of prompts
+        if asked_for(self, "data", components, not_components):  # the place in the epochs of prompts
             state["data"] = {"runner": self.worker_index, "sampler": self.sampler.get_state(),
                              "num_prompts": self._num_prompts,
                              **({"prompt_pool": self.prompt_pool.get_state()} if self.prompt_pool else {})}

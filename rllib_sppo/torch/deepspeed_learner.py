@@ -25,7 +25,8 @@ from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 from ray.rllib.core.learner.learner_group import LearnerGroup
 
 from rllib_sppo.apis import SeparateNetworksAPI
-from rllib_sppo.private_api import disable_deepspeed_shm_comm
+from rllib_sppo.private_api import (asked_for, disable_deepspeed_shm_comm, learner_results,
+                                    subcomponents)
 from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
 
 INSTALL = "pip install 'rllib-sppo[deepspeed]'"
@@ -143,7 +144,7 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
         module.run_networks_with(**engines)
         self._engines[module_id] = engines
 
-    def _make_modules_ddp_if_necessary(self) -> None:
+    def wrap_modules_for_data_parallel(self) -> None:
         """DeepSpeed's engines, not DDP, hold the networks."""
 
     # The update is the torch learner's (micro-batches accumulated into one step per minibatch); only its steps
@@ -213,7 +214,7 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
 
     def get_state(self, components=None, *, not_components=None, **kwargs):
         networks = ()
-        if self._check_component(COMPONENT_RL_MODULE, components, not_components):
+        if asked_for(self, COMPONENT_RL_MODULE, components, not_components):
             networks = ("policy",) if kwargs.get("inference_only") else ("policy", "critic")
         with self._whole_parameters(networks=networks):
             state = super().get_state(components, not_components=not_components, **kwargs)
@@ -241,7 +242,7 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
         with self._whole_parameters(write=True):
             super().restore_from_path(*args, **kwargs)
 
-    def _get_optimizer_state(self):
+    def read_optimizer_state(self):
         """Every learner's partition of each engine's optimizer state, in learner (ZeRO rank) order."""
         # (Detached: ZeRO-2 hands out views of its fp32 partitions, which carry autograd history.)
         local = {f"{module_id}_{name}": tree.map_structure(lambda x: x.detach().cpu() if torch.is_tensor(x) else x,
@@ -252,7 +253,7 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
         return {key: {"module_id": module_id, "partitions": [p[key] for p in partitions]}
                 for module_id, engines in self._engines.items() for key in (f"{module_id}_{n}" for n in engines)}
 
-    def _set_optimizer_state(self, state) -> None:
+    def write_optimizer_state(self, state) -> None:
         if self._gathered:  # written with the weights: loaded once they are in place (see _whole_parameters)
             self._pending_optimizer_state = state
         else:
@@ -281,11 +282,11 @@ class DeepSpeedLearnerGroup(LearnerGroup):
     partitions collectively, where RLlib asks the first learner alone. (Writing a state already reaches all.)"""
 
     def get_state(self, components=None, *, not_components=None, **kwargs):
-        if self.is_local or not self._check_component(COMPONENT_LEARNER, components, not_components):
+        if self.is_local or not asked_for(self, COMPONENT_LEARNER, components, not_components):
             return super().get_state(components, not_components=not_components, **kwargs)
-        comps = self._get_subcomponents(COMPONENT_LEARNER, components)
-        not_comps = self._get_subcomponents(COMPONENT_LEARNER, not_components)
-        states = self._get_results(self.foreach_learner(
+        comps = subcomponents(self, COMPONENT_LEARNER, components)
+        not_comps = subcomponents(self, COMPONENT_LEARNER, not_components)
+        states = learner_results(self, self.foreach_learner(
             lambda learner: learner.get_state_collectively(comps, not_components=not_comps, **kwargs)))
         return {COMPONENT_LEARNER: next(state for state in states if state is not None)}
 

@@ -14,11 +14,11 @@ import torch
 
 from ray.rllib.core import COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
-from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 
 from rllib_sppo.connectors import CRITIC_MASK, VALUES_OLD, critic_output
 from rllib_sppo.core import critic_bce_loss, critic_mse_loss, masked_mean, ppo_clip_loss, truncated_is_weights
 from rllib_sppo.estimators import ESTIMATORS
+from rllib_sppo.private_api import TorchLearnerHooks
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
 
 MINIBATCH = "_sppo_minibatch"  # batch key of a micro-batch: its minibatch's counts and diagnostics (a Minibatch)
@@ -48,7 +48,7 @@ class Minibatch:
                 torch.minimum(old, value) if key.endswith("_min") else old + value)
 
 
-class SPPOTorchLearner(SPPOLearner, TorchLearner):
+class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
     _nonfinite_streak = 0
 
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
@@ -62,9 +62,9 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
                                         optimizer=torch.optim.AdamW(params, weight_decay=wd),
                                         params=params, lr_or_lr_schedule=lr)
 
-    def _uncompiled_update(self, batch, **kwargs):
+    def minibatch_update(self, batch, **kwargs):
         """One optimizer step on a minibatch, accumulated over its micro-batches."""
-        self._compute_off_policyness(batch)
+        self.log_off_policyness(batch)
         self._zero_gradients()
         fwd_out, losses = {}, {}
         for module_id, module_batch in batch.items():
@@ -128,7 +128,7 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
         """
         state = self.get_state(components=COMPONENT_RL_MODULE, inference_only=True)[COMPONENT_RL_MODULE]
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            return [], self._weights_seq_no
+            return [], self.weights_seq_no
         dtype = getattr(self.module[DEFAULT_MODULE_ID].unwrapped(), "compute_dtype", None)
         chunks, chunk, size = [], {}, 0
         for name, value in state[DEFAULT_MODULE_ID].items():
@@ -142,7 +142,7 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
             chunk[name], size = tensor, size + nbytes
         if chunk:
             chunks.append(ray.put(chunk))
-        return chunks, self._weights_seq_no
+        return chunks, self.weights_seq_no
 
     def prompt_values(self, texts: list[str]):
         """The sequence critic's logit for each prompt text, before any response (``SPPOLLMModule.prompt_values``),
@@ -152,7 +152,7 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
     # The accumulation steps, which the DeepSpeed learner replaces.
 
     def _zero_gradients(self) -> None:
-        for optim in self._optimizer_parameters:
+        for optim in self.optimizers:
             optim.zero_grad(set_to_none=True)
 
     def _accumulating(self, module_id, last: bool):
@@ -166,7 +166,7 @@ class SPPOTorchLearner(SPPOLearner, TorchLearner):
         loss.backward()
 
     def _step(self) -> None:
-        gradients = {pid: p.grad for pid, p in self._params.items() if p.grad is not None}
+        gradients = {pid: p.grad for pid, p in self.parameters_by_id.items() if p.grad is not None}
         self.apply_gradients(self.postprocess_gradients(gradients))
 
     def apply_gradients(self, gradients_dict) -> None:
