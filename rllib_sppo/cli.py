@@ -23,7 +23,8 @@ import shlex
 import sys
 import time
 
-from rllib_sppo.experiments import UsageError, build_config, load_experiments, resolve_algorithm
+from rllib_sppo.cluster import check_resources
+from rllib_sppo.experiments import UsageError, build_config, load_experiments, resolve_algorithm, tune_object
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1  # a trial failed (its error is printed)
@@ -58,6 +59,8 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
             config.validate()
         except ValueError as e:
             raise UsageError(f"{where}: invalid config: {str(e).splitlines()[0]}") from None
+    scheduler, search_alg = (tune_object(kind, exp[kind], where) if exp.get(kind) else None
+                             for kind in ("scheduler", "search_alg"))
     ckpt = {"checkpoint_at_end": True, **exp.get("checkpoint_config", {})}
     storage = os.path.abspath(os.path.expanduser(storage_path or exp.get("storage_path") or "~/ray_results"))
     callbacks = [wandb_callback(exp["wandb"], os.path.join(storage, name))] if exp.get("wandb") is not None else []
@@ -72,13 +75,16 @@ def run_experiment(name: str, exp: dict, where: str, storage_path: str | None, s
         if not tune.Tuner.can_restore(path):
             raise UsageError(f"{where}: nothing to resume: no experiment {name!r} in {storage}")
         start_ray()
+        check_resources(algo_cls, config, bool(swept), where)
         tuner = tune.Tuner.restore(path, trainable=algo_cls, resume_errored=True)
     else:
         start_ray()
+        check_resources(algo_cls, config, bool(swept), where)
         tuner = tune.Tuner(
             algo_cls,
             param_space=config,
-            tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1)),
+            tune_config=tune.TuneConfig(num_samples=exp.get("num_samples", 1), scheduler=scheduler,
+                                        search_alg=search_alg),
             run_config=tune.RunConfig(
                 name=name, stop=stop, verbose=0, callbacks=callbacks,  # the console: Progress's lines, then a summary
                 storage_path=storage, failure_config=tune.FailureConfig(max_failures=exp.get("max_failures", 0)),
@@ -179,10 +185,13 @@ def start_ray() -> None:
     the console to ``Progress``."""
     import ray
 
+    from rllib_sppo.grafana import install_dashboard
+
     # Tune's console tables print even at verbose=0 unless its legacy output is chosen (which then prints nothing).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not ray.is_initialized():
         ray.init(runtime_env={"worker_process_setup_hook": "rllib_sppo.monitoring.quiet_console"})
+    install_dashboard()  # SPPO's Grafana dashboard beside Ray's (docs/monitoring.md)
 
 
 def wandb_callback(options: dict, run_dir: str):

@@ -19,7 +19,7 @@ class UsageError(Exception):
 
 
 EXPERIMENT_KEYS = {"run", "env", "config", "stop", "storage_path", "checkpoint_config", "num_samples", "wandb",
-                   "max_failures"}
+                   "max_failures", "scheduler", "search_alg"}
 # Config keys that AlgorithmConfig.update_from_dict understands without a same-named attribute.
 SPECIAL_CONFIG_KEYS = {"multiagent", "model", "optimizer", "env_config", "callbacks", "model_config",
                        "rl_module_spec", "lambda", "num_workers", "framework", "input", "learner_connector",
@@ -73,6 +73,39 @@ def load_experiments(path: str) -> dict:
     return spec
 
 
+def tune_object(kind: str, spec, where: str):
+    """A Tune scheduler (``kind`` "scheduler") or search algorithm ("search_alg") from its YAML block ``{type: NAME,
+    **arguments}``: NAME as Tune's ``create_scheduler`` / ``create_searcher`` know it (``async_hyperband``, ``pbt``,
+    ``pb2``, ``optuna``, ...) or a scheduler's class name (``ASHAScheduler``, ``PopulationBasedTraining``). Unlike
+    those functions, an argument the class does not take is refused, not dropped."""
+    import inspect
+
+    from ray.tune import schedulers, search
+
+    registry = schedulers.SCHEDULER_IMPORT if kind == "scheduler" else search.SEARCH_ALG_IMPORT
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise UsageError(f"{where}: {kind} must be a mapping with a type, e.g. {kind}: {{type: "
+                         f"{'async_hyperband' if kind == 'scheduler' else 'optuna'}, metric: ..., mode: max}}")
+    kwargs = dict(spec)
+    name = kwargs.pop("type")
+    cls = registry.get(name.lower()) or getattr(schedulers if kind == "scheduler" else search, name, None)
+    if cls is not None and not inspect.isclass(cls):  # Tune imports some lazily (PB2, every searcher)
+        cls = cls()
+    if not inspect.isclass(cls):
+        raise UsageError(f"{where}: unknown {kind} {name!r}; Tune has {sorted(registry)}")
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        for key in kwargs:
+            if key not in params:
+                close = difflib.get_close_matches(key, list(params), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UsageError(f"{where}: {kind} {name} has no argument {key!r}{hint}; it takes {', '.join(params)}")
+    try:
+        return cls(**kwargs)
+    except (ImportError, AssertionError, RuntimeError, TypeError, ValueError) as e:  # a missing package, a bad value
+        raise UsageError(f"{where}: {kind} {name}: {str(e).strip().splitlines()[0]}") from None
+
+
 def resolve_algorithm(name: str, where: str):
     """The algorithm class ``run: NAME`` names: SPPO, or one of RLlib's (importing only that one: Tune's own lookup
     imports every algorithm, DreamerV3's warnings included)."""
@@ -93,12 +126,14 @@ def resolve_env(env: str, env_config: dict | None, where: str) -> None:
     """Checks ``env`` (a registered id, gymnasium's ``module:Id`` or a dotted path to an env class or creator) and
     ``env_config``'s ``outcome``, and registers it with Tune where RLlib would not find it by itself."""
     from envs.classic import check_env_spec, register_env_spec
+    from rllib_sppo.private_api import registered_env_creator
 
+    registered = registered_env_creator(env) is not None
     try:
-        check_env_spec(env, env_config)
+        check_env_spec(env, env_config, registered=registered)
     except ValueError as e:
         raise UsageError(f"{where}: {e}") from None
-    register_env_spec(env, env_config)
+    register_env_spec(env, env_config, registered=registered)
 
 
 def build_config(algo_cls, env: str | None, cfg: dict, where: str):

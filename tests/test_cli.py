@@ -67,21 +67,21 @@ def test_console_script_prints_nothing_before_the_error(tmp_path, text, message)
 
 
 @pytest.mark.system
-def test_acrobot_outcome_from_yaml_alone(tmp_path, capsys, ray_session):
-    """tuned_examples/acrobot_sppo.yaml: a plain gymnasium id under env_config.outcome, sampled by a remote
-    EnvRunner, through the console script in a fresh process; its console has nothing but progress, the summary and
-    Ray's own start line; the checkpoint evaluates (in this process) on the same outcome."""
+def test_any_gymnasium_env_from_yaml_alone(tmp_path, capsys, ray_session):
+    """tuned_examples/frozenlake_sppo.yaml: a plain gymnasium id (a Discrete observation) under env_config.outcome,
+    sampled by a remote EnvRunner, through the console script in a fresh process; its console has nothing but
+    progress, the summary and Ray's own start line; the checkpoint evaluates (in this process) on the same outcome."""
     from rllib_sppo.monitoring import KNOWN_NOISE
 
     storage = tmp_path / "results"
     out = subprocess.run(
-        [sys.executable, "-m", "rllib_sppo.cli", "train", "file", "tuned_examples/acrobot_sppo.yaml",
+        [sys.executable, "-m", "rllib_sppo.cli", "train", "file", "tuned_examples/frozenlake_sppo.yaml",
          "--stop", '{"training_iteration": 2}', "--storage-path", str(storage),
          "--config", '{"num_env_runners": 1, "train_batch_size_per_learner": 500, "minibatch_size": 250}'],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["env"] == "Acrobot-v1" and summary["training_iteration"] == 2 and summary["env_steps"] >= 1000
+    assert summary["env"] == "FrozenLake-v1" and summary["training_iteration"] == 2 and summary["env_steps"] >= 1000
     assert 0.0 <= summary["episode_return_mean"] <= 1.0
     err = out.stderr
     for _, pattern in KNOWN_NOISE:
@@ -89,12 +89,12 @@ def test_acrobot_outcome_from_yaml_alone(tmp_path, capsys, ray_session):
     assert "Warning" not in err and "WARN" not in err, err
     checkpoint = summary["best_checkpoint"]
     assert f"rllib: evaluate it: rllib evaluate {checkpoint}\n" in err
-    assert f"rllib: curves: {summary['curves']}" in err and "rllib: done: acrobot-sppo (SPPO on Acrobot-v1)" in err
-    assert main(["evaluate", checkpoint, "--episodes", "2"]) == 0
+    assert f"rllib: curves: {summary['curves']}" in err and "rllib: done: frozenlake-sppo (SPPO on FrozenLake-v1)" in err
+    assert main(["evaluate", checkpoint, "--episodes", "20"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["episodes"] == 2 and -500.0 <= report["raw_return_mean"] <= 0.0
-    # The return_range [-500, 0] outcome of each episode: (raw return + 500) / 500.
-    assert report["episode_return_mean"] == pytest.approx((report["raw_return_mean"] + 500.0) / 500.0)
+    assert report["episodes"] == 20 and 0.0 <= report["raw_return_mean"] <= 1.0
+    # The return_range [0, 1] outcome of each episode is its return: 1 at the goal, else 0.
+    assert report["episode_return_mean"] == pytest.approx(report["raw_return_mean"])
 
 
 @pytest.mark.system

@@ -213,3 +213,53 @@ def test_quiet_console_drops_only_the_known_lines():
                              (texts[1], "gymnasium.envs.registration")]:
             warnings.warn_explicit(text, UserWarning, "registration.py", 636, module=module, registry={})
     assert [str(w.message) for w in caught] == texts
+
+
+SELECTOR = re.compile(r'([a-zA-Z_:][\w:]*)?\{([^}]*)\}')
+MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def selected(selector: tuple, series: list, trial: str) -> list:
+    """The scraped ``series`` ((name, {label: value})) a PromQL selector (name, label matchers) picks, ``$trial`` being
+    ``trial``; Prometheus anchors its regular expressions."""
+    name, body = selector
+    matchers = [(k, op, v) for k, op, v in MATCHER.findall(body.replace("$trial", trial))]
+    if name:
+        matchers.append(("__name__", "=", name))
+    ops = {"=": lambda a, b: a == b, "!=": lambda a, b: a != b, "=~": lambda a, b: re.fullmatch(b, a) is not None,
+           "!~": lambda a, b: re.fullmatch(b, a) is None}
+    return [(n, labels) for n, labels in series
+            if all(ops[op]({"__name__": n, **labels}.get(k, ""), v) for k, op, v in matchers)]
+
+
+@pytest.mark.system
+def test_every_grafana_panel_queries_series_a_real_run_exports(ray_with_dashboard, tmp_path, tiny_llm_experiment):
+    """SPPO's Grafana dashboard is installed beside Ray's own, and every query of every panel picks series that a real
+    LLM run (held-out evaluation every iteration) exports on Ray's metrics endpoint, with the run's trial as its row."""
+    import threading
+
+    from rllib_sppo.grafana import FILE, PANELS, dashboard, dashboards_folder
+
+    _, metrics = ray_with_dashboard
+    path = tiny_llm_experiment("grafana", evaluation_interval=1, eval_samples_per_prompt=2)
+    run = threading.Thread(target=main, args=(["train", "file", path, "--storage-path", str(tmp_path / "results"),
+                                               "--stop", '{"training_iteration": 8}'],), daemon=True)
+    run.start()
+    exprs = [expr for _, _, targets in PANELS for expr, _ in targets]
+    deadline, missing = time.monotonic() + 300, exprs
+    while time.monotonic() < deadline and missing:  # the agent exports every few seconds, the run ends after 8
+        time.sleep(2)
+        text = urllib.request.urlopen(metrics, timeout=10).read().decode()
+        series = [(f"ray_{name}", dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', tags)))
+                  for name, tags, _ in SERIES.findall(text)]
+        trials = {labels["trial"] for name, labels in series if labels.get("experiment") == "grafana"}
+        missing = [e for e in exprs if not trials or not all(selected(s, series, sorted(trials)[0])
+                                                              for s in SELECTOR.findall(e))]
+    run.join(timeout=300)
+    assert missing == [] and len(trials) == 1, (missing, sorted({n for n, _ in series}))
+    installed = Path(dashboards_folder()) / FILE
+    assert installed.parent.name == "dashboards" and (installed.parent / "default_grafana_dashboard.json").exists()
+    assert json.loads(installed.read_text()) == dashboard()
+    # The dashboard's rows repeat per trial, and each panel filters to the row's trial.
+    row, *panels = dashboard()["panels"]
+    assert row["repeat"] == "trial" and all('trial=~"$trial"' in t["expr"] for p in panels for t in p["targets"])

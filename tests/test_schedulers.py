@@ -1,0 +1,165 @@
+"""Tune's schedulers and search algorithms from a YAML, run by `rllib train file`: ASHA stops trials at its rungs, PBT
+restores a better trial's checkpoint into a worse one (weights, optimizers, the sampler's place, the random state)
+with a mutated lr that the next update uses."""
+
+import glob
+import json
+import os
+import random
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import envs  # noqa: F401
+from rllib_sppo import SPPOConfig
+from rllib_sppo.cli import main
+from rllib_sppo.experiments import load_experiments, tune_object
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+@pytest.mark.parametrize("block, message", [
+    ("scheduler: {type: asha}", "unknown scheduler 'asha'; Tune has ['async_hyperband', "),
+    ("scheduler: {type: ASHAScheduler, grace: 2}", "scheduler ASHAScheduler has no argument 'grace'"),
+    ("scheduler: async_hyperband", "scheduler must be a mapping with a type"),
+    ("scheduler: {type: pb2, metric: m, mode: max, hyperparam_bounds: {lr: [0.001, 0.01]}}",
+     "scheduler pb2: Please install scikit-learn to use PB2."),
+    ("search_alg: {type: optuna, metric: m, mode: max}", "search_alg optuna: Optuna must be installed! Run `pip "
+                                                          "install optuna`."),
+    ("search_alg: {type: no_such_search}", "unknown search_alg 'no_such_search'"),
+])
+def test_a_bad_scheduler_or_search_block_is_one_line_and_exit_2(tmp_path, capsys, block, message):
+    path = write(tmp_path, f"x:\n  run: SPPO\n  env: OutcomeCartPole-v1\n  stop: {{training_iteration: 1}}\n  {block}\n")
+    assert main(["train", "file", path, "--storage-path", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rllib: error: {path}: {message}" + err.split(message, 1)[1] and err.count("\n") == 1, err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("path, scheduler, trials", [
+    ("tuned_examples/arith_tiny_sppo_asha.yaml", "AsyncHyperBandScheduler", 8),
+    ("tuned_examples/arith_tiny_sppo_pbt.yaml", "PopulationBasedTraining", 4),
+])
+def test_the_scheduler_examples_build_their_schedulers(path, scheduler, trials):
+    from ray.tune.search.variant_generator import generate_variants
+
+    (name, exp), = load_experiments(path).items()
+    built = tune_object("scheduler", exp["scheduler"], path)
+    assert type(built).__name__ == scheduler and built.metric == "evaluation/env_runners/accuracy/avg@4"
+    assert len(list(generate_variants(exp["config"]))) == trials
+
+
+def test_a_checkpoint_restored_under_a_new_lr_trains_with_it_from_the_checkpoints_place_and_random_state(tmp_path):
+    """What PBT's exploit does: a trial built with a mutated config restores a better trial's checkpoint. The restored
+    trial draws on from the checkpoint's place in the data with the checkpoint's random state, and its optimizers
+    take the new config's learning rate at once (RLlib alone keeps the checkpoint's until after the next update)."""
+    from rllib_sppo.llm.assets import build_tiny_llama
+
+    tiny = build_tiny_llama(tmp_path / "tiny", seed=0)
+
+    def config(lr):
+        return (SPPOConfig().llm(policy=tiny, engine="transformers")
+                .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 40,
+                                                               "chat_template_model": tiny})
+                .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
+                .training(lr=lr, critic_lr=1e-3, train_batch_size_per_learner=8, minibatch_size=8,
+                          max_response_tokens=4)
+                .debugging(seed=0))
+
+    def lrs(algo):
+        return {name: optimizer.param_groups[0]["lr"]
+                for name, optimizer in algo.learner_group._learner._named_optimizers.items()}
+
+    better = config(1e-3).build_algo()
+    for _ in range(2):
+        better.train()
+    path = better.save_to_path(str(tmp_path / "ckpt"))
+    place = better.env_runner.sampler.get_state()
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())  # what the checkpoint's generators draw next
+    better.stop()
+    exploiting = config(1e-2).build_algo()
+    exploiting.restore_from_path(path)
+    assert exploiting.env_runner.sampler.get_state() == place == {"epoch": 0, "pos": 16}
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+    assert lrs(exploiting) == {"default_policy_policy": 1e-2, "default_policy_critic": 1e-3}
+    result = exploiting.train()
+    assert result["training_iteration"] == 3 and exploiting.env_runner.sampler.get_state() == {"epoch": 0, "pos": 24}
+    exploiting.stop()
+
+
+def summaries(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.system
+def test_asha_from_yaml_stops_the_trials_below_its_cutoff(ray_session, tmp_path, capsys):
+    """Four trials, one at a time (each holds both CPUs), ASHA's rungs at iterations 1 and 2 on a metric known in
+    advance (each trial's learning rate, highest first): the first trial trains to max_t, each later one is below the
+    median of those recorded at rung 1 and is stopped there."""
+    path = write(tmp_path, """\
+        asha:
+          run: SPPO
+          env: OutcomeCartPole-v1
+          stop: {training_iteration: 3}
+          scheduler: {type: ASHAScheduler, time_attr: training_iteration, metric: learners/default_policy/policy_lr,
+                      mode: max, max_t: 3, grace_period: 1, reduction_factor: 2}
+          config:
+            seed: 0
+            num_env_runners: 0
+            num_cpus_for_main_process: 2
+            lr: {grid_search: [0.004, 0.002, 0.001, 0.0005]}
+            train_batch_size_per_learner: 200
+            minibatch_size: 100
+            model_config: {pi_hiddens: [8], vf_hiddens: [8]}
+        """)
+    assert main(["train", "file", path, "--storage-path", str(tmp_path / "results")]) == 0
+    iterations = {s["swept"]["lr"]: s["training_iteration"] for s in summaries(capsys.readouterr().out)}
+    assert iterations == {0.004: 3, 0.002: 1, 0.001: 1, 0.0005: 1}
+
+
+def results(trial_dir: str) -> list[dict]:
+    with open(os.path.join(trial_dir, "result.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.system
+def test_pbt_from_yaml_continues_a_worse_trial_from_a_better_ones_checkpoint(ray_session, tmp_path, capsys,
+                                                                              tiny_llm_experiment):
+    """Two LLM trials, one at a time, different batch sizes (so their places in the data differ), evaluated on the
+    held-out split every iteration; PBT (synch) at iteration 2: the lower one continues from the upper one's
+    checkpoint with its config and a mutated lr. Its next result is the source's next iteration: the same iteration
+    count, env steps and place in the data (the source's batches, not its own), trained with the new lr."""
+    path = tiny_llm_experiment("pbt", lr=1e-3, train_batch_size_per_learner={"grid_search": [8, 16]},
+                               num_cpus_for_main_process=2, evaluation_interval=1, eval_samples_per_prompt=2)
+    spec = yaml.safe_load(open(path))
+    spec["pbt"]["stop"] = {"training_iteration": 4}
+    spec["pbt"]["scheduler"] = {
+        "type": "PopulationBasedTraining", "time_attr": "training_iteration", "perturbation_interval": 2,
+        "metric": "evaluation/env_runners/accuracy/avg@2", "mode": "max", "quantile_fraction": 0.5, "synch": True,
+        "resample_probability": 0.0, "hyperparam_mutations": {"lr": [1e-4, 1e-3, 1e-2]}}
+    open(path, "w").write(yaml.safe_dump(spec))
+    storage = tmp_path / "results"
+    assert main(["train", "file", path, "--storage-path", str(storage)]) == 0, capsys.readouterr().err[-3000:]
+    with open(storage / "pbt" / "pbt_global.txt") as f:
+        target, source, target_it, source_it, _, new_config = json.loads(f.readline())
+    assert target_it == source_it == 2 and new_config["lr"] in (1e-4, 1e-2)  # moved one step along the list
+    trial = {tag: glob.glob(str(storage / "pbt" / f"*_{tag}_*"))[0] for tag in (target, source)}
+    after = {r["training_iteration"]: r for r in results(trial[target])}
+    before = {r["training_iteration"]: r for r in results(trial[source])}
+
+    def epoch(r):
+        return r["env_runners"]["rollout/epoch"]
+
+    assert epoch(after[2]) != epoch(before[2])  # their own places differ: 2 x 8 or 2 x 16 prompts drawn
+    first = [r for r in results(trial[target]) if r["config"]["lr"] == new_config["lr"]][0]
+    assert first["training_iteration"] == 3 and epoch(first) == epoch(before[3])  # the source's next batch
+    assert first["env_runners"]["num_env_steps_sampled_lifetime"] == before[3]["env_runners"][
+        "num_env_steps_sampled_lifetime"]
+    assert first["learners"]["default_policy"]["policy_lr"] == new_config["lr"]
