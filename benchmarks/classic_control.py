@@ -1,66 +1,120 @@
-"""SPPO vs RLlib PPO on classic control under outcome rewards, each tuned with the same learning-rate sweep.
+"""SPPO vs RLlib PPO on classic control under outcome rewards, each tuned the same way.
 
-    python benchmarks/classic_control.py --seeds 0 1 2 --jobs 2
+    python benchmarks/classic_control.py --jobs 2
 
-For every task, seed and setting runs the task's tuned examples on the same outcome reward, to the same stop (the
-YAML's target mean outcome, or its env-step cap, whichever comes first):
-- SPPO (``tuned_examples/<task>_sppo.yaml``) at each ``--lrs`` (the critic keeps the YAML's ``critic_lr``);
-- RLlib PPO (``<task>_ppo.yaml``: gamma 1.0, the same network sizes, batch, minibatch and epochs as SPPO) at each
-  ``--lrs`` x ``--lambdas``;
-- for CartPole, RLlib PPO on the dense reward with its authors' upstream settings (``cartpole_ppo_dense.yaml``),
-  the reference point.
-Each algorithm's best setting per task (most seeds reaching the target, then fewest env steps, counting a miss as
-the cap, then the highest final outcome) is reported over the same seeds. Caps are env steps, so a run's outcome
-does not depend on the machine's load; wall times do, and each run records the load average before and after it.
-Runs go to ``benchmarks/results/classic_control_runs.jsonl`` as they finish, and a rerun skips the ones already
-there (a long benchmark cut short keeps what it measured); tables and plot are rewritten after every run:
-``benchmarks/results/classic_control.{md,csv,png}``. Each run is its own process with one torch thread.
+Per task (``tuned_examples/<task>_sppo.yaml`` and ``<task>_ppo.yaml``: the same outcome env, target and env-step
+budget; the same separate [64, 64] tanh policy and value networks, batch, minibatch and epochs; PPO at gamma 1):
+1. Tuning: each algorithm on the same shape of grid, 3 policy learning rates (a factor of about 3 apart on the ladder
+   1e-4, 3e-4, 1e-3, 3e-3, ..., centred on its YAML's ``lr``) x 2 values of its second knob (SPPO: the critic's
+   learning rate, ``--critic-lrs``; PPO: GAE lambda, ``--lambdas``), each setting on the tuning seeds. Settings rank by
+   seeds reaching the target, then mean env steps to it (a miss counts as the budget), then mean final outcome. When
+   an algorithm's best learning rate is at the edge of its grid, its grid moves one step that way (runs kept) and the
+   new settings run, until the best is inside it or it has moved ``--max-moves`` times (the table says so).
+2. Reporting: each algorithm's pick on the reported seeds (not the tuning seeds).
+A run stops when the mean outcome of its last 100 completed training episodes reaches the target, or at the budget;
+its curve is that window's mean after every iteration. Both algorithms keep their authors' other defaults: SPPO the
+reference's (clip 0.2 both ways, dual clip 3, grad-norm clip 1, no KL, raw advantages), RLlib PPO its own (clip 0.3,
+adaptive KL penalty from 0.2 towards 0.01, no grad clip, standardised advantages, value loss clipped at 10).
+
+Every run is its own process with one torch thread, ``--jobs`` at a time. Runs go to ``<out>_runs.jsonl`` as they
+finish and a rerun of the command skips them (a benchmark cut short keeps what it measured, and resumes); the table,
+CSV and plot (``<out>.{md,csv,png}``) are rewritten after every run. Env steps and outcomes do not depend on the
+machine's load; wall times do (each run records the load average before and after it).
 """
 
 import argparse
 import csv
 import json
+import math
 import multiprocessing
 import os
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from harness import provenance
+from harness import _exit_with, provenance
 
-OUT = Path("benchmarks/results/classic_control")
-RUNS = Path(f"{OUT}_runs.jsonl")
-TARGET = "env_runners/episode_return_mean"
-STEPS = "num_env_steps_sampled_lifetime"
-DENSE = {"cartpole": ("tuned_examples/cartpole_ppo_dense.yaml", 500.0)}  # YAML, return that maps to outcome 1
+TASKS = ("cartpole", "mountaincar", "pendulum", "lunarlander", "hopper", "acrobot")
+KNOBS = {"SPPO": "critic_lr", "PPO": "lambda"}  # each algorithm's second knob
+TARGET, BUDGET = "env_runners/episode_return_mean", "num_env_steps_sampled_lifetime"  # the YAMLs' stop keys
+WINDOW = 100  # completed training episodes the target is judged on
+
+
+def ladder(i: int) -> float:
+    """The i-th learning rate of 1e-4, 3e-4, 1e-3, 3e-3, ... (i = -6: 1e-3; neighbours a factor of about 3 apart)."""
+    return float(f"{(1, 3)[i % 2]}e{i // 2}")
+
+
+def rung(lr: float, where: str) -> int:
+    i = round(2 * math.log10(lr))
+    if ladder(i) != lr:
+        raise SystemExit(f"{where}: lr {lr:g} is not on the 1-3-10 ladder the tuning grid walks (e.g. 1e-3, 3e-3); "
+                         f"set it to {ladder(i):g}")
+    return i
+
+
+def experiment(task: str, algo: str) -> dict:
+    from rllib_sppo.experiments import load_experiments
+
+    path = f"tuned_examples/{task}_{algo.lower()}.yaml"
+    (_, exp), = load_experiments(path).items()
+    return {**exp, "yaml": path}
+
+
+def stops(task: str, cap: int | None = None) -> tuple[float, int]:
+    """The task's target and env-step budget (at most ``cap``), the same in both YAMLs."""
+    both = {algo: experiment(task, algo)["stop"] for algo in KNOBS}
+    if both["SPPO"] != both["PPO"]:
+        raise SystemExit(f"{task}: its SPPO and PPO YAMLs stop differently ({both['SPPO']} vs {both['PPO']}); "
+                         f"give both the same target and env-step budget")
+    return float(both["SPPO"][TARGET]), min(int(both["SPPO"][BUDGET]), cap or math.inf)
+
+
+# --- one run ------------------------------------------------------------------------------------------------------
+
+
+def outcomes_callback():
+    """An RLlib callback logging every completed training episode's outcome (its return: outcome envs pay it once,
+    at the end) as a list per iteration, under ``env_runners/episode_outcomes``."""
+    from ray.rllib.callbacks.callbacks import RLlibCallback
+
+    class EpisodeOutcomes(RLlibCallback):
+        def on_episode_end(self, *, episode, metrics_logger=None, **kwargs):
+            metrics_logger.log_value("episode_outcomes", episode.get_return(), reduce="item_series")
+
+    return EpisodeOutcomes
 
 
 def run(job: dict) -> dict:
-    """One training run to its stop; in its own process (one torch thread)."""
+    """One training run to the target (on the window of the last ``WINDOW`` completed episodes) or the budget."""
+    import ray
     import torch
 
     torch.set_num_threads(1)
-    from rllib_sppo.experiments import build_config, load_experiments, resolve_algorithm
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)  # its own Ray
+    from rllib_sppo.experiments import build_config, resolve_algorithm
 
-    (_, exp), = load_experiments(job["yaml"]).items()
-    stop = dict(exp["stop"])
-    load_before = os.getloadavg()[0]
-    algo = build_config(resolve_algorithm(exp["run"], job["yaml"]), exp["env"],
-                        {**exp["config"], **job["setting"], "seed": job["seed"]}, job["yaml"]).build_algo()
-    start, curve = time.perf_counter(), []
+    exp = experiment(job["task"], job["algo"])
+    config = build_config(resolve_algorithm(exp["run"], exp["yaml"]), exp["env"],
+                          {**exp["config"], **job["setting"], "seed": job["seed"]}, exp["yaml"])
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    algo = config.callbacks(outcomes_callback()).build_algo()
+    outcomes, curve = [], []
     while True:
-        result = algo.train()
-        steps = result["env_runners"][STEPS]
-        ret = result["env_runners"].get("episode_return_mean", np.nan)
-        curve.append((int(steps), float(ret)))
-        done = [k for k, v in stop.items() if _metric(result, k) >= v]
-        if done:
+        runners = algo.train()["env_runners"]
+        outcomes += list(runners.get("episode_outcomes", []))
+        steps, window = int(runners[BUDGET]), float(np.mean(outcomes[-WINDOW:])) if outcomes else math.nan
+        curve.append((steps, window))
+        reached = len(outcomes) >= WINDOW and window >= job["target"]
+        if reached or steps >= job["budget"]:
             break
     algo.stop()
-    return {**job, "steps": int(steps), "wall_s": round(time.perf_counter() - start, 1), "return": float(ret),
-            "target": stop[TARGET], "cap": stop[STEPS], "reached": done[0] == TARGET,
-            "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2), "curve": curve}
+    return {**job, "steps": steps, "reached": reached, "final": window, "episodes": len(outcomes),
+            "wall_s": round(time.perf_counter() - start, 1), "load_before": round(load_before, 2),
+            "load_after": round(os.getloadavg()[0], 2), "curve": curve}
 
 
 def run_with_retries(job: dict, tries: int = 3) -> dict:
@@ -71,130 +125,205 @@ def run_with_retries(job: dict, tries: int = 3) -> dict:
         except Exception as e:  # noqa: BLE001  (reported once the tries are spent)
             if attempt == tries - 1:
                 raise
-            print(f"retrying {job['task']} {job['algo']} {job['setting']} seed {job['seed']} after: {e}", flush=True)
+            print(f"retrying {name(job)} after: {e}", flush=True)
             time.sleep(30)
 
 
-def _metric(result: dict, key: str) -> float:
-    value = result
-    for part in key.split("/"):
-        value = value.get(part, {}) if isinstance(value, dict) else {}
-    return value if isinstance(value, (int, float)) else -np.inf
+def _die_with_parent():
+    """A run's process ends when the benchmark that started it is gone (a spawned process would outlive it)."""
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
 
 
-def jobs(tasks, seeds, lrs, lambdas, n_jobs) -> list[dict]:
-    out = []
-    for task in tasks:
-        settings = [("SPPO", "outcome", f"tuned_examples/{task}_sppo.yaml", {"lr": lr}) for lr in lrs]
-        settings += [("PPO", "outcome", f"tuned_examples/{task}_ppo.yaml", {"lr": lr, "lambda": lam})
-                     for lr in lrs for lam in lambdas]
-        if task in DENSE:
-            settings.append(("PPO", "dense", DENSE[task][0], {}))
-        out += [{"task": task, "algo": a, "reward": r, "yaml": y, "setting": s, "seed": seed, "jobs": n_jobs}
-                for a, r, y, s in settings for seed in seeds]
-    return out
+# --- the protocol: which runs, which pick --------------------------------------------------------------------------
 
 
-def key(row: dict) -> str:
-    return json.dumps([row["task"], row["algo"], row["reward"], row["setting"], row["seed"]], sort_keys=True)
+def key(job: dict) -> str:
+    return json.dumps([job["task"], job["algo"], job["setting"], job["seed"], job["target"], job["budget"]],
+                      sort_keys=True)
+
+
+def name(job: dict) -> str:
+    return f"{job['task']} {job['algo']} {setting_text(job['setting'])} seed {job['seed']}"
+
+
+def setting_text(setting: dict) -> str:
+    return ", ".join(f"{k} {setting[k]:g}" for k in sorted(setting, key=lambda k: k != "lr"))  # lr first
+
+
+def score(runs: list, budget: int) -> tuple:
+    """A setting's rank over its runs (lower is better): seeds reaching the target, mean env steps (a miss counts as
+    the budget), mean final outcome."""
+    return (-sum(r["reached"] for r in runs), float(np.mean([r["steps"] if r["reached"] else budget for r in runs])),
+            -float(np.mean([r["final"] for r in runs])))
+
+
+def tuning(rows: list, task: str, algo: str, args) -> dict:
+    """The algorithm's tuning on ``task`` as far as ``rows`` go: its grid (after the moves so far), the runs that grid
+    still needs (``todo``), and once it has none, the ``pick`` and whether its learning rate is inside the grid."""
+    target, budget = stops(task, args.max_env_steps)
+    exp = experiment(task, algo)
+    knob = KNOBS[algo]
+    values = args.critic_lrs if algo == "SPPO" else args.lambdas
+    by_key = {key(r): r for r in rows}
+    centre = rung(exp["config"]["lr"], exp["yaml"])
+    for moves in range(args.max_moves + 1):
+        lrs = [ladder(centre + d) for d in (-1, 0, 1)]
+        settings = [{"lr": lr, knob: v} for lr in lrs for v in values]
+        jobs = [{"task": task, "algo": algo, "phase": "tune", "setting": s, "seed": seed, "target": target,
+                 "budget": budget} for s in settings for seed in args.tune_seeds]
+        todo = [j for j in jobs if key(j) not in by_key]
+        if todo:
+            return {"lrs": lrs, "todo": todo}
+        pick = min(settings, key=lambda s: score([by_key[key(j)] for j in jobs if j["setting"] == s], budget))
+        inside = lrs[0] < pick["lr"] < lrs[-1]
+        if inside or moves == args.max_moves:
+            return {"lrs": lrs, "todo": [], "pick": pick, "inside": inside, "moves": moves}
+        centre += 1 if pick["lr"] == lrs[-1] else -1
+
+
+def plan(rows: list, args) -> list[dict]:
+    """The runs to do next, in order, given the runs done: each task's tuning grids, then each pick on the reported
+    seeds. A pure function of the runs done, so a rerun of the command resumes where it stopped."""
+    by_key = {key(r) for r in rows}
+    todo = []
+    for task in args.tasks:
+        target, budget = stops(task, args.max_env_steps)
+        for algo in KNOBS:
+            t = tuning(rows, task, algo, args)
+            todo += t["todo"]
+            if "pick" in t:
+                todo += [j for j in ({"task": task, "algo": algo, "phase": "report", "setting": t["pick"],
+                                      "seed": seed, "target": target, "budget": budget} for seed in args.seeds)
+                         if key(j) not in by_key]
+    return todo
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=[100, 101], help="seeds the pick is made on")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds the pick is reported on")
+    p.add_argument("--critic-lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="SPPO's second knob")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.95, 1.0], help="PPO's second knob (gamma 1)")
+    p.add_argument("--max-moves", type=int, default=2, help="how far a grid may move to get its best inside")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, one process (and one torch thread) each")
+    p.add_argument("--max-env-steps", type=int, help="cap every budget (a smoke test: give it its own --out)")
+    p.add_argument("--out", default="benchmarks/results/classic_control", help="output path stem")
+    args = p.parse_args(argv)
+    if set(args.tune_seeds) & set(args.seeds):
+        p.error(f"seeds {sorted(set(args.tune_seeds) & set(args.seeds))} are both tuning and reported seeds; the pick "
+                f"is reported on seeds it was not made on")
+    return args
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--tasks", nargs="+", default=["cartpole", "mountaincar", "pendulum", "lunarlander", "hopper"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.95, 1.0], help="PPO's GAE lambda (gamma 1.0)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once, one process (and one torch thread) each")
-    args = p.parse_args()
-    RUNS.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
-    done = {key(r) for r in rows}
-    todo = [j for j in jobs(args.tasks, args.seeds, args.lrs, args.lambdas, args.jobs) if key(j) not in done]
-    print(f"{len(todo)} runs to do, {len(rows)} already in {RUNS}", flush=True)
-    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-        for row in pool.imap_unordered(run_with_retries, todo):
-            with RUNS.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            rows.append(row)
-            print(row["task"], row["algo"], row["reward"], row["setting"], row["seed"], row["steps"], row["wall_s"],
-                  round(row["return"], 3), "reached" if row["reached"] else "cap", flush=True)
-            write(rows)
+    args = parse()
+    runs = Path(f"{args.out}_runs.jsonl")
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in runs.read_text().splitlines()] if runs.exists() else []
+    print(f"{len(rows)} runs already in {runs}; {len(plan(rows, args))} to do now (more once grids are ranked)",
+          flush=True)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1,
+                             initializer=_die_with_parent) as pool:
+        running = {}
+        while True:
+            for job in plan(rows, args):
+                if len(running) < args.jobs and key(job) not in running:
+                    running[key(job)] = pool.submit(run_with_retries, {**job, "jobs": args.jobs})
+            if not running:
+                break
+            done, _ = wait(running.values(), return_when=FIRST_COMPLETED)
+            for k in [k for k, f in running.items() if f in done]:
+                row = running.pop(k).result()
+                with runs.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                rows.append(row)
+                print(row["phase"], name(row), row["steps"], "reached" if row["reached"] else "budget",
+                      f"{row['final']:.3f}", f"{row['wall_s']:.0f} s", flush=True)
+                write(rows, args)
 
 
-def summarise(rows: list) -> list[dict]:
-    """One entry per (task, algorithm, reward, setting) over its seeds, and which setting is each one's best."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["algo"], r["reward"], json.dumps(r["setting"], sort_keys=True)), []).append(r)
-    out = []
-    for (task, algo, reward, setting), sel in groups.items():
-        sel = sorted(sel, key=lambda r: r["seed"])
-        out.append({"task": task, "algo": algo, "reward": reward, "setting": json.loads(setting), "runs": sel,
-                    "reached": sum(r["reached"] for r in sel), "mean_steps": float(np.mean([r["steps"] for r in sel])),
-                    "mean_return": float(np.mean([r["return"] for r in sel]))})
-    for s in out:  # the best setting of each (task, algorithm, reward)
-        rivals = [o for o in out if (o["task"], o["algo"], o["reward"]) == (s["task"], s["algo"], s["reward"])]
-        rank = lambda o: (-o["reached"], o["mean_steps"], -o["mean_return"])  # noqa: E731
-        s["best"] = min(rivals, key=rank) is s
-    return out
+# --- tables and plot -----------------------------------------------------------------------------------------------
 
 
-def _setting(s: dict) -> str:
-    return ", ".join(f"{k} {v:g}" for k, v in s.items()) or "upstream"
+def median_range(values, fmt: str) -> str:
+    return f"{np.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})" if values else "–"
 
 
-def write(rows: list) -> None:
-    with open(f"{OUT}.csv", "w", newline="") as f:
+def write(rows: list, args) -> None:
+    with open(f"{args.out}.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["task", "algo", "reward", "setting", "seed", "env_steps", "wall_s", "final_return", "target",
-                    "cap", "reached", "load_before", "load_after"])
+        w.writerow(["task", "algo", "phase", "setting", "seed", "env_steps", "reached", "final_outcome", "episodes",
+                    "target", "budget", "wall_s", "load_before", "load_after", "jobs"])
         for r in sorted(rows, key=key):
-            w.writerow([r["task"], r["algo"], r["reward"], _setting(r["setting"]), r["seed"], r["steps"], r["wall_s"],
-                        f"{r['return']:.3f}", r["target"], r["cap"], r["reached"], r["load_before"], r["load_after"]])
-    summary = summarise(rows)
+            w.writerow([r["task"], r["algo"], r["phase"], setting_text(r["setting"]), r["seed"], r["steps"],
+                        r["reached"], f"{r['final']:.3f}", r["episodes"], r["target"], r["budget"], r["wall_s"],
+                        r["load_before"], r["load_after"], r["jobs"]])
     loads = [x for r in rows for x in (r["load_before"], r["load_after"])]
-    lines = ["# Classic control: SPPO vs RLlib PPO on the same outcome reward, each with its best learning rate", "",
-             *provenance(),
-             "Per setting, over its seeds: how many reach the target mean outcome before the env-step cap, the mean "
-             "env steps (a miss counts as the cap) and the final outcome per seed. **Bold**: the setting each "
-             "algorithm is reported with (most seeds reaching, then fewest steps, then highest outcome). Env steps "
-             "and outcomes do not depend on the machine's load; wall times do (load average over all runs "
-             f"{min(loads):.1f}-{max(loads):.1f} on 2 cores, with up to {max(r['jobs'] for r in rows)} runs at a time).",
-             "",
-             "| task | algorithm | reward | setting | reached | mean env steps | per seed: env steps (outcome) | "
-             "mean wall s |", "|---|---|---|---|---|---|---|---|"]
-    for s in sorted(summary, key=lambda s: (s["task"], s["algo"] != "SPPO", s["reward"], _setting(s["setting"]))):
-        b = "**" if s["best"] else ""
-        per_seed = " / ".join(f"{r['steps']:,} ({r['return']:.3f})" + ("" if r["reached"] else " cap")
-                              for r in s["runs"])
-        lines.append(f"| {s['task']} | {b}{s['algo']}{b} | {s['reward']} | {b}{_setting(s['setting'])}{b} | "
-                     f"{b}{s['reached']}/{len(s['runs'])}{b} | {s['mean_steps']:,.0f} | {per_seed} | "
-                     f"{np.mean([r['wall_s'] for r in s['runs']]):.0f} |")
-    Path(f"{OUT}.md").write_text("\n".join(lines) + "\n")
-    plot([s for s in summary if s["best"]])
+    lines = ["# Classic control: SPPO vs RLlib PPO on outcome rewards, each tuned the same way", "", *provenance(),
+             f"Tuning seeds {args.tune_seeds}, reported seeds {args.seeds}; targets judged on the mean outcome of the "
+             f"last {WINDOW} completed training episodes; protocol: `benchmarks/classic_control.py`'s docstring. "
+             f"Load average over all runs {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} cores, up to "
+             f"{max(r['jobs'] for r in rows)} runs at a time: wall times are for planning, not comparison.", "",
+             "| task (target, budget) | algorithm | pick (on the tuning seeds) | reached | env steps to the target, "
+             "median (range) | final outcome, median (range) | tuning runs | wall s per run |",
+             "|---|---|---|---|---|---|---|---|"]
+    grids = ["", "## Tuning grids", "",
+             "Per setting, on the tuning seeds: seeds reaching the target, mean env steps (a miss counts as the "
+             "budget), mean final outcome. **Bold**: the pick.", ""]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        target, budget = stops(task, args.max_env_steps)  # (runs to another target or budget are not this table's)
+        for algo in KNOBS:
+            t = tuning(rows, task, algo, args)
+            mine = [r for r in rows if (r["task"], r["algo"], r["target"], r["budget"]) == (task, algo, target, budget)]
+            tuned, reported = ([r for r in mine if r["phase"] == phase] for phase in ("tune", "report"))
+            if not tuned:
+                continue
+            where = ("" if "pick" not in t else " (inside the grid)" if t["inside"] else
+                     f" (**at the grid's edge** after {t['moves']} moves)")
+            pick = setting_text(t["pick"]) + where if "pick" in t else "tuning"
+            reached = [r for r in reported if r["reached"]]
+            lines.append(
+                f"| {task} ({target:g}, {budget:,}) | {algo} | {pick} | {len(reached)}/{len(reported)} | "
+                f"{median_range([r['steps'] for r in reached], ',.0f')} | "
+                f"{median_range([r['final'] for r in reported], '.3f')} | {len(tuned)} | "
+                f"{np.mean([r['wall_s'] for r in tuned + reported]):.0f} |")
+            settings = sorted(dict.fromkeys(json.dumps(r["setting"], sort_keys=True) for r in tuned),
+                              key=lambda s: (json.loads(s)["lr"], json.loads(s)[KNOBS[algo]]))
+            grids += [f"**{task}, {algo}** (grid lrs {', '.join(f'{lr:g}' for lr in t['lrs'])}):", "",
+                      "| setting | reached | mean env steps | mean final outcome |", "|---|---|---|---|"]
+            for s in map(json.loads, settings):
+                runs = [r for r in tuned if r["setting"] == s]
+                reach, steps, final = score(runs, budget)
+                b = "**" if s == t.get("pick") else ""
+                grids.append(f"| {b}{setting_text(s)}{b} | {-reach}/{len(runs)} | {steps:,.0f} | {-final:.3f} |")
+            grids.append("")
+    Path(f"{args.out}.md").write_text("\n".join(lines + grids))
+    plot(rows, args.out)
 
 
-def plot(best: list) -> None:
+def plot(rows: list, out: str) -> None:
+    """One panel per task: the reported runs' outcome (mean of the last 100 episodes) against env steps."""
     from matplotlib.figure import Figure
 
-    tasks = list(dict.fromkeys(s["task"] for s in best))
+    reported = [r for r in rows if r["phase"] == "report"]
+    tasks = list(dict.fromkeys(r["task"] for r in reported))
+    if not tasks:
+        return
     fig = Figure(figsize=(4 * len(tasks), 3.5), layout="tight")
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
-    for ax, task in zip(axes, tasks):
-        for s in (s for s in best if s["task"] == task):
-            scale = DENSE[task][1] if s["reward"] == "dense" else 1.0  # the dense return on the outcome's scale
-            for i, r in enumerate(s["runs"]):
-                steps, ret = zip(*r["curve"])
-                ax.plot(steps, np.array(ret) / scale, color={"SPPO": "C0", "PPO": "C1"}[s["algo"]],
-                        ls="--" if s["reward"] == "dense" else "-", alpha=0.8,
-                        label=f"{s['algo']} {s['reward']} ({_setting(s['setting'])})" if i == 0 else None)
-        ax.axhline(next(s["runs"][0]["target"] for s in best if (s["task"], s["reward"]) == (task, "outcome")),
-                   color="grey", lw=0.5)
-        ax.set(title=task, xlabel="env steps")
+    for ax, task in zip(fig.subplots(1, len(tasks), squeeze=False)[0], tasks):
+        for i, algo in enumerate(KNOBS):
+            for j, r in enumerate(r for r in reported if (r["task"], r["algo"]) == (task, algo)):
+                steps, window = zip(*r["curve"])
+                ax.plot(steps, window, color=f"C{i}", alpha=0.8,
+                        label=f"{algo} ({setting_text(r['setting'])})" if j == 0 else None)
+        ax.axhline(next(r["target"] for r in reported if r["task"] == task), color="grey", lw=0.5)
+        ax.set(title=task, xlabel="env steps", ylabel=f"outcome (mean of the last {WINDOW} episodes)")
         ax.legend(fontsize=6)
-    axes[0].set_ylabel("episode outcome (mean)")
-    fig.savefig(f"{OUT}.png", dpi=100)
+    fig.savefig(f"{out}.png", dpi=100)
 
 
 if __name__ == "__main__":

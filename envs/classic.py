@@ -7,13 +7,17 @@ carries ``outcome`` and the original ``raw_return``.
 
 Outcomes (ours; the reference code has no classic control). Each is a soft
 target in [0, 1] that early random policies already spread over, since a binary
-success they never reach gives A = -p -> 0 and teaches nothing:
+success they never reach gives A = -p -> 0 and teaches nothing (a random policy
+never reaches MountainCar's flag, never swings Acrobot up, never keeps CartPole
+up for 500 steps nor Hopper for 1000, never lands LunarLander at rest):
 - CartPole-v1: steps survived / 500 (1.0 = the full 500 steps).
 - MountainCar-v0: at the flag, 1 - 0.25 * steps / 200 (0.8625 = the "solved"
   110 steps); short of it, 0.75 * the highest x reached, mapped from [-1.2, 0.5].
 - Pendulum-v1: the return mapped from [-1600, 0] onto [0, 1] (critic: mse).
 - LunarLander-v3: the return mapped from [-200, 200] onto [0, 1] (1.0 = solved).
 - Hopper-v5: the return mapped from [0, 3000] onto [0, 1] (critic: mse).
+- Acrobot-v1: swung up, 1 - 0.25 * steps / 500 (0.95 = the "solved" return of
+  -100); short of it, 0.75 * the highest the tip reached, mapped from [-2, 1].
 
 Any other env, from a YAML (``make_env``): ``env:`` names a gymnasium id (``Acrobot-v1``), gymnasium's
 ``module:Id`` (importing ``module`` registers ``Id``) or a dotted path to an env class or creator function
@@ -41,10 +45,21 @@ def _success(ep: dict) -> float:
     return float(ep["terminated"])
 
 
-def _mountain_car(ep: dict) -> float:
-    if ep["max_obs"][0] >= 0.5:  # at the flag: 0.75 .. 1.0, faster is better
-        return 1.0 - 0.25 * ep["steps"] / 200.0
-    return 0.75 * float(np.clip((ep["max_obs"][0] + 1.2) / 1.7, 0.0, 1.0))
+def _goal_or_progress(ep: dict, max_steps: int, progress: Callable[[np.ndarray], float], low: float, high: float):
+    """At the goal (the episode terminated): 0.75 .. 1.0, faster is better; short of it, 0.75 * the most ``progress``
+    any observation showed, mapped from [low, high]."""
+    if ep["terminated"]:
+        return 1.0 - 0.25 * ep["steps"] / max_steps
+    best = max(progress(obs) for obs in ep["observations"])
+    return 0.75 * float(np.clip((best - low) / (high - low), 0.0, 1.0))
+
+
+def _mountain_car(ep: dict) -> float:  # progress: the car's x (the flag at 0.5 terminates)
+    return _goal_or_progress(ep, 200, lambda obs: obs[0], -1.2, 0.5)
+
+
+def _acrobot(ep: dict) -> float:  # progress: the tip's height -cos(a) - cos(a + b) (above 1 terminates)
+    return _goal_or_progress(ep, 500, lambda obs: -obs[0] - (obs[0] * obs[2] - obs[1] * obs[3]), -2.0, 1.0)
 
 
 OUTCOME_TASKS: dict[str, tuple[str, Callable[[dict], float]]] = {
@@ -53,6 +68,7 @@ OUTCOME_TASKS: dict[str, tuple[str, Callable[[dict], float]]] = {
     "OutcomePendulum-v1": ("Pendulum-v1", _scaled(-1600.0, 0.0)),
     "OutcomeLunarLander-v3": ("LunarLander-v3", _scaled(-200.0, 200.0)),
     "OutcomeHopper-v5": ("Hopper-v5", _scaled(0.0, 3000.0)),
+    "OutcomeAcrobot-v1": ("Acrobot-v1", _acrobot),
 }
 
 
@@ -72,8 +88,8 @@ def outcome_fn(spec) -> Callable[[dict], float]:
 class OutcomeReward(gym.Wrapper):
     """Replaces the per-step reward by the episode outcome ``outcome(ep)``, paid once at the end.
 
-    ``ep`` holds the raw ``return``, the ``steps`` taken, ``max_obs`` (element-wise
-    maximum of the observations seen) and, at the end, whether the episode ``terminated``.
+    ``ep`` holds the raw ``return``, the ``steps`` taken, the ``observations`` seen (any observation space) and, at
+    the end, whether the episode ``terminated``.
     """
 
     def __init__(self, env: gym.Env, outcome: Callable[[dict], float]):
@@ -82,7 +98,7 @@ class OutcomeReward(gym.Wrapper):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self._ep = {"return": 0.0, "steps": 0, "max_obs": np.asarray(obs, dtype=np.float64), "terminated": False}
+        self._ep = {"return": 0.0, "steps": 0, "observations": [obs], "terminated": False}
         return obs, info
 
     def step(self, action):
@@ -90,7 +106,7 @@ class OutcomeReward(gym.Wrapper):
         ep = self._ep
         ep["return"] += float(reward)
         ep["steps"] += 1
-        ep["max_obs"] = np.maximum(ep["max_obs"], obs)
+        ep["observations"].append(obs)
         if not (terminated or truncated):
             return obs, 0.0, terminated, truncated, info
         ep["terminated"] = bool(terminated)
@@ -112,8 +128,9 @@ def _import(dotted: str):
     return getattr(importlib.import_module(module), name)
 
 
-def check_env_spec(spec: str, env_config: dict | None = None) -> None:
-    """Raises ValueError (one line, with a did-you-mean hint) unless ``make_env(spec, env_config)`` can build it."""
+def check_env_spec(spec: str, env_config: dict | None = None, *, registered: bool = False) -> None:
+    """Raises ValueError (one line, with a did-you-mean hint) unless ``make_env(spec, env_config)`` can build it.
+    ``registered``: whether ``ray.tune.register_env`` registered ``spec`` (then its creator builds it)."""
     import difflib
     import importlib
 
@@ -123,7 +140,7 @@ def check_env_spec(spec: str, env_config: dict | None = None) -> None:
             raise ValueError(f"{spec} already pays its own outcome; to choose one, use env: "
                              f"{OUTCOME_TASKS[spec][0]} with your outcome")
         outcome_fn(outcome)
-    if registered_creator(spec) is not None:  # this package's envs, or one registered before
+    if registered:  # this package's envs, or one registered before
         return
     module, _, env_id = spec.rpartition(":")
     if module:  # gymnasium's module:Id
@@ -147,14 +164,6 @@ def check_env_spec(spec: str, env_config: dict | None = None) -> None:
                      f"env class or creator")
 
 
-def registered_creator(spec: str):
-    """The creator ``ray.tune.register_env`` registered under ``spec`` (this package's envs, or one registered before),
-    or None. (Tune's ``_global_registry`` is private: listed in ``rllib_sppo.private_api``.)"""
-    from ray.tune.registry import ENV_CREATOR, _global_registry
-
-    return _global_registry.get(ENV_CREATOR, spec) if _global_registry.contains(ENV_CREATOR, spec) else None
-
-
 def make_env(spec: str, env_config: dict | None = None) -> gym.Env:
     """The env ``spec`` names, built with ``env_config`` (a dict or RLlib's EnvContext), wrapped in
     ``OutcomeReward`` when ``env_config`` has an ``outcome`` (which the env itself does not see).
@@ -176,13 +185,14 @@ def make_env(spec: str, env_config: dict | None = None) -> gym.Env:
     return env if outcome is None else OutcomeReward(env, outcome_fn(outcome))
 
 
-def register_env_spec(spec: str, env_config: dict | None = None) -> None:
+def register_env_spec(spec: str, env_config: dict | None = None, *, registered: bool = False) -> None:
     """Registers ``spec`` with Tune (so every Ray process of the job finds it) as ``make_env(spec, ...)`` when
     RLlib would not build it by itself: a dotted path, or any spec with an ``outcome`` in ``env_config``. Ids
-    Tune already knows (this package's, or registered before) and plain gymnasium ids are left as they are."""
+    Tune already knows (``registered``: this package's, or registered before) and plain gymnasium ids are left as
+    they are."""
     from ray.tune.registry import register_env
 
-    if registered_creator(spec) is not None:
+    if registered:
         return
     if (":" in spec or spec in gym.registry) and (env_config or {}).get("outcome") is None:
         return

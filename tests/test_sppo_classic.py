@@ -108,6 +108,33 @@ def test_outcome_env_pays_once_at_the_end():
     assert info["raw_return"] == -200.0
 
 
+def test_acrobot_outcome_pays_a_swing_up_by_its_speed_and_a_miss_by_its_height():
+    import gymnasium as gym
+
+    env = gym.make("OutcomeAcrobot-v1")
+
+    def height(obs):  # of the tip, from the joint angles
+        a, b = np.arctan2(obs[1], obs[0]), np.arctan2(obs[3], obs[2])
+        return -np.cos(a) - np.cos(a + b)
+
+    def episode(policy):
+        obs, _ = env.reset(seed=1)
+        heights, done = [height(obs)], False
+        while not done:
+            obs, outcome, terminated, truncated, info = env.step(policy(obs))
+            heights.append(height(obs))
+            done = terminated or truncated
+        return outcome, terminated, len(heights) - 1, max(heights), info
+
+    # Torque with the second joint's velocity pumps energy in: swung up (the tip above 1) in 65 steps.
+    outcome, terminated, steps, _, info = episode(lambda obs: 2 if obs[5] > 0 else 0)
+    assert terminated and steps == 65 and outcome == 1 - 0.25 * 65 / 500 and info["raw_return"] == -64
+    # No torque: it hangs, and is paid 0.75 x the highest its tip got, mapped from [-2, 1].
+    outcome, terminated, steps, highest, info = episode(lambda obs: 1)
+    assert not terminated and steps == 500 and info["raw_return"] == -500
+    assert outcome == pytest.approx(0.75 * (highest + 2) / 3, abs=1e-6) and 0 < outcome < 0.05  # (float32 angles)
+
+
 class NaNReward(__import__("gymnasium").Wrapper):
     """CartPole whose outcome is NaN: every update's loss is non-finite."""
 
@@ -265,18 +292,22 @@ class Guess(__import__("gymnasium").Env):
     def step(self, action):
         bits = (action > 0).astype(int) if self.act == "Box" else action  # a Box action names s by its signs
         guess = int(action) if self.act == "Discrete" else 2 * int(bits[0]) + int(bits[1])
-        return self.observe(), float(guess == self.s), True, False, {}
+        right = guess == self.s
+        return self.observe(), float(right), right, not right, {}  # (`success`: terminated when right)
 
 
 @pytest.mark.parametrize("obs, act", [(obs, "Discrete") for obs in
                                       ("Discrete", "MultiDiscrete", "MultiBinary", "Tuple", "Dict", "Box (2, 2)")]
                          + [("Discrete", "MultiDiscrete"), ("Discrete", "Box")])
 def test_every_space_family_learns_the_same_task(ray_session, obs, act):
-    """Observations flattened (one-hot for Discrete parts) by RLlib's FlattenObservations reach the policy and the
-    critic; each action family gets its distribution: a quarter right at first, then nearly always."""
+    """Through the outcome wrapper, observations flattened (one-hot for Discrete parts) by RLlib's FlattenObservations
+    reach the policy and the critic; each action family gets its distribution: a quarter right at first, then nearly
+    always."""
     from ray.tune.registry import register_env
 
-    register_env(f"Guess-{obs}-{act}", lambda cfg: Guess(obs, act))
+    from envs.classic import OutcomeReward, outcome_fn
+
+    register_env(f"Guess-{obs}-{act}", lambda cfg: OutcomeReward(Guess(obs, act), outcome_fn("success")))
     algo = (SPPOConfig().environment(f"Guess-{obs}-{act}")
             .training(lr=1e-2, critic_lr=1e-2, weight_decay=0.0, critic_weight_decay=0.0,
                       train_batch_size_per_learner=200, minibatch_size=50, num_epochs=4)
