@@ -76,7 +76,7 @@ def test_sft_tensors_only_supervise_the_response(tiny_dir):
 
 
 def test_tiny_arith_model_is_built_once(tmp_path, monkeypatch):
-    path = assets.tiny_arith_model(cache_dir=tmp_path, max_seconds=0)
+    path = assets.tiny_arith_model(cache_dir=tmp_path, max_seconds=0, build=True)
     assert AutoModelForCausalLM.from_pretrained(path).config.vocab_size == len(AutoTokenizer.from_pretrained(path))
     assert [p.name for p in tmp_path.iterdir()] == [assets.TINY_ARITH]  # no temp dir left behind
 
@@ -84,9 +84,9 @@ def test_tiny_arith_model_is_built_once(tmp_path, monkeypatch):
         raise AssertionError("retrained a cached model")
 
     monkeypatch.setattr(supervise, "supervise", no_retraining)
-    assert assets.tiny_arith_model(cache_dir=tmp_path) == path
+    assert assets.tiny_arith_model(cache_dir=tmp_path, build=True) == path
     monkeypatch.setenv("RLLIB_SPPO_CACHE", str(tmp_path))
-    assert assets.tiny_arith_model() == path
+    assert assets.tiny_arith_model(build=True) == path
 
 
 def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):
@@ -95,7 +95,7 @@ def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(supervise, "supervise", crash)
     with pytest.raises(RuntimeError):
-        assets.tiny_arith_model(cache_dir=tmp_path)
+        assets.tiny_arith_model(cache_dir=tmp_path, build=True)
     assert list(tmp_path.iterdir()) == []
 
 

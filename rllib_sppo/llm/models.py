@@ -1,13 +1,11 @@
 """Where model directories come from: a local path, or a built-in offline model built once and cached."""
 
-from functools import partial
 from pathlib import Path
 
-from envs.chain import HORIZONS
-from rllib_sppo.llm.assets import smollm2_model, tiny_arith_model, tiny_chain_model
+from rllib_sppo.llm.assets import smollm2_model
+from rllib_sppo.llm.assets.tiny import TINY_MODELS
 
-BUILTIN_MODELS = {"tiny-arith": tiny_arith_model, "smollm2-135m-instruct": smollm2_model,
-                  **{f"tiny-chain-{horizon}": partial(tiny_chain_model, horizon) for horizon in HORIZONS}}
+BUILTIN_MODELS = {**TINY_MODELS, "smollm2-135m-instruct": smollm2_model}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 

@@ -1,13 +1,17 @@
 """Tiny character-level Llamas for CPU-scale RL, and the built-in ones the package supervises on its own tasks.
 
-``tiny-arith`` ("What is a+b?") and ``tiny-chain-<horizon>`` (a chain of 2, 13 or 38 additions,
-``envs.chain``) are each supervised until their held-out exact accuracy is in a band (able, with room for RL), once,
-then loaded from the cache (``rllib_sppo.llm.assets.cache``).
+``tiny-arith`` ("What is a+b?") and ``tiny-chain-<horizon>`` (a chain of 1, 5 or 15 written-out additions,
+``envs.chain``) are each supervised until their held-out exact accuracy is in a band (able, with room for RL). The
+package ships the folders its builders produced (``SHIPPED``), so a first run loads them at once; ``build=True`` builds
+one instead (once, then loaded from the cache, ``rllib_sppo.llm.assets.cache``), which is also how the shipped ones
+are made again: ``python -m rllib_sppo.llm.assets tiny-chain-long``.
 """
 
 import logging
 import shutil
 import string
+from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -27,6 +31,8 @@ CHAT_TEMPLATE = (
 TINY_ARITH = "tiny_arith_v2"
 #: The chain models' cache folder, per horizon name (``envs.chain.HORIZONS``).
 TINY_CHAIN = "tiny_chain_{}_v1"
+#: The built models the package ships, one folder each under its cache name (model, tokenizer, sft_log.json).
+SHIPPED = Path(__file__).parent / "shipped"
 
 
 def build_char_tokenizer(out_dir=None, max_length=256):
@@ -77,9 +83,17 @@ def chain_env(horizon: str) -> dict:
     return {"source": "chain", "steps": HORIZONS[horizon], "size": 10000, "seed": 0, "heldout_size": 128}
 
 
-def tiny_arith_model(cache_dir=None, max_seconds=1200.0) -> str:
-    """Path of the tiny Llama supervised on a+b into the 30-60% band; trained once, then cached."""
-    def build(tmp):
+def _built(name: str, cache_dir, build, rebuild: bool) -> str:
+    """The shipped folder ``name``; with ``rebuild`` (or none shipped), the cached one, built by ``build`` if missing."""
+    if (SHIPPED / name).is_dir() and not rebuild:
+        return str(SHIPPED / name)
+    return cached(cache_root(cache_dir) / name, build)
+
+
+def tiny_arith_model(cache_dir=None, max_seconds=1200.0, build=False) -> str:
+    """Path of the tiny Llama supervised on a+b into the 30-60% band: the shipped one, or with ``build`` the builder's
+    (trained once, then cached)."""
+    def make(tmp):
         log.info("building the tiny arithmetic model once (cached in %s): supervising it until its held-out accuracy "
                  "is in 30-60%%, at most %s", cache_root(cache_dir) / TINY_ARITH, supervise._clock(max_seconds))
         build_tiny_llama(tmp / "init")
@@ -87,16 +101,17 @@ def tiny_arith_model(cache_dir=None, max_seconds=1200.0) -> str:
         supervise.supervise(tmp / "init", tmp, train, test, task="a+b", max_seconds=max_seconds)
         shutil.rmtree(tmp / "init")
 
-    return cached(cache_root(cache_dir) / TINY_ARITH, build)
+    return _built(TINY_ARITH, cache_dir, make, build)
 
 
-def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=5400.0) -> str:
+def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=5400.0, build=False) -> str:
     """Path of the tiny Llama supervised on ``horizon``'s chains (``envs.chain``) into the 20-50% band of held-out
-    exact accuracy (64 held-out problems x 2 samples each evaluation); trained once, then cached."""
+    exact accuracy (64 held-out problems x 2 samples each evaluation): the shipped one, or with ``build`` the builder's
+    (trained once, then cached)."""
     env = chain_env(horizon)
     folder = cache_root(cache_dir) / TINY_CHAIN.format(horizon)
 
-    def build(tmp):
+    def make(tmp):
         log.info("building the tiny chain model for the %s horizon (%d steps) once (cached in %s): supervising it until "
                  "its held-out accuracy is in 20-50%%, at most %s", horizon, env["steps"], folder,
                  supervise._clock(max_seconds))
@@ -107,4 +122,15 @@ def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=5400.0) -> str:
                             max_new_tokens=max(len(supervise.solution(r)) for r in test) + 8, dtype="bfloat16")
         shutil.rmtree(tmp / "init")
 
-    return cached(folder, build)
+    return _built(TINY_CHAIN.format(horizon), cache_dir, make, build)
+
+
+def _chain_models() -> dict:
+    from envs.chain import HORIZONS
+
+    return {f"tiny-chain-{horizon}": partial(tiny_chain_model, horizon) for horizon in HORIZONS}
+
+
+#: The built-in tiny models by name (``builtin:NAME``): each a function (cache_dir=None, max_seconds=..., build=False)
+#: -> its folder.
+TINY_MODELS = {"tiny-arith": tiny_arith_model, **_chain_models()}
