@@ -51,6 +51,8 @@ def main():
     p.add_argument("--max-widen", type=int, default=2, help="grid extensions at most, per estimator")
     p.add_argument("--n", type=int, default=8, help="samples per prompt of GRPO and RLOO")
     p.add_argument("--phase", choices=["tune", "report", "all"], default="all")
+    p.add_argument("--estimators", nargs="+", choices=ALL, default=list(ALL),
+                   help="tune these now (a piece of the tune phase; the report phase needs all four picked)")
     p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
     p.add_argument("--out", default="benchmarks/results/long_horizon", help="output path stem")
     p.add_argument("--lock", help="hold an exclusive lock on this file during each run (see harness.parser)")
@@ -85,8 +87,9 @@ def run(args, horizon: str, rates: dict, seeds: list) -> list:
     (_, exp), = load_experiments(yaml).items()
     cfg = exp["config"]
     compared = estimators(cfg["train_batch_size_per_learner"], cfg["minibatch_size"], args.n, list(rates))
-    todo = {label(horizon, name, lr, args.n): {**overrides, "lr": lr}
-            for name, (_, overrides) in zip(rates, compared.items()) for lr in rates[name]}
+    todo = {label(horizon, name, lr, args.n): {**overrides, "lr": lr}  # rate by rate: estimators side by side early
+            for lr in sorted({lr for lrs in rates.values() for lr in lrs})
+            for name, (_, overrides) in zip(rates, compared.items()) if lr in rates[name]}
     minutes = args.budget[horizon]
     piece = argparse.Namespace(yaml=yaml, seeds=seeds, minutes=minutes, eval_every=10**9,
                                eval_every_s=minutes * 6, config=args.config, out=args.out, lock=args.lock)
@@ -95,11 +98,11 @@ def run(args, horizon: str, rates: dict, seeds: list) -> list:
 
 def tune(args) -> None:
     """The grid on the tuning seed, widened where a pick is on its edge."""
-    grid = {name: sorted(args.lrs) for name in ALL}
+    grid = {name: sorted(args.lrs) for name in args.estimators}
     for _ in range(args.max_widen + 1):
         runs = run(args, "long", grid, [args.tune_seed])
         widen = {}
-        for name in ALL:
+        for name in args.estimators:
             lrs, best = grid[name], picks(runs, args)[name]
             step = lrs[1] / lrs[0]
             if best == lrs[0]:

