@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import _exit_with, provenance
+from harness import exit_with, provenance
 
 TASKS = ("cartpole", "mountaincar", "pendulum", "lunarlander", "hopper", "acrobot")
 KNOBS = {"SPPO": "critic_lr", "PPO": "lambda"}  # each algorithm's second knob
@@ -131,7 +131,7 @@ def run_with_retries(job: dict, tries: int = 3) -> dict:
 
 def _die_with_parent():
     """A run's process ends when the benchmark that started it is gone (a spawned process would outlive it)."""
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=exit_with, args=(os.getppid(),), daemon=True).start()
 
 
 # --- the protocol: which runs, which pick --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ benchmark is run, stopped and resumed in pieces, and one cut short keeps what it
 import argparse
 import contextlib
 import csv
+import ctypes
 import fcntl
 import importlib
 import json
@@ -115,11 +116,11 @@ def run_in_own_process(*args) -> dict:
 
 
 def _measured_run(*args) -> dict:
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=exit_with, args=(os.getppid(),), daemon=True).start()
     return {**run_seed(*args), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def _exit_with(parent: int) -> None:
+def exit_with(parent: int) -> None:
     """Ends this run's process when the benchmark that started it is gone (killed or stopped: a spawned process
     outlives its parent, and would go on loading the machine)."""
     while os.getppid() == parent:
@@ -191,6 +192,39 @@ def answers(samples: dict, problems: int) -> list:
     characters: the chat template's head is the same for all), each with its k answers and their rewards."""
     return [{"prompt": text[-120:], "answers": list(group), "rewards": [float(r) for r in rewards]}
             for text, group, rewards in zip(samples["texts"][:problems], samples["completions"], samples["rewards"])]
+
+
+def rss_mb(field: str) -> float:
+    """A field of this process's /proc/self/status in MB: VmRSS (resident now) or VmHWM (its peak)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def reset_peak_rss(trim: bool = False) -> float:
+    """Resets the process's peak resident set (VmHWM) to the current one, and returns the current one (MB). With
+    ``trim``, memory freed before (a warm-up's activations) is handed back to the system first (glibc's
+    ``malloc_trim``): the resident set is then what is live, not what the allocator kept."""
+    if trim:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_mb("VmRSS")
+
+
+def token_episodes(n: int, prompt_len: int, response_len: int, vocab: int) -> list:
+    """``n`` synthetic one-step LLM episodes of random prompt and response token ids (as the LLM EnvRunner writes
+    them), rewards 1 for every third: what a learner's update reads, without an engine."""
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    rng = np.random.default_rng(0)
+    return [SingleAgentEpisode(
+        observations=["p", "p"], actions=["r"], rewards=[float(i % 3 == 0)], terminated=True,
+        infos=[{}, {}], len_lookback_buffer=0,
+        extra_model_outputs={"prompt_ids": [rng.integers(10, vocab, prompt_len)],
+                             "response_ids": [rng.integers(10, vocab, response_len)],
+                             "engine_logp": [np.zeros(response_len, np.float32)]}) for i in range(n)]
 
 
 def provenance(packages=("ray", "torch")) -> list[str]:

@@ -23,36 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import provenance
+from harness import provenance, reset_peak_rss, rss_mb, token_episodes
 
 OUT = Path("benchmarks/results/learner_memory")
 POLICY = "builtin:smollm2-135m-instruct"
-
-
-def _rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> float:
-    """Resets the process's peak resident set (VmHWM) to the current one, and returns the current one (MB)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_mb("VmRSS")
-
-
-def _episodes(n: int, prompt_len: int, response_len: int, vocab: int):
-    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
-
-    rng = np.random.default_rng(0)
-    return [SingleAgentEpisode(
-        observations=["p", "p"], actions=["r"], rewards=[float(i % 3 == 0)], terminated=True,
-        infos=[{}, {}], len_lookback_buffer=0,
-        extra_model_outputs={"prompt_ids": [rng.integers(10, vocab, prompt_len)],
-                             "response_ids": [rng.integers(10, vocab, response_len)],
-                             "engine_logp": [np.zeros(response_len, np.float32)]}) for i in range(n)]
 
 
 def sppo_point(job: dict) -> dict:
@@ -69,7 +43,7 @@ def sppo_point(job: dict) -> dict:
                          max_tokens_per_micro_batch=job["budget"])
                .build_learner(env=None, spaces={DEFAULT_MODULE_ID: (text, text)}))
     vocab = learner.module[DEFAULT_MODULE_ID].unwrapped().policy.config.vocab_size
-    episodes = _episodes(n, job["prompt_len"], job["response_len"], vocab)
+    episodes = token_episodes(n, job["prompt_len"], job["response_len"], vocab)
     timed = {"step_s": 0.0}
     update = learner._uncompiled_update
 
@@ -82,7 +56,7 @@ def sppo_point(job: dict) -> dict:
     learner._possibly_compiled_update = timed_update  # what RLlib calls per minibatch
     learner.update(episodes=episodes, num_epochs=1, minibatch_size=n)  # warm-up: AdamW's state
     timed["step_s"] = 0.0
-    resident = _reset_peak()
+    resident = reset_peak_rss()
     start = time.perf_counter()
     learner.update(episodes=episodes, num_epochs=1, minibatch_size=n)
     total_s = time.perf_counter() - start
@@ -114,7 +88,7 @@ def bare_point(job: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()  # warm-up: AdamW's state
-    resident = _reset_peak()
+    resident = reset_peak_rss()
     start = time.perf_counter()
     step()
     seconds = time.perf_counter() - start
@@ -123,8 +97,8 @@ def bare_point(job: dict) -> dict:
 
 def _row(job, resident, step_s, total_s) -> dict:
     tokens = job["minibatch"] * (job["prompt_len"] + job["response_len"])
-    return {**job, "tokens": tokens, "peak_rss_mb": round(_rss_mb("VmHWM")),
-            "peak_above_resident_mb": round(_rss_mb("VmHWM") - resident), "step_s": round(step_s, 2),
+    return {**job, "tokens": tokens, "peak_rss_mb": round(rss_mb("VmHWM")),
+            "peak_above_resident_mb": round(rss_mb("VmHWM") - resident), "step_s": round(step_s, 2),
             "update_s": round(total_s, 2), "tokens_per_s": round(tokens / step_s, 1),
             "load": round(os.getloadavg()[0], 2)}
 

@@ -18,7 +18,6 @@ load of the machine: the 1-minute load average before and after each mode is in 
 
 import argparse
 import csv
-import ctypes
 import json
 import multiprocessing
 import os
@@ -27,19 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from learner_memory import _reset_peak as reset_peak, _rss_mb
-from harness import provenance
+from harness import provenance, reset_peak_rss, rss_mb, token_episodes
 
 OUT = Path("benchmarks/results/lora_sync")
 POLICY = "builtin:smollm2-135m-instruct"
-
-
-def _reset_peak() -> float:
-    """Resets the process's peak resident set (VmHWM) to the current one, and returns the current one (MB). Memory
-    freed before (the warm-up's activations) is handed back to the system first (glibc's ``malloc_trim``): the
-    resident set is then what is live, not what the allocator kept."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return reset_peak()
 
 
 def learner_memory(lora: dict | None, prompts: int) -> dict:
@@ -47,7 +37,6 @@ def learner_memory(lora: dict | None, prompts: int) -> dict:
     from ray.rllib.core import DEFAULT_MODULE_ID
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
-    from learner_memory import _episodes
     from rllib_sppo import SPPOConfig
     from rllib_sppo.llm.connectors import TokenBatch
     from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
@@ -60,13 +49,13 @@ def learner_memory(lora: dict | None, prompts: int) -> dict:
                    "policy": POLICY, **({"lora": lora} if lora else {})}))
                .build_learner(env=None, spaces={DEFAULT_MODULE_ID: (text, text)}))
     module = learner.module[DEFAULT_MODULE_ID].unwrapped()
-    episodes = _episodes(prompts, 48, 64, module.policy.config.vocab_size)
+    episodes = token_episodes(prompts, 48, 64, module.policy.config.vocab_size)
     learner.update(episodes=episodes, num_epochs=1, minibatch_size=prompts)  # warm-up: AdamW's state
-    resident = _reset_peak()
+    resident = reset_peak_rss(trim=True)
     start = time.perf_counter()
     learner.update(episodes=episodes, num_epochs=1, minibatch_size=prompts)
-    return {"update_s": time.perf_counter() - start, "peak_mb": _rss_mb("VmHWM"),
-            "peak_above_mb": _rss_mb("VmHWM") - resident,
+    return {"update_s": time.perf_counter() - start, "peak_mb": rss_mb("VmHWM"),
+            "peak_above_mb": rss_mb("VmHWM") - resident,
             "policy_trained_params": sum(p.numel() for p in module.policy_parameters()),
             "policy_params": sum(p.numel() for p in module.policy.parameters())}
 
