@@ -80,7 +80,9 @@ class SPPOConfig(AlgorithmConfigHooks):
         self.engine_kwargs = {}
         self.gpu_memory_utilization = None
         self.engine_sleep_level = None
+        self.weight_sync = None
         self.weight_sync_chunk_mb = 512
+        self.enforce_eager = None
         self.eval_samples_per_prompt = 4
         self.prompt_selection = None
         # Timeouts (TIMEOUT_KEYS, with RLlib's sample_timeout_s above).
@@ -101,7 +103,8 @@ class SPPOConfig(AlgorithmConfigHooks):
         max_response_tokens: int = NotProvided, samples_per_prompt: int = NotProvided,
         rollout_engine: str = NotProvided, engine_kwargs: dict = NotProvided,
         gpu_memory_utilization: float | None = NotProvided, engine_sleep_level: int | None = NotProvided,
-        weight_sync_chunk_mb: float = NotProvided, eval_samples_per_prompt: int = NotProvided,
+        weight_sync: str | None = NotProvided, weight_sync_chunk_mb: float = NotProvided,
+        enforce_eager: bool | None = NotProvided, eval_samples_per_prompt: int = NotProvided,
         prompt_selection: dict | None = NotProvided, weight_sync_timeout_s: float = NotProvided,
         generation_timeout_s: float = NotProvided, learner_update_timeout_s: float = NotProvided,
         **kwargs,
@@ -149,8 +152,12 @@ class SPPOConfig(AlgorithmConfigHooks):
                 else 0.9.
             engine_sleep_level: What the engine frees during the update: 0 nothing, 1 its KV cache, 2 its weights
                 too. None: 2 beside the learner on a GPU, else 0.
-            weight_sync_chunk_mb: Remote EnvRunners receive the policy in its compute dtype in chunks of at most this
-                many MB, loaded one at a time.
+            weight_sync: How remote LLM EnvRunners receive the policy: "collective" (broadcast by the learner over a
+                torch.distributed group of their own: NCCL with a whole GPU each, else gloo) or "object_store"
+                (Ray's object store). None: collective, but the object store with async_rollouts or DeepSpeed.
+            weight_sync_chunk_mb: Remote EnvRunners receive the policy in its compute dtype in chunks (buckets) of at
+                most this many MB, loaded one at a time.
+            enforce_eager: vLLM without CUDA graphs. None: True on a CPU machine, False on a GPU one.
             eval_samples_per_prompt: k of the held-out evaluation (avg@k, pass@k).
             prompt_selection: Critic-guided prompt selection: {"pool": int >= 2, "weight": "variance", "floor":
                 float > 0}, defaults 4, "variance", 0.05 (docs/critic.md). None: off.
@@ -280,10 +287,12 @@ class SPPOConfig(AlgorithmConfigHooks):
     def _validate_rollouts(self) -> None:
         """The generation engine, the weight sync and the timeouts."""
         from rllib_sppo.llm.engines import engine_problems
+        from rllib_sppo.llm.weight_group import weight_sync_problems
 
         self._refuse_any(engine_problems(self))
         if self.weight_sync_chunk_mb <= 0:
             self.refuse(f"weight_sync_chunk_mb must be > 0, got {self.weight_sync_chunk_mb}.")
+        self._refuse_any(weight_sync_problems(self))
         for key in TIMEOUT_KEYS:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or value <= 0:
@@ -340,6 +349,14 @@ class SPPOConfig(AlgorithmConfigHooks):
         return is_llm_runner(self.env_runner_cls)
 
     @property
+    def resolved_weight_sync(self) -> str:
+        """``weight_sync``, or where unset: "collective", but "object_store" with async_rollouts (a runner loads its
+        weights after sampling, which a broadcast would wait for) or DeepSpeed (not yet tested collectively)."""
+        if self.weight_sync is not None:
+            return self.weight_sync
+        return "object_store" if self.async_rollouts or self.deepspeed is not None else "collective"
+
+    @property
     def resolved_prompt_selection(self) -> dict | None:
         """``prompt_selection`` with its defaults filled in; None when off."""
         return None if self.prompt_selection is None else {**PROMPT_SELECTION_DEFAULTS, **self.prompt_selection}
@@ -373,7 +390,7 @@ class SPPOConfig(AlgorithmConfigHooks):
             bias = float(np.log(bias / (1 - bias)))
         estimator = ESTIMATORS.get(self.advantage_estimator)
         return {"temperature": self.temperature, "critic_bias": bias, "critic_kind": estimator and estimator.critic,
-                "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch}
+                "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch, "entropy_grad": bool(self.entropy_coeff)}
 
     def sync_env_runner_states_each_iteration(self) -> bool:
         # Asynchronous rollouts keep the remote EnvRunners sampling between iterations; RLlib's sync of their

@@ -13,23 +13,25 @@ import ray
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
+from rllib_sppo.llm.weight_group import open_store
 from rllib_sppo.private_api import count_env_runner_restarts, remote_env_runner_actor, sample_episodes
 from rllib_sppo.watchdog import deadline
 
 logger = logging.getLogger(__name__)
 
 
-def learner_deadline(config, part: str, key: str):
-    """Bounds a call into the learners by the config's ``key`` (``rllib_sppo.watchdog``): a stuck learner ends this
-    process naming ``part``, and Tune restarts the trial from its last checkpoint (``max_failures``)."""
-    return deadline(part, getattr(config, key), key)
+def learner_deadline(config, part: str, key: str, factor: float = 1):
+    """Bounds a call into the learners by the config's ``key`` (times ``factor``; ``rllib_sppo.watchdog``): a stuck
+    learner ends this process naming ``part``, and Tune restarts the trial from its last checkpoint
+    (``max_failures``)."""
+    return deadline(part, factor * getattr(config, key), key)
 
 
 class ObjectStoreWeights:
     """How the policy's weights reach remote LLM EnvRunners: the learners put them into Ray's object store in chunks
     of at most ``weight_sync_chunk_mb``, in the module's compute dtype (``SPPOTorchLearner.weight_chunks``); each
-    runner fetches and loads them one chunk at a time (``LLMEnvRunner.load_weight_chunks``). Another transport (e.g.
-    a collective broadcast from the learners) is another class with the same two members."""
+    runner fetches and loads them one chunk at a time (``LLMEnvRunner.load_weight_chunks``). With
+    ``weight_sync="object_store"``, and for runners the collective did not reach (``CollectiveWeights``)."""
 
     #: The runner method that loads what ``publish`` returns (as keyword arguments); it returns the runner's index.
     runner_method = "load_weight_chunks"
@@ -48,6 +50,74 @@ class ObjectStoreWeights:
         return {"chunks": chunks, "seq_no": seq_no}
 
 
+class CollectiveWeights:
+    """How the policy's weights reach remote LLM EnvRunners with ``weight_sync="collective"``: a torch.distributed
+    group of their own (``rllib_sppo.llm.weight_group``: NCCL where the learner and each runner have a whole GPU,
+    else gloo), served from this process, the first learner its rank 0 and the healthy remote runners ranks 1..N.
+    The learner broadcasts the policy in buckets of at most ``weight_sync_chunk_mb`` while each runner feeds them to
+    its engine.
+
+    The group is formed again whenever its members change: a runner restarted, stuck, or gone (``forget``), or a
+    broadcast that failed. Every collective is bounded by ``weight_sync_timeout_s``."""
+
+    def __init__(self, config, env_runner_group, learner_group):
+        self.config, self.group, self.learner_group = config, env_runner_group, learner_group
+        # NCCL needs a GPU of its own per member: with shares of one (or none), gloo through host memory.
+        self.device = "cuda" if config.num_gpus_per_learner >= 1 and config.num_gpus_per_env_runner >= 1 else "cpu"
+        self.members = ()  # the remote runners in the group formed last, in rank order (none: to be formed)
+        self.store = None
+
+    def forget(self, runners) -> None:
+        """Runners whose process changed (restarted) or that are gone: the group is formed again at the next sync."""
+        if set(runners) & set(self.members):
+            self.members = ()
+
+    def sync(self) -> tuple[set, set]:
+        """The policy to every healthy remote EnvRunner, forming the group first if needed. Returns the runners that
+        loaded it and those that answered (the others did not, within the timeout)."""
+        runners = tuple(sorted(self.group.healthy_worker_ids()))
+        if not runners:
+            return set(), set()
+        if runners != self.members:
+            answered = self._form(runners)
+            if not self.members:
+                return set(), answered
+        max_bytes = int(self.config.weight_sync_chunk_mb * 2**20)
+        loaded, answered, sent = self._run("receive_weights", {},
+                                           lambda learner: learner.broadcast_weights(max_bytes))
+        if not sent or loaded != set(self.members):
+            self.members = ()
+        return loaded, answered
+
+    def _form(self, runners: tuple) -> set:
+        """A new group of the learner and ``runners`` (``members`` once all joined); returns the runners that
+        answered."""
+        timeout, host = self.config.weight_sync_timeout_s, ray.util.get_node_ip_address()
+        self.store = open_store(host, timeout)  # (the last group's store is let go)
+        port, size, device = self.store.port, len(runners) + 1, self.device
+        self.members = runners
+        joined, answered, formed = self._run(
+            "join_weight_group", {"host": host, "port": port, "members": list(runners), "device": device,
+                                  "timeout_s": timeout},
+            lambda learner: learner.join_weight_group(host, port, size, device, timeout))
+        if not formed or joined != set(runners):
+            self.members = ()
+        return answered
+
+    def _run(self, method: str, kwargs: dict, learner_call) -> tuple[set, set, bool]:
+        """``method`` on every member runner while the learners run ``learner_call`` (the two sides of one
+        collective): the runners that returned their index, those that answered, and whether every learner did."""
+        group, timeout = self.group, self.config.weight_sync_timeout_s
+        group.foreach_env_runner_async(method, tag="weight_group", kwargs=kwargs, remote_worker_ids=list(self.members))
+        with learner_deadline(self.config, f"the weight sync's {method} on the learners (bounded by the collective's "
+                              f"own timeout, weight_sync_timeout_s; this is a backstop at twice it)",
+                              "weight_sync_timeout_s", factor=2):
+            results = list(self.learner_group.foreach_learner(learner_call))
+        ok = all(result.ok and result.get() for result in results)
+        answers = group.fetch_ready_async_reqs(tags="weight_group", timeout_seconds=timeout)
+        return {i for i, index in answers if index == i}, {i for i, _ in answers}, ok
+
+
 class Rollouts:
     """The EnvRunner side of one SPPO algorithm: it samples, syncs the policy's weights, and keeps each remote LLM
     EnvRunner's place in the data (``places``), to give back to a runner that restarts and to checkpoint."""
@@ -55,6 +125,8 @@ class Rollouts:
     def __init__(self, config, env_runner_group, learner_group, metrics):
         self.config, self.group, self.learner_group, self.metrics = config, env_runner_group, learner_group, metrics
         self.weights = ObjectStoreWeights(config)
+        self.collective = (CollectiveWeights(config, env_runner_group, learner_group)
+                           if config.llm_runner and config.resolved_weight_sync == "collective" else None)
         #: Remote LLM EnvRunner index -> its place in the data (as of the last batch trained on).
         self.places = {}
         self._in_flight = None  # (runner indices, payload) of an asynchronous weight sync not yet acknowledged
@@ -112,6 +184,7 @@ class Rollouts:
 
         A local EnvRunner (num_env_runners=0) receives the learner's state as it is: beside a local learner, the
         learner's tensors themselves (no copy, no numpy, no dtype change). Remote LLM EnvRunners receive them through
+        ``self.collective`` (``CollectiveWeights``: all healthy runners at once, ``runners`` or not) or
         ``self.weights`` (``ObjectStoreWeights``); other remote EnvRunners (classic control) through RLlib's
         ``sync_weights``. Bounded by ``weight_sync_timeout_s``: an in-process engine past it ends this process
         (``rllib_sppo.watchdog``), a remote runner past it is named and restarted. With ``async_rollouts`` the load
@@ -133,6 +206,15 @@ class Rollouts:
                                   "weight_sync_timeout_s"):
                 group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
             return
+        if self.collective is not None:
+            loaded, answered = self.collective.sync()  # (every healthy runner: a restarted one joins the group)
+            healthy = set(group.healthy_worker_ids())
+            self._weights_not_loaded(healthy - answered)
+            runners = sorted(healthy & answered - loaded)  # answered without loading: the object store, now
+            if not runners:
+                return
+            logger.warning("weight sync: the collective did not reach EnvRunner(s) %s; sending them the weights "
+                           "through the object store, and forming the group again at the next sync.", runners)
         with learner_deadline(self.config, "the weight sync (the policy's weights from the learner(s))",
                               "weight_sync_timeout_s"):
             payload = self.weights.publish(self.learner_group)
@@ -196,6 +278,8 @@ class Rollouts:
         if not self.config.restart_failed_env_runners:
             raise TimeoutError(f"{message}. Set restart_failed_env_runners=True to restart such a runner instead.")
         logger.error("%s. Restarting it.", message)
+        if self.collective is not None:
+            self.collective.forget(stuck)
         for index in stuck:
             actor, manager = remote_env_runner_actor(self.group, index)
             ray.kill(actor, no_restart=False)  # Ray starts the actor again (RLlib's max_restarts)
@@ -205,6 +289,8 @@ class Rollouts:
     def restore(self, runners: list[int]) -> None:
         """Restarted remote LLM EnvRunners: their places in the data, the current weights, then they sample again."""
         self._forget_in_flight(runners)
+        if self.collective is not None:
+            self.collective.forget(runners)
         self.give_back_places(runners)
         self.sync_weights(runners)
         self.group.foreach_env_runner(lambda runner: runner.restored(), local_env_runner=False,

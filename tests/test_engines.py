@@ -79,3 +79,16 @@ def test_weights_update_in_place(engine, tiny):
 def test_an_unknown_rollout_engine_is_refused_at_config_time_with_the_valid_names():
     with pytest.raises(ValueError, match=r"rollout_engine='vlm'; choose one of \['transformers', 'vllm'\]"):
         SPPOConfig().environment("OutcomeCartPole-v1").training(rollout_engine="vlm").validate()
+
+
+def test_enforce_eager_is_a_config_key_off_on_gpus_and_on_on_cpus():
+    """vLLM captures CUDA graphs on a GPU unless enforce_eager is set; on a CPU it runs eagerly; one place sets it."""
+    from rllib_sppo.llm.engines import eager
+
+    assert eager(None, cuda=True) is False and eager(None, cuda=False) is True
+    assert eager(True, cuda=True) is True and eager(False, cuda=True) is False
+    config = SPPOConfig().environment("OutcomeCartPole-v1")
+    with pytest.raises(ValueError, match="engine_kwargs sets enforce_eager: set the config key enforce_eager"):
+        config.copy().training(engine_kwargs={"enforce_eager": False}).validate()
+    with pytest.raises(ValueError, match="enforce_eager='yes': True, False or None"):
+        config.copy().training(enforce_eager="yes").validate()

@@ -66,6 +66,29 @@ def minibatch_gradient(learner, episodes) -> tuple[dict, dict]:
     return grads, results
 
 
+def test_gradients_are_freed_after_the_optimizer_step_and_adamw_is_fused_on_cuda_only(tiny):
+    """No gradient is held after an update (through sampling, where the engine needs the memory); AdamW runs fused
+    when its parameters are on a GPU, unfused on the CPU (the same numbers as before)."""
+    learner = build(tiny)
+    learner.update(episodes=uneven_episodes(tiny), num_epochs=1, minibatch_size=4)
+    params = list(learner.module[MODULE].parameters())
+    assert params and all(p.grad is None for p in params)
+    for _, optimizer in learner.get_optimizers_for_module(MODULE):
+        assert bool(optimizer.defaults["fused"]) == torch.cuda.is_available() == params[0].is_cuda
+
+
+@pytest.mark.parametrize("coeff", [0.0, 0.01])
+def test_the_entropy_has_a_graph_only_when_it_is_in_the_loss(tiny, coeff):
+    """entropy_coeff 0 (the reference's): the entropy is a diagnostic, computed without a graph (no softmax over the
+    vocabulary kept or recomputed for it); with a coefficient it is differentiated, and the update uses it."""
+    learner = build(tiny, entropy_coeff=coeff)
+    module = learner.module[MODULE].unwrapped()
+    batch = TokenBatch()(rl_module=learner.module, episodes=uneven_episodes(tiny), batch={})[MODULE]
+    out = module.forward_train(batch)
+    assert out["logp"].requires_grad and out["entropy"].requires_grad == bool(coeff)
+    assert float(out["entropy"].detach().sum()) > 0
+
+
 @pytest.mark.parametrize("estimator, mode, tis_cap", [
     ("sppo", "token-mean", None), ("sppo", "seq-mean-token-mean", None), ("sppo", "seq-mean-token-sum", None),
     ("ppo", "token-mean", None), ("sppo", "token-mean", 2.0), ("sppo", "seq-mean-token-mean", 2.0)])

@@ -73,13 +73,16 @@ def test_remote_runners_receive_bounded_chunks_in_the_training_dtype(tiny, ray_s
 
 
 @pytest.mark.system
-@pytest.mark.parametrize("restart", [True, False])
-def test_a_stuck_runner_is_named_within_the_sync_timeout_and_restarted(tiny, ray_session, caplog, restart):
+@pytest.mark.parametrize("restart,weight_sync", [(True, "collective"), (False, "collective"), (True, "object_store")])
+def test_a_stuck_runner_is_named_within_the_sync_timeout_and_restarted(tiny, ray_session, caplog, restart,
+                                                                        weight_sync):
     """A runner that does not load the weights in time is named in an error and killed, and RLlib restarts it; with
-    RLlib's restarts off (restart_failed_env_runners=False) the sync raises a TimeoutError naming it."""
+    RLlib's restarts off (restart_failed_env_runners=False) the sync raises a TimeoutError naming it. Either way the
+    weights travel (a stuck receiver stalls the collective's sender too, up to the same timeout)."""
     import logging
 
-    algo = (config(tiny, weight_sync_timeout_s=3.0).env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5)
+    algo = (config(tiny, weight_sync_timeout_s=3.0, weight_sync=weight_sync)
+            .env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5)
             .fault_tolerance(restart_failed_env_runners=restart).build_algo())
     algo.train()
     [pid] = algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)
@@ -90,7 +93,7 @@ def test_a_stuck_runner_is_named_within_the_sync_timeout_and_restarted(tiny, ray
         if restart:
             with caplog.at_level(logging.ERROR, logger="rllib_sppo.rollouts"):
                 algo.rollouts.sync_weights()
-            assert re.search(named + r".*Restarting it", caplog.text)
+            assert re.search(named + r".*Restarting it", caplog.text), caplog.text
             assert algo.env_runner_group.healthy_worker_ids() == []  # killed; RLlib brings it back next iteration
         else:
             with pytest.raises(TimeoutError, match=named + ".*Set restart_failed_env_runners=True"):
@@ -109,6 +112,82 @@ def test_a_stuck_runner_is_named_within_the_sync_timeout_and_restarted(tiny, ray
     algo.stop()
 
 
+def test_a_weight_group_broadcasts_every_tensor_bit_for_bit():
+    """The collective's wire format on its own (gloo, members in threads): every tensor arrives under its name,
+    dtype and shape, bit for bit, in buckets of at most max_bytes (a larger tensor alone), with the sender's meta."""
+    import threading
+
+    from rllib_sppo.llm.weight_group import WeightGroup, buckets, open_store
+
+    torch.manual_seed(0)
+    named = [("a", torch.randn(3, 5)), ("b", torch.randn(100).to(torch.bfloat16)), ("c", torch.arange(7)),
+             ("big", torch.randn(1000)), ("d", torch.randn(2, 2, dtype=torch.float64))]
+    assert [[n for n, _ in b] for b in buckets(named, 1024)] == [["a", "b", "c"], ["big"], ["d"]]
+    store, received = open_store("127.0.0.1", 30), {}
+
+    def member(rank):
+        meta, pairs = WeightGroup("127.0.0.1", store.port, rank, 3, "cpu", 30).receive()
+        received[rank] = meta, [(name, tensor.clone()) for name, tensor in pairs]
+
+    threads = [threading.Thread(target=member, args=(rank,)) for rank in (1, 2)]
+    for thread in threads:
+        thread.start()
+    sent = WeightGroup("127.0.0.1", store.port, 0, 3, "cpu", 30).send(named, 1024, seq_no=7)
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sent >= sum(t.numel() * t.element_size() for _, t in named)
+    for meta, pairs in received.values():
+        assert meta == {"seq_no": 7} and [name for name, _ in pairs] == [name for name, _ in named]
+        for (_, got), (_, want) in zip(pairs, named):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    assert len(received) == 2
+
+
+@pytest.mark.system
+def test_remote_runners_get_the_weights_over_the_collective_and_a_restarted_one_rejoins(tiny, ray_session):
+    """weight_sync="collective" (the default here), two remote runners: they load the learner's weights (the engine's
+    log-probs equal the learner's), over the group, not the object store. A runner killed mid-run is restarted by
+    RLlib and the group formed again with its new process, which then generates with the learner's weights too."""
+    algo = config(tiny).env_runners(num_env_runners=2, num_cpus_per_env_runner=0.5).build_algo()
+    assert algo.config.resolved_weight_sync == "collective"
+    loaded_through_object_store = []
+    publish = algo.rollouts.weights.publish
+    algo.rollouts.weights.publish = lambda *a: loaded_through_object_store.append(1) or publish(*a)
+    for _ in range(2):
+        result = algo.train()
+        assert result["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
+    assert algo.rollouts.collective.members == (1, 2) and not loaded_through_object_store
+    policy = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped().policy
+    fp32_bytes = sum(p.numel() * 4 for p in policy.state_dict().values())
+    assert result["env_runners"]["rollout/weight_sync_bytes"] == fp32_bytes
+    pids = dict(algo.env_runner_group.foreach_env_runner(lambda r: (r.worker_index, os.getpid()),
+                                                         local_env_runner=False))
+    os.kill(pids[2], signal.SIGKILL)
+    back_by = time.monotonic() + 300
+    while time.monotonic() < back_by:
+        result = algo.train()
+        now = dict(algo.env_runner_group.foreach_env_runner(lambda r: (r.worker_index, os.getpid()),
+                                                            local_env_runner=False))
+        if set(now) == {1, 2} and now[2] != pids[2] and algo.rollouts.collective.members == (1, 2):
+            break
+    assert now[2] != pids[2] and now[1] == pids[1] and algo.rollouts.collective.members == (1, 2)
+    results = [algo.train() for _ in range(2)]  # both runners sample with the weights they got over the new group
+    assert all(r["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3 for r in results)
+    assert not loaded_through_object_store
+    algo.stop()
+
+
+def test_weight_sync_is_validated_and_resolved(tiny):
+    assert config(tiny).resolved_weight_sync == "collective"
+    assert config(tiny, weight_sync="object_store").resolved_weight_sync == "object_store"
+    assert config(tiny, async_rollouts=True).resolved_weight_sync == "object_store"
+    with pytest.raises(ValueError, match=r"weight_sync='nccl'; choose one of \('collective', 'object_store'\)"):
+        config(tiny, weight_sync="nccl").validate()
+    with pytest.raises(ValueError, match="weight_sync='collective' works with synchronous rollouts"):
+        (config(tiny, weight_sync="collective", async_rollouts=True, tis_cap=2.0)
+         .env_runners(num_env_runners=1).validate())
+
+
 def test_the_engine_sleeps_through_the_update_and_wakes_with_the_new_weights(tiny, ray_session):
     """engine_sleep_level 2 with the transformers engine on CPU: after sampling the engine's weights are freed (no
     parameter holds memory during the update), the sync wakes it with the new weights, and it samples with them."""
@@ -121,6 +200,25 @@ def test_the_engine_sleeps_through_the_update_and_wakes_with_the_new_weights(tin
     assert runner._asleep and all(p.numel() == 0 for p in runner._engine.model.parameters())
     algo.rollouts.sync_weights()
     assert not runner._asleep and all(p.numel() > 0 for p in runner._engine.model.parameters())
+    algo.stop()
+
+
+def test_the_cuda_cache_is_emptied_before_the_engine_wakes(tiny, ray_session, monkeypatch):
+    """Beside the learner on a GPU, the blocks torch's allocator caches for the learner go back to the GPU before the
+    engine takes its memory back. (This CPU machine has no CUDA: torch.cuda's two calls are stood in for.)"""
+    algo = config(tiny, engine_sleep_level=2).build_algo()
+    algo.train()
+    runner = algo.env_runner
+    runner.sample()
+    assert runner._asleep
+    policy = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped().policy
+    named = [(name, p.detach().clone()) for name, p in policy.named_parameters(remove_duplicate=False)]
+    calls, wake_up = [], runner._engine.wake_up
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(runner._engine, "wake_up", lambda: calls.append("wake_up") or wake_up())
+    runner._load_weights(iter(named))
+    assert calls == ["empty_cache", "wake_up"] and not runner._asleep
     algo.stop()
 
 

@@ -152,7 +152,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, sleep_level: int = 0,
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None, sleep_level: int = 0,
                  lora: dict | None = None, **_):
         vllm_in_this_process()  # in-place weight reloads reach the engine core's worker
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -177,7 +177,8 @@ class VLLMEngine:
             self._adapter_dir = tempfile.mkdtemp(prefix="sppo_lora_")
             peft_config(lora).save_pretrained(self._adapter_dir)  # adapter_config.json
         self.llm = vllm.LLM(model=model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                            enforce_eager=enforce_eager, logprobs_mode="processed_logprobs", **kwargs)
+                            enforce_eager=eager(enforce_eager, torch.cuda.is_available()),
+                            logprobs_mode="processed_logprobs", **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         # Rotary embeddings have no checkpoint weights; vLLM keeps their tables and warns on every reload.
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
@@ -219,6 +220,11 @@ class VLLMEngine:
         self.llm.wake_up()
 
 
+def eager(enforce_eager: bool | None, cuda: bool) -> bool:
+    """vLLM's ``enforce_eager``: as set, or where unset (None) CUDA graphs on a GPU (False) and eager on a CPU."""
+    return (not cuda) if enforce_eager is None else bool(enforce_eager)
+
+
 #: ``rollout_engine`` name -> its engine class (an ``Engine``).
 ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "transformers": HFEngine}
 
@@ -240,8 +246,10 @@ def engine_problems(config):
     if config.engine_sleep_level not in (None, 0, 1, 2):
         yield (f"engine_sleep_level={config.engine_sleep_level!r}: 0 (off), 1 (free the KV cache), 2 (the weights "
                f"too) or None (2 when the EnvRunner shares the learner's GPU, else 0).")
-    if "gpu_memory_utilization" in config.engine_kwargs:
-        yield ("engine_kwargs sets gpu_memory_utilization: set the config key gpu_memory_utilization instead (one "
-               "place).")
+    for key in ("gpu_memory_utilization", "enforce_eager"):
+        if key in config.engine_kwargs:
+            yield f"engine_kwargs sets {key}: set the config key {key} instead (one place)."
+    if config.enforce_eager not in (None, True, False):
+        yield f"enforce_eager={config.enforce_eager!r}: True, False or None (True on a CPU, False on a GPU)."
     if config.gpu_memory_utilization is not None and not 0 < config.gpu_memory_utilization <= 1:
         yield f"gpu_memory_utilization={config.gpu_memory_utilization} is a share of the GPU: (0, 1]."

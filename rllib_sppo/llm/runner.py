@@ -13,8 +13,9 @@ critic before each ``sample()`` (``prompt_candidates``, ``set_prompt_scores``; s
 ``rllib_sppo.llm.critic``).
 
 New policy weights reach the engine in place (no restart): through ``set_state`` (RLlib's
-state, e.g. after a restore, and the local runner's sync) or ``load_weight_chunks``
-(SPPO's sync of remote runners, a chunk at a time); the sync's seconds, bytes and GB/s
+state, e.g. after a restore, and the local runner's sync), ``receive_weights`` (SPPO's sync of remote runners
+over a collective, a bucket at a time as broadcast) or ``load_weight_chunks`` (through the object store, a chunk at
+a time); the sync's seconds, bytes and GB/s
 are logged. With ``engine_sleep_level`` > 0 the engine sleeps from the end of sampling
 to the next weight load (the learner has the accelerator meanwhile). A remote runner starts
 its engine and reward workers when it is created (its first sample is sampling, not start-up);
@@ -23,6 +24,7 @@ the local runner starts them on first use, so a driver-side runner that never sa
 
 from __future__ import annotations
 
+import logging
 import time
 
 import gymnasium as gym
@@ -47,11 +49,22 @@ from rllib_sppo.llm.engines import GenerationConfig, make_engine
 from rllib_sppo.llm.lora import resolve_lora
 from rllib_sppo.llm.models import resolve_model
 from rllib_sppo.llm.sampler import EpochSampler, PromptPool
+from rllib_sppo.llm.weight_group import WeightGroup
 from rllib_sppo.private_api import asked_for, registered_env_creator
 from rllib_sppo.watchdog import deadline
 
+logger = logging.getLogger(__name__)
+
+
+def policy_weights(named):
+    """The policy's (name, tensor) pairs of the module's inference-only state, named as the engine's model names them
+    (without the module's ``policy.`` prefix)."""
+    return ((name.removeprefix("policy."), tensor) for name, tensor in named if name.startswith("policy."))
+
 
 class LLMEnvRunner(EnvRunner, Checkpointable):
+    weight_group = None  # this runner's membership of the weight-sync group, once it joined one
+
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self.worker_index = kwargs.get("worker_index", 0)
@@ -107,7 +120,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
         if self._engine is None:
             kwargs = {"seed": (self.config.seed or 0) + self.worker_index, "sleep_level": self.sleep_level,
                       "gpu_memory_utilization": self.gpu_memory_utilization, "lora": self.lora,
-                      **self.config.engine_kwargs}
+                      "enforce_eager": self.config.enforce_eager, **self.config.engine_kwargs}
             self._engine = make_engine(self.config.rollout_engine, self.model_dir, **kwargs)
             self.tokenizer = self._engine.tokenizer
             if self._pending_weights is not None:
@@ -117,8 +130,7 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
             if self.sleep_level >= 2:
                 raise RuntimeError("the engine slept at level 2 (its weights freed) and got no weights since; sync the "
                                    "policy's weights before sampling, or use engine_sleep_level 1.")
-            self._engine.wake_up()
-            self._asleep = False
+            self._wake_engine()
         return self._engine
 
     def sample(self, *, num_timesteps=None, num_episodes=None, explore=True, random_actions=False,
@@ -281,8 +293,38 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
     def load_weight_chunks(self, chunks: list, seq_no: int) -> int:
         """SPPO's weight sync: the policy's weights as object-store chunks ({name: tensor}), fetched and loaded one
         at a time. Returns this runner's index (the driver checks who answered in time)."""
-        self._receive(lambda: ((k.removeprefix("policy."), v) for ref in chunks for k, v in ray.get(ref).items()
-                               if k.startswith("policy.")), seq_no)
+        self._receive(lambda: policy_weights(pair for ref in chunks for pair in ray.get(ref).items()), seq_no)
+        return self.worker_index
+
+    def join_weight_group(self, host: str, port: int, members: list[int], device: str, timeout_s: float):
+        """SPPO's collective weight sync: joins the weight-sync group (``rllib_sppo.llm.weight_group``) as rank 1 + this
+        runner's position in ``members`` (the learner is rank 0), leaving any group it was in. Returns this runner's
+        index, or None if the group was not formed within ``timeout_s``."""
+        self.weight_group = None
+        try:
+            self.weight_group = WeightGroup(host, port, members.index(self.worker_index) + 1, len(members) + 1,
+                                            device, timeout_s)
+        except RuntimeError as error:  # (torch.distributed's errors, a timeout among them)
+            logger.warning("EnvRunner %d did not join the weight-sync group: %s", self.worker_index, error)
+            return None
+        return self.worker_index
+
+    def receive_weights(self) -> int | None:
+        """SPPO's collective weight sync: the policy broadcast by the learner, fed to the engine bucket by bucket as
+        it arrives. Returns this runner's index, or None if the broadcast failed (the group is formed again)."""
+        if self.weight_group is None:
+            return None
+        try:
+            meta, pairs = self.weight_group.receive()
+            try:
+                self._receive(lambda: policy_weights(pairs), meta["seq_no"])
+            finally:  # what the engine did not take (it had these weights, or failed): the sender sends every bucket
+                for _ in pairs:
+                    pass
+        except RuntimeError as error:
+            logger.warning("EnvRunner %d: the weight broadcast failed: %s", self.worker_index, error)
+            self.weight_group = None
+            return None
         return self.worker_index
 
     def restored(self) -> None:
@@ -309,13 +351,20 @@ class LLMEnvRunner(EnvRunner, Checkpointable):
                 yield name, tensor
 
         if self._asleep:
-            self._engine.wake_up()
-            self._asleep = False
+            self._wake_engine()
         self._engine.update_weights(counted())
         seconds = time.perf_counter() - start
         self.metrics.log_value("timing_s/weight_sync", seconds, window=1)
         self.metrics.log_value("rollout/weight_sync_bytes", size, window=1)
         self.metrics.log_value("rollout/weight_sync_gb_per_s", size / 1e9 / max(seconds, 1e-9), window=1)
+
+    def _wake_engine(self) -> None:
+        """The engine takes back what its sleep freed; first this process's cached CUDA blocks (the learner's, beside
+        it) are given back to the GPU, for the engine to take."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._engine.wake_up()
+        self._asleep = False
 
     def get_ctor_args_and_kwargs(self):
         return (), {"config": self.config}

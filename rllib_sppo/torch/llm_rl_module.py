@@ -21,6 +21,8 @@
   max_tokens_per_micro_batch (int, optional): the token budget of one forward/backward (set by
       ``SPPOConfig``); None: a whole minibatch at once.
   logp_chunk_tokens (int): response positions per chunk of the LM head (default 1024).
+  entropy_grad (bool): whether the entropy is in the loss (set by ``SPPOConfig`` from ``entropy_coeff``); False: it
+      is computed without a graph, as a diagnostic (default True).
   lora (dict, optional): {r, alpha, target_modules, dropout}: train LoRA adapters of the policy only, its base frozen
       (``rllib_sppo.llm.lora``); the EnvRunners then receive only the adapters, and ``hf_policy/`` is the adapter
       folder. None: full fine-tuning.
@@ -51,7 +53,7 @@ from rllib_sppo.estimators import CriticKind
 #: The ``model_config`` keys the module reads (``SPPOConfig.llm`` takes them).
 MODEL_CONFIG_KEYS = {"policy", "critic", "critic_layers", "critic_kind", "temperature", "dtype",
                      "gradient_checkpointing", "critic_bias", "max_tokens_per_micro_batch", "logp_chunk_tokens",
-                     "lora"}
+                     "lora", "entropy_grad"}
 #: Columns that hold the critic's prompt (their own width); the others are [B, L] or [B, L - 1] (or [B]).
 CRITIC_PROMPT_COLUMNS = ("critic_input_ids", "critic_attention_mask")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -92,12 +94,15 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def head_logp_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """log pi(target) and the entropy at each row of ``hidden`` [N, H], from head(hidden) / temperature in fp32."""
+def head_logp_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                      entropy_grad: bool = True):
+    """log pi(target) and the entropy at each row of ``hidden`` [N, H], from head(hidden) / temperature in fp32; the
+    entropy without a graph unless ``entropy_grad``."""
     logits = head(hidden).float() / temperature
     logz = torch.logsumexp(logits, -1)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
-    entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)
     return logp, entropy
 
 
@@ -105,9 +110,10 @@ class PolicyModel(nn.Module):
     """The policy as one network: log-probs and entropies of the next tokens at the scored positions [B, L-1] (0
     elsewhere), the LM head run only there, ``chunk`` positions at a time (recomputed in backward)."""
 
-    def __init__(self, lm: nn.Module, temperature: float, chunk: int, dtype: torch.dtype):
+    def __init__(self, lm: nn.Module, temperature: float, chunk: int, dtype: torch.dtype, entropy_grad: bool = True):
         super().__init__()
         self.lm, self.temperature, self.chunk, self.dtype = lm, temperature, chunk, dtype
+        self.entropy_grad = entropy_grad
         if getattr(lm.config, "final_logit_softcapping", None) or getattr(lm.config, "logit_scale", None):
             raise ValueError(f"{type(lm).__name__} transforms its logits beyond the LM head (softcapping or scaling), "
                              f"which the chunked log-probs do not apply; this model is not supported yet.")
@@ -121,7 +127,8 @@ class PolicyModel(nn.Module):
         head = self.lm.get_output_embeddings()
         logp, entropy = [], []
         for start in range(0, len(h), self.chunk):
-            args = (head, h[start:start + self.chunk], targets[start:start + self.chunk], self.temperature)
+            args = (head, h[start:start + self.chunk], targets[start:start + self.chunk], self.temperature,
+                    self.entropy_grad)
             with _autocast(input_ids.device, self.dtype):
                 lp, ent = (checkpoint(head_logp_entropy, *args, use_reentrant=False) if torch.is_grad_enabled()
                            else head_logp_entropy(*args))
@@ -198,7 +205,7 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         # The networks (in a plain dict, so not registered twice: the state-dict keys stay policy.*, critic.*,
         # value_head.*), and what runs each one: itself, or a learner's wrapper of it (run_networks_with).
         self._networks = {"policy": PolicyModel(self.policy, self.temperature, int(cfg["logp_chunk_tokens"]),
-                                                self.compute_dtype)}
+                                                self.compute_dtype, bool(cfg.get("entropy_grad", True)))}
         if self.critic_kind:
             self._networks["critic"] = ValueModel(self.critic, self.value_head, self.compute_dtype)
         self._runners = dict(self._networks)

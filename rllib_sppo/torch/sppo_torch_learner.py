@@ -7,6 +7,7 @@ add up to the unsplit minibatch's, for every ``loss_agg_mode``.
 """
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import ray
@@ -18,9 +19,11 @@ from ray.rllib.core.columns import Columns
 from rllib_sppo.connectors import CRITIC_MASK, VALUES_OLD, critic_output
 from rllib_sppo.core import critic_bce_loss, critic_mse_loss, masked_mean, ppo_clip_loss, truncated_is_weights
 from rllib_sppo.estimators import ESTIMATORS
+from rllib_sppo.llm.weight_group import WeightGroup, buckets
 from rllib_sppo.private_api import TorchLearnerHooks
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
 
+logger = logging.getLogger(__name__)
 MINIBATCH = "_sppo_minibatch"  # batch key of a micro-batch: its minibatch's counts and diagnostics (a Minibatch)
 
 
@@ -48,8 +51,20 @@ class Minibatch:
                 torch.minimum(old, value) if key.endswith("_min") else old + value)
 
 
+def adamw(params: list, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) when every parameter is on a CUDA device."""
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, weight_decay=weight_decay, fused=fused or None)
+
+
+def _rank() -> int:
+    """This learner's rank among the learners (0 alone)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
     _nonfinite_streak = 0
+    weight_group = None  # this learner's membership of the weight-sync group (rank 0 only), once formed
 
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         module = self.module[module_id].unwrapped()
@@ -59,7 +74,7 @@ class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
         ):
             if params:  # a critic-free estimator's module has no critic
                 self.register_optimizer(module_id=module_id, optimizer_name=name,
-                                        optimizer=torch.optim.AdamW(params, weight_decay=wd),
+                                        optimizer=adamw(params, wd),
                                         params=params, lr_or_lr_schedule=lr)
 
     def minibatch_update(self, batch, **kwargs):
@@ -83,6 +98,7 @@ class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
                 losses[module_id] = losses.get(module_id, 0.0) + loss.detach()
             self.metrics.log_dict(minibatch.stats, key=module_id, window=1)
         self._step()
+        self._zero_gradients()  # freed now, not at the next update: no gradient held through sampling
         return fwd_out, losses, {}
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
@@ -113,36 +129,59 @@ class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
                                               old_values=batch[VALUES_OLD], clip=config.resolved_value_clip)
             total = total + critic_loss
             stats["critic/loss"] = critic_loss.detach()
-        entropy = masked_mean(module.entropy(batch, fwd_out), mask, minibatch.tokens)
+        with torch.set_grad_enabled(bool(config.entropy_coeff)):  # only a diagnostic at 0: no graph kept for it
+            entropy = masked_mean(module.entropy(batch, fwd_out), mask, minibatch.tokens)
         if config.entropy_coeff:
             total = total - config.entropy_coeff * entropy
         stats["policy/entropy"] = entropy.detach()
         minibatch.add(stats)
         return total
 
-    def weight_chunks(self, max_bytes: int) -> tuple[list, int]:
-        """The policy's weights for remote EnvRunners: ``(refs, weights_seq_no)``, the inference-only state in the
-        module's compute dtype, put in Ray's object store in chunks of at most ``max_bytes`` (a larger tensor is a
-        chunk of its own). Tied tensors (an LM head tied to the embedding) go under each name: vLLM's reload needs
-        every name. Runs on every learner (gathering ZeRO-3 partitions is collective); the first returns the chunks.
-        """
+    def policy_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """The policy's weights for remote EnvRunners: the inference-only state in the module's compute dtype. Tied
+        tensors (an LM head tied to the embedding) go under each name: vLLM's reload needs every name. Runs on every
+        learner (gathering ZeRO-3 partitions is collective)."""
         state = self.get_state(components=COMPONENT_RL_MODULE, inference_only=True)[COMPONENT_RL_MODULE]
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-            return [], self.weights_seq_no
         dtype = getattr(self.module[DEFAULT_MODULE_ID].unwrapped(), "compute_dtype", None)
-        chunks, chunk, size = [], {}, 0
-        for name, value in state[DEFAULT_MODULE_ID].items():
-            tensor = torch.as_tensor(value)
-            if dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            nbytes = tensor.numel() * tensor.element_size()
-            if chunk and size + nbytes > max_bytes:
-                chunks.append(ray.put(chunk))
-                chunk, size = {}, 0
-            chunk[name], size = tensor, size + nbytes
-        if chunk:
-            chunks.append(ray.put(chunk))
-        return chunks, self.weights_seq_no
+        cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
+        return [(name, cast(torch.as_tensor(value))) for name, value in state[DEFAULT_MODULE_ID].items()]
+
+    def weight_chunks(self, max_bytes: int) -> tuple[list, int]:
+        """``policy_tensors`` put in Ray's object store in chunks of at most ``max_bytes`` (a larger tensor is a
+        chunk of its own): ``(refs, weights_seq_no)``; the first learner returns the chunks, the others none."""
+        named = self.policy_tensors()
+        if _rank() != 0:
+            return [], self.weights_seq_no
+        return [ray.put(dict(bucket)) for bucket in buckets(named, max_bytes)], self.weights_seq_no
+
+    def join_weight_group(self, host: str, port: int, size: int, device: str, timeout_s: float) -> bool:
+        """The first learner joins SPPO's weight-sync group as its rank 0 (``rllib_sppo.llm.weight_group``); the
+        others stay out of it. False if the group could not be formed within ``timeout_s``."""
+        self.weight_group = None
+        if _rank() != 0:
+            return True
+        try:
+            self.weight_group = WeightGroup(host, port, 0, size, device, timeout_s)
+        except RuntimeError as error:  # (torch.distributed's errors, a timeout among them)
+            logger.warning("the weight-sync group was not formed: %s", error)
+            return False
+        return True
+
+    def broadcast_weights(self, max_bytes: int) -> bool:
+        """``policy_tensors`` to the weight-sync group, in buckets of at most ``max_bytes``, with ``weights_seq_no``.
+        False if the broadcast failed (a member gone or past the group's timeout): the group must be formed again."""
+        named = self.policy_tensors()
+        if _rank() != 0:
+            return True
+        if self.weight_group is None:
+            return False
+        try:
+            self.weight_group.send(named, max_bytes, seq_no=self.weights_seq_no)
+        except RuntimeError as error:
+            logger.warning("the weight broadcast failed: %s", error)
+            self.weight_group = None
+            return False
+        return True
 
     def prompt_values(self, texts: list[str]):
         """The sequence critic's logit for each prompt text, before any response (``SPPOLLMModule.prompt_values``),

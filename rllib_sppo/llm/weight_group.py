@@ -1,0 +1,121 @@
+"""A torch.distributed group of its own for weight sync: the sending learner (rank 0) and the remote LLM EnvRunners
+(ranks 1..N), which receive the policy as bucketed broadcasts and feed them to their engine as they arrive.
+
+The group is stateless as verl's and OpenRLHF's "weight update groups" are: a ``TCPStore`` the driver serves (a new
+one each time the group is formed) and a ``ProcessGroupGloo`` (CPU) or ``ProcessGroupNCCL`` (CUDA) built on it,
+outside torch.distributed's default group (the learners' own DDP/ZeRO group is untouched). A sync is one broadcast of
+the layout (names, shapes, dtypes of each bucket, pickled) and one broadcast per bucket of at most ``max_bytes``
+(a larger tensor is a bucket of its own): each tensor is copied once into its bucket on the sender and read as a
+view of the received bucket on a receiver. Every operation is bounded by the group's timeout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+#: The values of the config key ``weight_sync`` (None: "collective" where it works, see
+#: ``SPPOConfig.resolved_weight_sync``).
+WEIGHT_SYNCS = ("collective", "object_store", None)
+_ALIGN = 16  # bytes: each tensor starts at a multiple of this in its bucket (a view of any dtype is aligned)
+
+
+def open_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """The store the group's members meet at, served by this process on a free port (``store.port``)."""
+    return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """``named`` in buckets of at most ``max_bytes`` (a larger tensor is a bucket of its own), in order."""
+    out, bucket, size = [], [], 0
+    for name, tensor in named:
+        nbytes = _aligned(tensor.numel() * tensor.element_size())
+        if bucket and size + nbytes > max_bytes:
+            out.append(bucket)
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    return out + [bucket] if bucket else out
+
+
+class WeightGroup:
+    """This process's membership of one weight-sync group: ``rank`` of ``size``, tensors on ``device``."""
+
+    def __init__(self, host: str, port: int, rank: int, size: int, device: str, timeout_s: float):
+        self.rank, self.size = rank, size
+        self.device = torch.device(device)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+        if self.device.type == "cuda":
+            self.group = dist.ProcessGroupNCCL(store, rank, size, dist.ProcessGroupNCCL.Options())
+        else:
+            self.group = dist.ProcessGroupGloo(store, rank, size, timeout)
+        self._broadcast(torch.zeros(1, device=self.device))  # every member is connected (NCCL connects lazily)
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        self.group.broadcast(tensor, 0).wait()
+
+    def send(self, named: Iterable[tuple[str, torch.Tensor]], max_bytes: int, **meta) -> int:
+        """Rank 0: the (name, tensor) pairs to every other member, in buckets, with ``meta`` (small, picklable);
+        returns the bytes sent."""
+        parts = buckets(named, max_bytes)
+        layout = [[(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in bucket]
+                  for bucket in parts]
+        header = torch.frombuffer(bytearray(pickle.dumps((meta, layout))), dtype=torch.uint8).to(self.device)
+        self._broadcast(torch.tensor([header.numel()], device=self.device))
+        self._broadcast(header)
+        sent = 0
+        for bucket in parts:
+            buffer = torch.empty(sum(_aligned(t.numel() * t.element_size()) for _, t in bucket), dtype=torch.uint8,
+                                 device=self.device)
+            offset = 0
+            for _, tensor in bucket:
+                nbytes = tensor.numel() * tensor.element_size()
+                buffer[offset:offset + nbytes].view(tensor.dtype).copy_(tensor.reshape(-1))
+                offset += _aligned(nbytes)
+            self._broadcast(buffer)
+            sent += buffer.numel()
+        return sent
+
+    def receive(self) -> tuple[dict, Iterator[tuple[str, torch.Tensor]]]:
+        """Ranks 1..N: what rank 0 sends, as ``(meta, pairs)``; ``pairs`` receives a bucket each time the last one is
+        consumed (views of a fresh buffer per bucket) and must be consumed to the end (rank 0 sends every bucket)."""
+        length = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._broadcast(length)
+        header = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
+        self._broadcast(header)
+        meta, layout = pickle.loads(header.cpu().numpy().tobytes())  # (from this run's own learner)
+        return meta, self._buckets(layout)
+
+    def _buckets(self, layout: list) -> Iterator[tuple[str, torch.Tensor]]:
+        for bucket in layout:
+            dtypes = [getattr(torch, dtype) for _, _, dtype in bucket]
+            sizes = [_aligned(torch.Size(shape).numel() * dtype.itemsize)
+                     for (_, shape, _), dtype in zip(bucket, dtypes)]
+            buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
+            self._broadcast(buffer)
+            offset = 0
+            for (name, shape, _), dtype, size in zip(bucket, dtypes, sizes):
+                numel = torch.Size(shape).numel()
+                yield name, buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(shape)
+                offset += size
+
+
+def weight_sync_problems(config):
+    """What is wrong with the config's ``weight_sync`` (``SPPOConfig.validate``), each with its fix."""
+    if config.weight_sync not in WEIGHT_SYNCS:
+        yield (f"weight_sync={config.weight_sync!r}; choose one of {WEIGHT_SYNCS[:2]} or None (collective, but the "
+               f"object store with async_rollouts or DeepSpeed).")
+    elif config.weight_sync == "collective" and (config.async_rollouts or config.deepspeed is not None):
+        yield ("weight_sync='collective' works with synchronous rollouts and the torch learner (a broadcast waits for "
+               "every runner, which async_rollouts keeps sampling; under ZeRO-3 it is not yet gathered a bucket at a "
+               "time); set weight_sync='object_store' (or leave it unset) with async_rollouts or deepspeed.")
