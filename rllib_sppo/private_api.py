@@ -61,6 +61,10 @@ USED = (
     ("ray.tune.execution.cluster_info", None, "_is_ray_cluster",
      "autoscaling_cluster: the CLI's resource check (Tune's test for an autoscaling cluster, where nodes may come)"),
     # RLlib: Learner and TorchLearner (through TorchLearnerHooks)
+    ("ray.rllib.core.learner.learner", "Learner", "_optimizer_lr_schedules",
+     "optimizer_lr_schedules: SPPOLearner.set_state sets a restored optimizer to the config's fixed learning rate"),
+    ("ray.rllib.core.learner.learner", "Learner", "_set_optimizer_lr",
+     "set_optimizer_lr: SPPOLearner.set_state (a PBT trial restored with a mutated lr trains with it at once)"),
     ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_uncompiled_update",
      "TorchLearnerHooks.minibatch_update: micro-batches with gradient accumulation inside one minibatch"),
     ("ray.rllib.core.learner.torch.torch_learner", "TorchLearner", "_make_modules_ddp_if_necessary",
@@ -121,6 +125,16 @@ def learner_results(learner_group, results):
 def learner_pipeline(learner):
     """A learner's learner-connector pipeline (None without one)."""
     return learner._learner_connector
+
+
+def optimizer_lr_schedules(learner) -> dict:
+    """{optimizer: its learning-rate ``Scheduler``} of a learner (the config's lr or schedule, as registered)."""
+    return learner._optimizer_lr_schedules
+
+
+def set_optimizer_lr(learner, optimizer, lr: float) -> None:
+    """Sets ``optimizer``'s learning rate, as RLlib's learner does after each update."""
+    learner._set_optimizer_lr(optimizer, lr=lr)
 
 
 def trial_storage(trainable):

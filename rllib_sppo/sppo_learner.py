@@ -5,7 +5,7 @@ from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 
 from rllib_sppo.apis import TokenLogpAPI
 from rllib_sppo.connectors import SequenceAdvantage
-from rllib_sppo.private_api import learner_pipeline
+from rllib_sppo.private_api import learner_pipeline, optimizer_lr_schedules, set_optimizer_lr
 
 
 NONFINITE_SKIPPED = "numerics/skipped_updates"  # optimizer steps skipped for a non-finite loss/gradient
@@ -22,6 +22,15 @@ class SPPOLearner(Learner):
                                   critic_loss=self.config.resolved_critic_loss,
                                   normalize=self.config.normalize_advantage,
                                   gamma=self.config.gamma, lambda_=self.config.lambda_))
+
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        # A restored optimizer holds the learning rate it was saved with, and RLlib sets the config's only after the
+        # next update: a trial that PBT continues from another's checkpoint with a mutated lr would train one update
+        # with the old one. A fixed lr applies at once (a scheduled one as in RLlib, after the next update).
+        for optimizer, schedule in optimizer_lr_schedules(self).items():
+            if not schedule.use_schedule:
+                set_optimizer_lr(self, optimizer, float(schedule.get_current_value()))
 
     @classmethod
     def rl_module_required_apis(cls) -> list[type]:

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.cli import main
 from rllib_sppo.experiments import load_experiments, tune_object
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def write(tmp_path, text, name="exp.yaml"):
@@ -108,8 +111,9 @@ def test_asha_from_yaml_stops_the_trials_below_its_cutoff(ray_session, tmp_path,
           run: SPPO
           env: OutcomeCartPole-v1
           stop: {training_iteration: 3}
-          scheduler: {type: ASHAScheduler, time_attr: training_iteration, metric: learners/default_policy/policy_lr,
-                      mode: max, max_t: 3, grace_period: 1, reduction_factor: 2}
+          scheduler: {type: ASHAScheduler, time_attr: training_iteration,
+                      metric: learners/default_policy/policy_learning_rate, mode: max, max_t: 3, grace_period: 1,
+                      reduction_factor: 2}
           config:
             seed: 0
             num_env_runners: 0
@@ -149,7 +153,8 @@ def test_pbt_from_yaml_continues_a_worse_trial_from_a_better_ones_checkpoint(ray
     assert main(["train", "file", path, "--storage-path", str(storage)]) == 0, capsys.readouterr().err[-3000:]
     with open(storage / "pbt" / "pbt_global.txt") as f:
         target, source, target_it, source_it, _, new_config = json.loads(f.readline())
-    assert target_it == source_it == 2 and new_config["lr"] in (1e-4, 1e-2)  # moved one step along the list
+    # (Tune logs the source's iteration before the result on which, synch, it decided: 1 here; its checkpoint is at 2.)
+    assert target_it == 2 and source_it in (1, 2) and new_config["lr"] in (1e-4, 1e-2)  # one step along the list
     trial = {tag: glob.glob(str(storage / "pbt" / f"*_{tag}_*"))[0] for tag in (target, source)}
     after = {r["training_iteration"]: r for r in results(trial[target])}
     before = {r["training_iteration"]: r for r in results(trial[source])}
@@ -162,4 +167,77 @@ def test_pbt_from_yaml_continues_a_worse_trial_from_a_better_ones_checkpoint(ray
     assert first["training_iteration"] == 3 and epoch(first) == epoch(before[3])  # the source's next batch
     assert first["env_runners"]["num_env_steps_sampled_lifetime"] == before[3]["env_runners"][
         "num_env_steps_sampled_lifetime"]
-    assert first["learners"]["default_policy"]["policy_lr"] == new_config["lr"]
+    assert first["learners"]["default_policy"]["policy_learning_rate"] == new_config["lr"]
+
+
+def fake_rows(lrs, accuracies, interval=2, critic_lr=1e-4, start=1):
+    """A trial's result.json rows: one per lr (its iteration's config), held-out accuracy at every evaluated
+    iteration (repeated in between, as RLlib reports it), the evaluation before training in the first row."""
+    rows, last = [], None
+    for i, lr in enumerate(lrs):
+        it = start + i
+        last = accuracies.get(it, last)
+        row = {"training_iteration": it, "time_this_iter_s": 2.0, "config": {"lr": lr, "critic_lr": critic_lr,
+                                                                             "evaluation_interval": interval}}
+        if last is not None:
+            row["evaluation"] = {"env_runners": {"accuracy/avg@4": last}}
+        if i == 0 and start == 1:
+            row["evaluation_before_training"] = {"accuracy/avg@4": 0.25}
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def sched_benchmark(monkeypatch):
+    """benchmarks/schedulers.py (and its harness) as modules."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import schedulers
+
+    return schedulers
+
+
+def test_the_scheduler_benchmark_counts_each_trials_own_seconds_and_picks_the_best_last_evaluation(
+        tmp_path, sched_benchmark):
+    """benchmarks/schedulers.py's pure parts on made-up trials: a trial's seconds are its own iterations' (a PBT trial
+    continuing from another's checkpoint at iteration 3 counts 2 iterations, not 4), its curve only the evaluated
+    iterations, a sweep's best the highest last evaluation; the table and ASHA's goal from a runs file."""
+    import harness
+
+    schedulers = sched_benchmark
+    full = schedulers.trial_record(fake_rows([1e-5] * 4, {2: 0.5, 4: 0.75}), "accuracy/avg@4")
+    assert full == {"lr": [1e-5], "critic_lr": 1e-4, "iterations": 4, "trial_s": 8.0,
+                    "curve": [[0, 0.0, 0.25], [2, 4.0, 0.5], [4, 8.0, 0.75]]}
+    exploited = schedulers.trial_record(fake_rows([2e-5, 2e-5], {2: 0.4}) + fake_rows([4e-5, 4e-5], {4: 0.8}, start=3),
+                                        "accuracy/avg@4")
+    assert exploited["lr"] == [2e-5, 4e-5] and exploited["trial_s"] == 8.0 and exploited["curve"][-1] == [4, 8.0, 0.8]
+    stopped = schedulers.trial_record(fake_rows([4e-5] * 2, {2: 0.3}), "accuracy/avg@4")
+    never = schedulers.trial_record(fake_rows([1e-6], {}, interval=0), "accuracy/avg@4")
+    assert never["curve"] == [[0, 0.0, 0.25]] and stopped["curve"][-1] == [2, 4.0, 0.3]
+    grid = schedulers.sweep_record([full, stopped, full])
+    assert grid["trial_s"] == 20.0 and grid["best"] == 0.75 and grid["best_trial"] == {
+        "lr": [1e-5], "critic_lr": 1e-4, "iterations": 4}
+    asha = schedulers.sweep_record([stopped, full])
+    runs = [{"label": "grid", "seed": 0, "key": "accuracy/avg@4", "wall_s": 30.0, **grid, "load_before": 0.2,
+             "load_after": 2.0},
+            {"label": "ASHA", "seed": 0, "key": "accuracy/avg@4", "wall_s": 15.0, **asha, "load_before": 1.5,
+             "load_after": 2.0}]
+    out = tmp_path / "schedulers"
+    (tmp_path / "schedulers_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    loaded = harness.load_runs(out)
+    schedulers.write(loaded, None, out)
+    text = (tmp_path / "schedulers.md").read_text()
+    assert "| grid | 0 | 3 | 20 | 100% | 30 | 0.750 | [1e-05], 0.0001, 4 |" in text
+    assert "| ASHA | 0 | 2 | 12 | 60% | 15 | 0.750 |" in text
+    assert "ASHA, seed 0: 60% of the grid's trial-seconds, best 0.750 against the grid's 0.750: goal (<= 40%, the " \
+           "same best) not met." in text
+    assert "Runs taken under load" in text and "ASHA seed 0 (load 1.5 before" in text
+
+
+def test_the_scheduler_benchmark_runs_the_asha_example_without_its_scheduler_as_the_grid(sched_benchmark):
+    specs = sched_benchmark.sweep_specs("tuned_examples/arith_tiny_sppo_asha.yaml",
+                                        "tuned_examples/arith_tiny_sppo_pbt.yaml")
+    (grid_name, grid), = specs["grid"].items()
+    (asha_name, asha), = specs["ASHA"].items()
+    assert grid_name == "arith-tiny-sppo-asha-grid" and "scheduler" not in grid and "scheduler" in asha
+    assert {k: v for k, v in asha.items() if k != "scheduler"} == grid
+    assert specs["PBT"]["arith-tiny-sppo-pbt"]["scheduler"]["type"] == "PopulationBasedTraining"
