@@ -17,9 +17,12 @@ from pathlib import Path
 import pyarrow.fs
 
 from rllib_sppo.private_api import trial_storage
+from rllib_sppo.watchdog import deadline
 
 logger = logging.getLogger(__name__)
 
+#: The part a stuck learner is named by when it does not give its state for a checkpoint (learner_update_timeout_s).
+READING_STATE = "reading the algorithm's state (the learners' weights and optimizer states, for a checkpoint)"
 #: Written last into every SPPO checkpoint: its files, their sizes and CRC-32s.
 MANIFEST_FILE = "sppo_manifest.json"
 
@@ -93,7 +96,10 @@ class IntactCheckpoints:
         if filesystem.get_file_info(manifest).type != pyarrow.fs.FileType.NotFound:
             filesystem.delete_file(manifest)  # overwriting: incomplete until the new manifest is written
         try:
-            super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+            # RLlib writes the learners' part through each component's own save_to_path, outside get_state: a learner
+            # stopped then would hang the trial for good, so the whole write is bounded like a learner update.
+            with deadline(READING_STATE, self.config.learner_update_timeout_s, "learner_update_timeout_s"):
+                super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
             with filesystem.open_output_stream(manifest) as f:
                 f.write(json.dumps(_digests(filesystem, path)).encode())
         except Exception as e:

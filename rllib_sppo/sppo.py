@@ -20,7 +20,7 @@ from ray.rllib.utils.metrics import (
     NUM_ENV_STEPS_SAMPLED_LIFETIME, SYNCH_WORKER_WEIGHTS_TIMER, TIMERS, WEIGHTS_SEQ_NO,
 )
 
-from rllib_sppo.checkpoints import IntactCheckpoints
+from rllib_sppo.checkpoints import READING_STATE, IntactCheckpoints
 from rllib_sppo.config import SPPOConfig
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.critic import score_prompt_candidates
@@ -172,8 +172,7 @@ class SPPO(IntactCheckpoints, Algorithm):
     # same prompts, with the restored weights).
 
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict:
-        with learner_deadline(self.config, "reading the algorithm's state (the learners' weights and optimizer "
-                              "states, for a checkpoint)", "learner_update_timeout_s"):
+        with learner_deadline(self.config, READING_STATE, "learner_update_timeout_s"):
             state = super().get_state(components, not_components=not_components, **kwargs)
         if asked_for(self, "rng", components, not_components):
             state["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(),

@@ -195,13 +195,14 @@ def test_a_stuck_learner_update_ends_the_trial_and_tune_restarts_it(tmp_path):
     experiment = tmp_path / "results" / "stuck-learner"
     run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", str(path)], start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 600  # bounds, not durations: about 20 s and 40 s on an idle machine
     while not list(experiment.glob("*/checkpoint_000001/" + MANIFEST_FILE)) and time.time() < deadline:
         time.sleep(0.2)
-    [pid] = learner_processes(run.pid)
+    assert list(experiment.glob("*/checkpoint_000001/" + MANIFEST_FILE)), "no checkpoint to restart from"
+    [pid] = learner_processes(run.pid)  # stopped wherever the trial is: an update, a weight sync or a checkpoint
     os.kill(pid, signal.SIGSTOP)
     try:
-        out, err = run.communicate(timeout=300)
+        out, err = run.communicate(timeout=900)
     except subprocess.TimeoutExpired:
         os.killpg(run.pid, signal.SIGKILL)
         raise
@@ -245,3 +246,38 @@ def test_timeouts_are_validated(tiny, key):
         llm_config(tiny).update_from_dict({key: 0}).validate()
     with pytest.raises(ValueError, match=f"{key}=None: give a number of seconds > 0"):
         llm_config(tiny).update_from_dict({key: None}).validate()
+
+
+@pytest.mark.system
+def test_a_learner_stuck_when_a_checkpoint_is_written_ends_the_process_naming_it(tmp_path):
+    """RLlib writes the learners' part of a checkpoint through their own save_to_path, after get_state: a learner
+    stopped just then is bounded like an update (learner_update_timeout_s), not a trial hung for good (seen under
+    load in the Tune test above). Forced: the learner stops as the learner group starts writing its part."""
+    script = tmp_path / "save.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal
+        import envs
+        from rllib_sppo import SPPOConfig
+        algo = (SPPOConfig().environment("OutcomeCartPole-v1").learners(num_learners=1, num_cpus_per_learner=0.5)
+                .training(train_batch_size_per_learner=200, minibatch_size=100, learner_update_timeout_s=10)
+                .rl_module(model_config={{"pi_hiddens": [16], "vf_hiddens": [8]}})).build_algo()
+        algo.train()
+        [pid] = [r.get() for r in algo.learner_group.foreach_learner(lambda learner: os.getpid())]
+        write = algo.learner_group.save_to_path
+
+        def stop_then_write(*args, **kwargs):
+            os.kill(pid, signal.SIGSTOP)
+            return write(*args, **kwargs)
+
+        algo.learner_group.save_to_path = stop_then_write
+        try:
+            algo.save_to_path({str(tmp_path / "checkpoint")!r})
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        print("saved")
+    """))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == STUCK_EXIT_CODE, run.stderr[-3000:]
+    assert "stuck: reading the algorithm's state (the learners' weights and optimizer states, for a checkpoint) did " \
+           "not finish within learner_update_timeout_s=10 s" in run.stderr
+    assert "saved" not in run.stdout
