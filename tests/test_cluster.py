@@ -175,13 +175,13 @@ def test_ray_job_submit_runs_rllib_train_on_the_cluster(cluster, tmp_path):
 
 @pytest.mark.system
 def test_a_runner_no_single_node_can_hold_is_refused_naming_the_node_limit(cluster, tmp_path, capsys):
-    """4 CPUs and 2 sppo_runner in all, as the cluster has, but each EnvRunner asks for 2 CPUs beside its sppo_runner
-    and the nodes with a sppo_runner have 1 CPU each."""
+    """4 CPUs and 2 sppo_runner in all, as the cluster has (the main process 1 CPU, RLlib's least with a local
+    learner), but each EnvRunner asks for 1.5 CPUs beside its sppo_runner and the nodes with a sppo_runner have 1 CPU
+    each."""
     path = tmp_path / "too-big.yaml"
-    path.write_text(CLASSIC_YAML.replace("num_cpus_per_env_runner: 1", "num_cpus_per_env_runner: 2").replace(
-        "num_cpus_for_main_process: 1", "num_cpus_for_main_process: 0"))
+    path.write_text(CLASSIC_YAML.replace("num_cpus_per_env_runner: 1", "num_cpus_per_env_runner: 1.5"))
     assert main(["train", "file", str(path), "--storage-path", str(tmp_path / "results")]) == 2
     assert capsys.readouterr().err == (
-        f"rllib: error: {path}: a trial asks for {{CPU: 2, sppo_runner: 1}} for one EnvRunner and no node has that much "
-        "(at most 1 CPU on a node with the rest); lower num_cpus_per_env_runner\n")
+        f"rllib: error: {path}: a trial asks for {{CPU: 1.5, sppo_runner: 1}} for one EnvRunner and no node has that "
+        "much (at most 1 CPU on a node with the rest); lower num_cpus_per_env_runner\n")
     assert not (tmp_path / "results").exists()
