@@ -68,6 +68,19 @@ def load_runs(out: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def estimators(batch: int, minibatch: int, n: int, only=None) -> dict:
+    """The compared estimators (those of ``only``, by their ``advantage_estimator`` name, if given); group estimators
+    draw n samples of each of the same prompts, with n times the batch and minibatch (the same prompts per
+    iteration and per optimizer step)."""
+    group = {"samples_per_prompt": n, "train_batch_size_per_learner": batch * n, "minibatch_size": minibatch * n,
+             "critic_init": None}
+    every = {"sppo": ("SPPO (N=1)", {"advantage_estimator": "sppo"}),
+             "grpo": (f"GRPO (N={n})", {"advantage_estimator": "grpo", **group}),
+             "rloo": (f"RLOO (N={n})", {"advantage_estimator": "rloo", **group}),
+             "ppo": ("token-level PPO (N=1)", {"advantage_estimator": "ppo"})}
+    return dict(every[name] for name in (only or every))
+
+
 def run_variants(args, variants: dict, write, *, yaml: str | None = None, eval_every: int | None = None) -> list:
     """Every variant on every seed (all variants of a seed before the next seed: a benchmark cut short compares like
     with like), each run in a fresh process after the machine's load settled, its record (label, seed, load average

@@ -19,19 +19,6 @@ import harness
 from harness import reach
 
 
-def variants(batch: int, minibatch: int, n: int, only=None) -> dict:
-    """The compared estimators (those of ``only``, by their ``advantage_estimator`` name, if given); group estimators
-    draw n samples of each of the same prompts, with n times the batch and minibatch (the same prompts per
-    iteration and per optimizer step)."""
-    group = {"samples_per_prompt": n, "train_batch_size_per_learner": batch * n, "minibatch_size": minibatch * n,
-             "critic_init": None}
-    every = {"sppo": ("SPPO (N=1)", {"advantage_estimator": "sppo"}),
-             "grpo": (f"GRPO (N={n})", {"advantage_estimator": "grpo", **group}),
-             "rloo": (f"RLOO (N={n})", {"advantage_estimator": "rloo", **group}),
-             "ppo": ("token-level PPO (N=1)", {"advantage_estimator": "ppo"})}
-    return dict(every[name] for name in (only or every))
-
-
 def main():
     p = harness.parser(__doc__, out="benchmarks/results/llm_compare")
     p.add_argument("--n", type=int, default=8, help="samples per prompt of GRPO and RLOO")
@@ -40,7 +27,8 @@ def main():
 
     (_, exp), = load_experiments(args.yaml).items()
     cfg = exp["config"]
-    harness.run_variants(args, variants(cfg["train_batch_size_per_learner"], cfg["minibatch_size"], args.n), write)
+    harness.run_variants(args, harness.estimators(cfg["train_batch_size_per_learner"], cfg["minibatch_size"], args.n),
+                         write)
 
 
 def write(runs: list, args, out: Path) -> None:

@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import harness
-from harness import reach
-from llm_compare import variants as estimators
+from harness import estimators, reach
 
 HORIZONS = ("short", "medium", "long")
 YAML = "tuned_examples/chain_{}_sppo.yaml"

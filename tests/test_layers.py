@@ -23,8 +23,8 @@ LAYERS = (
                        "rllib_sppo.checkpoints")),
     ("edges", ("rllib_sppo.experiments", "rllib_sppo.cli", "rllib_sppo.cluster", "rllib_sppo.grafana")),
 )
-#: Benchmark-to-benchmark imports still to move into harness.py (long_horizon.py is being edited elsewhere, #25).
-BENCHMARK_IMPORTS_TO_MOVE = {("long_horizon", "llm_compare")}
+#: Benchmark-to-benchmark imports still to move into harness.py: none.
+BENCHMARK_IMPORTS_TO_MOVE = set()
 
 
 def modules(*roots: str) -> dict[str, Path]:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from rllib_sppo.llm.assets import supervise
 from rllib_sppo.llm.assets.cache import cache_root, cached
 
 log = logging.getLogger(__name__)
@@ -97,6 +96,8 @@ def tiny_arith_model(cache_dir=None, max_seconds=1200.0, build=False) -> str:
     """Path of the tiny Llama supervised on a+b into the 30-60% band: the shipped one, or with ``build`` the builder's
     (trained once, then cached)."""
     def make(tmp):
+        from rllib_sppo.llm.assets import supervise  # the builder's loop, loaded only to build
+
         log.info("building the tiny arithmetic model once (cached in %s): supervising it until its held-out accuracy "
                  "is in 30-60%%, at most %s", cache_root(cache_dir) / TINY_ARITH, supervise._clock(max_seconds))
         build_tiny_llama(tmp / "init")
@@ -115,6 +116,8 @@ def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=5400.0, build=Fal
     folder = cache_root(cache_dir) / TINY_CHAIN.format(horizon)
 
     def make(tmp):
+        from rllib_sppo.llm.assets import supervise  # the builder's loop, loaded only to build
+
         log.info("building the tiny chain model for the %s horizon (%d steps) once (cached in %s): supervising it until "
                  "its held-out accuracy is in 20-50%%, at most %s", horizon, env["steps"], folder,
                  supervise._clock(max_seconds))
