@@ -19,8 +19,8 @@ LAYERS = (
     ("the RLlib pieces", ("rllib_sppo.apis", "rllib_sppo.watchdog", "rllib_sppo.connectors", "rllib_sppo.env_runner",
                           "rllib_sppo.sppo_learner", "rllib_sppo.torch", "rllib_sppo.llm", "rllib_sppo.llm_wiring",
                           "rllib_sppo.monitoring")),
-    ("the algorithm", ("rllib_sppo.__init__", "rllib_sppo.config", "rllib_sppo.sppo", "rllib_sppo.rollouts",
-                       "rllib_sppo.checkpoints")),
+    ("the algorithm", ("rllib_sppo.__init__", "rllib_sppo.config", "rllib_sppo.config_checks", "rllib_sppo.sppo",
+                       "rllib_sppo.rollouts", "rllib_sppo.checkpoints")),
     ("edges", ("rllib_sppo.experiments", "rllib_sppo.cli", "rllib_sppo.cluster", "rllib_sppo.grafana")),
 )
 #: Benchmark-to-benchmark imports still to move into harness.py: none.
