@@ -27,10 +27,27 @@ def learner_weights(algo, inference_only=False):
     return state["learner"]["rl_module"][MODULE]
 
 
+def record_gradients(algo) -> None:
+    """Each learner keeps the gradients of its optimizer steps as they step (after DDP's averaging; the learner frees
+    them right after the step), by parameter name."""
+    def install(learner):
+        names = {id(p): name for name, p in learner.module[MODULE].unwrapped().named_parameters()}
+        learner.stepped_gradients = {}
+
+        def keep(optimizer, args, kwargs):
+            learner.stepped_gradients.update({names[id(p)]: p.grad.numpy().copy() for group in optimizer.param_groups
+                                              for p in group["params"] if p.grad is not None})
+
+        for optimizer in learner.optimizers:
+            optimizer.register_step_pre_hook(keep)
+
+    for result in algo.learner_group.foreach_learner(install):
+        result.get()
+
+
 def last_gradients(algo):
-    """Each learner's gradients of its last optimizer step (after DDP's averaging), by parameter name."""
-    return [r.get() for r in algo.learner_group.foreach_learner(lambda learner: {
-        name: p.grad.numpy().copy() for name, p in learner.module[MODULE].unwrapped().named_parameters()})]
+    """Each learner's gradients of its last optimizer step (``record_gradients``), by parameter name."""
+    return [r.get() for r in algo.learner_group.foreach_learner(lambda learner: learner.stepped_gradients)]
 
 
 def paired_episodes(runner, pairs):
@@ -62,6 +79,7 @@ def test_two_ddp_learners_equal_one_learner_on_the_same_episodes(ray_session):
         algo = config(num_learners=num_learners).training(
             train_batch_size_per_learner=minibatch_size, minibatch_size=minibatch_size).build_algo()
         algo.learner_group.set_state({"learner": {"rl_module": {MODULE: initial}}})
+        record_gradients(algo)
         algo.learner_group.update(**algo._learner_data(data), num_epochs=3, minibatch_size=minibatch_size)
         weights[run], grads[run] = learner_weights(algo), last_gradients(algo)
         algo.stop()
