@@ -8,8 +8,11 @@ then samples batch t+2 with them. Batch t+1 is thus sampled with the weights of 
 """
 
 import logging
+import os
 
+import psutil
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
@@ -18,6 +21,34 @@ from rllib_sppo.private_api import count_env_runner_restarts, remote_env_runner_
 from rllib_sppo.watchdog import deadline
 
 logger = logging.getLogger(__name__)
+
+
+def process_identity() -> tuple:
+    """This process, as another can find it: (its Ray node, its pid, its start time)."""
+    return ray.get_runtime_context().get_node_id(), os.getpid(), psutil.Process().create_time()
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _sigkill(pid: int, create_time: float) -> bool:
+    """SIGKILLs process ``pid`` on this node if it is still the one started at ``create_time``; whether it did."""
+    try:
+        process = psutil.Process(pid)
+        if process.create_time() != create_time:
+            return False
+        process.kill()  # (SIGKILL ends a stopped process too)
+        return True
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_process(identity: tuple, timeout_s: float) -> bool:
+    """Ends the process ``identity`` (``process_identity()``) on its node, within ``timeout_s``; whether it did."""
+    node_id, pid, create_time = identity
+    try:
+        return ray.get(_sigkill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+                       .remote(pid, create_time), timeout=timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+        return False
 
 
 def learner_deadline(config, part: str, key: str, factor: float = 1):
@@ -129,7 +160,10 @@ class Rollouts:
                            if config.llm_runner and config.resolved_weight_sync == "collective" else None)
         #: Remote LLM EnvRunner index -> its place in the data (as of the last batch trained on).
         self.places = {}
+        #: Remote EnvRunner index -> its process (``process_identity``), to end it if it gets stuck.
+        self.processes = {}
         self._in_flight = None  # (runner indices, payload) of an asynchronous weight sync not yet acknowledged
+        self.note_processes()
 
     # Sampling.
 
@@ -282,12 +316,27 @@ class Rollouts:
             self.collective.forget(stuck)
         for index in stuck:
             actor, manager = remote_env_runner_actor(self.group, index)
-            ray.kill(actor, no_restart=False)  # Ray starts the actor again (RLlib's max_restarts)
+            # Its process is SIGKILLed on its node, and Ray starts the actor again (RLlib's max_restarts). (Ray's own
+            # ray.kill asks a frozen process to exit and can leave it frozen: only where that process is unknown.)
+            identity = self.processes.pop(index, None)
+            if identity is None or not kill_process(identity, self.config.sample_timeout_s):
+                ray.kill(actor, no_restart=False)
             manager.set_actor_state(index, healthy=False)  # RLlib's probe brings it back into service
         self._forget_in_flight(stuck)
 
+    def note_processes(self, runners: list[int] | None = None) -> None:
+        """Records the processes of the remote EnvRunners (``runners``: only these) that answer in time."""
+        if self.group.num_remote_workers():
+            self.processes.update(self.group.foreach_env_runner(
+                lambda runner: (runner.worker_index, process_identity()), local_env_runner=False,
+                remote_worker_ids=runners, timeout_seconds=self.config.env_runner_health_probe_timeout_s))
+
     def restore(self, runners: list[int]) -> None:
-        """Restarted remote LLM EnvRunners: their places in the data, the current weights, then they sample again."""
+        """Restarted remote EnvRunners: their new processes; LLM runners then get their places in the data and the
+        current weights, and sample again."""
+        self.note_processes(runners)
+        if not self.config.llm_runner:
+            return
         self._forget_in_flight(runners)
         if self.collective is not None:
             self.collective.forget(runners)

@@ -157,11 +157,12 @@ class SPPO(IntactCheckpoints, Algorithm):
                 f"unchanged); stopping. Last good state saved to {path}. Check the rewards and learning rates.")
 
     def restore_env_runners(self, env_runner_group) -> list[int]:
-        """RLlib brings restarted EnvRunners back into service and hands them the local runner's state. Restarted LLM
-        runners then also get the policy's current weights (the local runner's state holds none: they would sample
-        with the weights they started with) and their own place in the data (the local runner's is another's)."""
+        """RLlib brings restarted EnvRunners back into service and hands them the local runner's state; their new
+        processes are noted (to end them if they get stuck). Restarted LLM runners then also get the policy's current
+        weights (the local runner's state holds none: they would sample with the weights they started with) and their
+        own place in the data (the local runner's is another's)."""
         restored = super().restore_env_runners(env_runner_group)
-        if restored and env_runner_group is self.env_runner_group and self.config.llm_runner:
+        if restored and env_runner_group is self.env_runner_group:
             self.rollouts.restore(restored)
         return restored
 

@@ -1,4 +1,5 @@
 import os
+import textwrap
 
 import pytest
 
@@ -13,6 +14,16 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def yaml_file(tmp_path):
+    """``yaml_file(text, name="exp.yaml")``: ``text`` (dedented) written to a file in ``tmp_path``; its path."""
+    def write(text: str, name: str = "exp.yaml") -> str:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return str(path)
+    return write
 
 
 @pytest.fixture

@@ -4,17 +4,11 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from rllib_sppo.cli import main
 
-
-def write(tmp_path, text, name="exp.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return str(path)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -38,8 +32,8 @@ def write(tmp_path, text, name="exp.yaml"):
     ("x:\n  run: SPPO\n  env: OutcomeCartPole-v1\n  config: {env_config: {outcome: success}}\n",
      "OutcomeCartPole-v1 already pays its own outcome; to choose one, use env: CartPole-v1"),
 ])
-def test_bad_yaml_is_one_line_and_exit_2(tmp_path, capsys, text, message):
-    path = write(tmp_path, text)
+def test_bad_yaml_is_one_line_and_exit_2(yaml_file, tmp_path, capsys, text, message):
+    path = yaml_file(text)
     assert main(["train", "file", path]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and path in err, err
@@ -55,9 +49,9 @@ def test_bad_yaml_is_one_line_and_exit_2(tmp_path, capsys, text, message):
     ("x:\n  run: SPPO\n  env: CartPole-v1\n  config: {minibatch_size: 512, train_batch_size_per_learner: 256}\n",
      "invalid config"),
 ])
-def test_console_script_prints_nothing_before_the_error(tmp_path, text, message):
+def test_console_script_prints_nothing_before_the_error(yaml_file, tmp_path, text, message):
     """A fresh process, as a user runs it: the error line is all of stderr (no warning, notice or traceback)."""
-    path = write(tmp_path, text) if text is not None else str(tmp_path / "none.yaml")
+    path = yaml_file(text) if text is not None else str(tmp_path / "none.yaml")
     out = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
@@ -98,8 +92,8 @@ def test_any_gymnasium_env_from_yaml_alone(tmp_path, capsys, ray_session):
 
 
 @pytest.mark.system
-def test_failed_trial_is_one_line_naming_the_cause_and_exit_1(tmp_path, capsys, ray_session):
-    path = write(tmp_path, """
+def test_failed_trial_is_one_line_naming_the_cause_and_exit_1(yaml_file, tmp_path, capsys, ray_session):
+    path = yaml_file("""
         too-long:
           run: SPPO
           env: ray.rllib.examples.envs.classes.simple_corridor.SimpleCorridor
@@ -115,8 +109,8 @@ def test_failed_trial_is_one_line_naming_the_cause_and_exit_1(tmp_path, capsys, 
 
 
 @pytest.mark.system
-def test_yaml_runs_through_tune_and_evaluates(tmp_path, capsys):
-    path = write(tmp_path, """
+def test_yaml_runs_through_tune_and_evaluates(yaml_file, tmp_path, capsys):
+    path = yaml_file("""
         tiny-cartpole:
           run: SPPO
           env: OutcomeCartPole-v1
@@ -140,8 +134,8 @@ def test_yaml_runs_through_tune_and_evaluates(tmp_path, capsys):
 
 
 @pytest.mark.system
-def test_config_flag_overrides_the_yaml(tmp_path, capsys):
-    path = write(tmp_path, """
+def test_config_flag_overrides_the_yaml(yaml_file, tmp_path, capsys):
+    path = yaml_file("""
         tiny-cartpole:
           run: SPPO
           env: OutcomeCartPole-v1

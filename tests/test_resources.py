@@ -4,7 +4,6 @@ cluster has and the keys to change, exit code 2, nothing written; on an autoscal
 import logging
 import re
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,6 @@ from rllib_sppo.monitoring import KEPT_LINES
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def write(tmp_path, text):
-    path = tmp_path / "exp.yaml"
-    path.write_text(textwrap.dedent(text))
-    return str(path)
 
 
 def test_rllib_ppo_defaults_on_two_cpus_are_refused(ray_session, tmp_path, capsys):
@@ -42,8 +36,8 @@ def test_rllib_ppo_defaults_on_two_cpus_are_refused(ray_session, tmp_path, capsy
     ("{num_gpus_per_learner: 1}",
      "a trial asks for 1 GPU (the main process 1) but the cluster has 0 GPU; lower num_gpus_per_learner"),
 ])
-def test_a_yaml_the_cluster_cannot_hold_is_one_line_and_exit_2(ray_session, tmp_path, capsys, config, message):
-    path = write(tmp_path, f"""\
+def test_a_yaml_the_cluster_cannot_hold_is_one_line_and_exit_2(yaml_file, ray_session, tmp_path, capsys, config, message):
+    path = yaml_file(f"""\
         x:
           run: SPPO
           env: OutcomeCartPole-v1

@@ -6,7 +6,6 @@ import glob
 import json
 import os
 import random
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,6 @@ from rllib_sppo.experiments import load_experiments, tune_object
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def write(tmp_path, text, name="exp.yaml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return str(path)
-
 
 @pytest.mark.parametrize("block, message", [
     ("scheduler: {type: asha}", "unknown scheduler 'asha'; Tune has ['async_hyperband', "),
@@ -38,8 +32,8 @@ def write(tmp_path, text, name="exp.yaml"):
                                                           "install optuna`."),
     ("search_alg: {type: no_such_search}", "unknown search_alg 'no_such_search'"),
 ])
-def test_a_bad_scheduler_or_search_block_is_one_line_and_exit_2(tmp_path, capsys, block, message):
-    path = write(tmp_path, f"x:\n  run: SPPO\n  env: OutcomeCartPole-v1\n  stop: {{training_iteration: 1}}\n  {block}\n")
+def test_a_bad_scheduler_or_search_block_is_one_line_and_exit_2(yaml_file, tmp_path, capsys, block, message):
+    path = yaml_file(f"x:\n  run: SPPO\n  env: OutcomeCartPole-v1\n  stop: {{training_iteration: 1}}\n  {block}\n")
     assert main(["train", "file", path, "--storage-path", str(tmp_path / "results")]) == 2
     err = capsys.readouterr().err
     assert err == f"rllib: error: {path}: {message}" + err.split(message, 1)[1] and err.count("\n") == 1, err
@@ -102,11 +96,11 @@ def summaries(out: str) -> list[dict]:
 
 
 @pytest.mark.system
-def test_asha_from_yaml_stops_the_trials_below_its_cutoff(ray_session, tmp_path, capsys):
+def test_asha_from_yaml_stops_the_trials_below_its_cutoff(yaml_file, ray_session, tmp_path, capsys):
     """Four trials, one at a time (each holds both CPUs), ASHA's rungs at iterations 1 and 2 on a metric known in
     advance (each trial's learning rate, highest first): the first trial trains to max_t, each later one is below the
     median of those recorded at rung 1 and is stopped there."""
-    path = write(tmp_path, """\
+    path = yaml_file("""\
         asha:
           run: SPPO
           env: OutcomeCartPole-v1

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 from ray.rllib.core import DEFAULT_MODULE_ID
 
@@ -125,6 +126,7 @@ def test_a_frozen_remote_runner_is_named_and_restarted_with_the_weights_and_its_
     restarts = last["fault_tolerance"]["num_remote_worker_restarts"]
     assert restarts == before["fault_tolerance"]["num_remote_worker_restarts"] + 1
     assert algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False) != [pid]
+    assert not psutil.pid_exists(pid)  # the frozen process was ended (Ray's ray.kill alone can leave it frozen)
     # Its first batch after the restart: sampled with the learner's weights, from where it had got to.
     assert last["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
     assert runner_place(algo) == {"epoch": 0, "pos": 24}
@@ -151,6 +153,7 @@ def test_a_frozen_remote_runner_with_async_rollouts_is_named_and_restarted(tiny,
     restarts = results[-1]["fault_tolerance"]["num_remote_worker_restarts"]
     assert restarts == before["fault_tolerance"]["num_remote_worker_restarts"] + 1
     assert algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False) != [pid]
+    assert not psutil.pid_exists(pid)  # the frozen process was ended (Ray's ray.kill alone can leave it frozen)
     algo.stop()
 
 
@@ -281,3 +284,21 @@ def test_a_learner_stuck_when_a_checkpoint_is_written_ends_the_process_naming_it
     assert "stuck: reading the algorithm's state (the learners' weights and optimizer states, for a checkpoint) did " \
            "not finish within learner_update_timeout_s=10 s" in run.stderr
     assert "saved" not in run.stdout
+
+
+def test_kill_process_ends_a_stopped_process_on_its_node_and_only_that_one(ray_session):
+    """The end of a stuck runner: a stopped process is SIGKILLed through a task on its node; a process whose start
+    time differs (its pid reused) is left alone."""
+    from rllib_sppo.rollouts import kill_process
+
+    node = ray_session.get_runtime_context().get_node_id()
+    frozen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        os.kill(frozen.pid, signal.SIGSTOP)
+        started = psutil.Process(frozen.pid).create_time()
+        assert not kill_process((node, frozen.pid, started + 1), timeout_s=60)  # another process under that pid
+        assert frozen.poll() is None
+        assert kill_process((node, frozen.pid, started), timeout_s=60)
+        assert frozen.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        frozen.kill()
