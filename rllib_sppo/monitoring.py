@@ -32,7 +32,7 @@ from ray.util.metrics import Gauge
 from rllib_sppo.private_api import trial_info
 
 #: Console namespaces SPPO logs into (plus RLlib's episode_return_mean, the outcome mean).
-NAMESPACES = ("policy", "critic", "rollout", "timing_s", "accuracy")
+NAMESPACES = ("policy", "critic", "rollout", "timing_s", "accuracy", "reward", "fault_tolerance")
 _GROUP = re.compile(r"^(evaluation/env_runners|env_runners|learners/[^/]+)/(.+)$")
 
 RETURN = "env_runners/episode_return_mean"

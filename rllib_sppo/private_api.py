@@ -41,7 +41,8 @@ USED = (
     ("ray.rllib.utils.checkpoints", "Checkpointable", "_get_subcomponents", "subcomponents: DeepSpeedLearnerGroup"),
     ("ray.tune.trainable.trainable", "Trainable", "_storage",
      "trial_storage: the trial's storage, to name the checkpoint a failed write leaves intact"),
-    ("ray.tune.trainable.trainable", "Trainable", "_trial_info", "trial_info: the trial's name in monitoring's gauges"),
+    ("ray.tune.trainable.trainable", "Trainable", "_trial_info",
+     "trial_info, keep_trial_info: the trial's name in monitoring's gauges (RLlib drops it from the config)"),
     ("ray.rllib.env.env_runner_group", "EnvRunnerGroup", "_worker_manager",
      "remote_env_runner_actor: kill a stuck remote EnvRunner so that RLlib restarts it"),
     ("ray.rllib.utils.actor_manager", "FaultTolerantActorManager", "_num_actor_restarts",
@@ -145,6 +146,17 @@ def trial_storage(trainable):
 def trial_info(trainable):
     """The Tune trial's info (None outside Tune)."""
     return trainable._trial_info
+
+
+def keep_trial_info(trainable, config) -> None:
+    """Gives an Algorithm built by Tune its trial's info: RLlib drops it from the config dict it is built from
+    (``AlgorithmConfig.update_from_dict`` skips ``TRIAL_INFO``), so Tune's ``trial_name`` and ``trial_id`` would say
+    "default" in every trial."""
+    from ray.tune.result import TRIAL_INFO
+
+    info = config.get(TRIAL_INFO) if isinstance(config, dict) else None
+    if info is not None:
+        trainable._trial_info = info
 
 
 def ray_session_dir() -> str:

@@ -25,7 +25,7 @@ from rllib_sppo.config import SPPOConfig
 from rllib_sppo.connectors import GROUP_ID
 from rllib_sppo.llm.critic import score_prompt_candidates
 from rllib_sppo.monitoring import BEFORE_TRAINING
-from rllib_sppo.private_api import asked_for
+from rllib_sppo.private_api import asked_for, keep_trial_info
 from rllib_sppo.rollouts import Rollouts, learner_deadline
 from rllib_sppo.sppo_learner import NONFINITE_STREAK
 
@@ -51,6 +51,10 @@ class SPPO(IntactCheckpoints, Algorithm):
     @classmethod
     def get_default_config(cls) -> SPPOConfig:
         return SPPOConfig()
+
+    def __init__(self, config=None, env=None, **kwargs):
+        super().__init__(config, env, **kwargs)
+        keep_trial_info(self, config)  # (a Tune trial's name: its gauges' trial label)
 
     def setup(self, config) -> None:
         # In a Ray actor (a Tune trial under `rllib train`), torch uses the CPUs the actor holds

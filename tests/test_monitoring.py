@@ -121,7 +121,7 @@ def test_sppo_series_reach_prometheus(ray_with_dashboard):
         algo.train()
     expected = {"sppo_episode_return_mean", "sppo_critic_abs_error_mean", "sppo_critic_prediction_mean",
                 "sppo_timing_s_sample", "sppo_timing_s_update", "sppo_timing_s_weight_sync"}
-    deadline, found = time.monotonic() + 30, {}
+    deadline, found = time.monotonic() + 120, {}
     while time.monotonic() < deadline and not expected <= set(found):  # the agent exports every few seconds
         time.sleep(1)
         text = urllib.request.urlopen(metrics, timeout=10).read().decode()
@@ -248,8 +248,6 @@ def selected(selector: tuple, series: list, trial: str) -> list:
 
 
 @pytest.mark.system
-@pytest.mark.skip(reason="not passing yet (#26): in the full suite on 2026-12-05 no series of the run's trial was seen "
-                         "on the metrics endpoint within 300 s (twice); the cause is not found")
 def test_every_grafana_panel_queries_series_a_real_run_exports(ray_with_dashboard, tmp_path, tiny_llm_experiment):
     """SPPO's Grafana dashboard is installed beside Ray's own, and every query of every panel picks series that a real
     LLM run (held-out evaluation every iteration) exports on Ray's metrics endpoint, with the run's trial as its row.

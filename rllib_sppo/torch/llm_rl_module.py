@@ -327,10 +327,12 @@ class SPPOLLMModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
         """RLlib's checkpoint, plus the policy as a Hugging Face folder ``hf_policy/`` that transformers and vLLM load
         directly (in the compute dtype), both written from one state (a DeepSpeed learner's is gathered from its
         ZeRO partitions). A LoRA policy's ``hf_policy/`` is its adapter folder (PEFT's format, over the ``policy``
-        base), which ``AutoModelForCausalLM.from_pretrained`` loads with its base."""
+        base), which ``AutoModelForCausalLM.from_pretrained`` loads with its base. The compute-dtype copies are made
+        one tensor at a time in host memory: on a GPU shared with an awake engine, a copy of the whole policy on the
+        card could run it out of memory."""
         state = self.get_state() if state is None else state
         path = super().save_to_path(path, state=state, **kwargs)
-        policy = {k.removeprefix("policy."): torch.as_tensor(v).to(self.compute_dtype)
+        policy = {k.removeprefix("policy."): torch.as_tensor(v).to("cpu", self.compute_dtype)
                   for k, v in state.items() if k.startswith("policy.")}
         self.policy.config.dtype = self.compute_dtype  # what the saved tensors hold
         self.policy.save_pretrained(f"{path}/hf_policy", state_dict=policy)
