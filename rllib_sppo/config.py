@@ -202,10 +202,10 @@ class SPPOConfig(ConfigChecks, AlgorithmConfigHooks):
     @property
     def resolved_weight_sync(self) -> str:
         """``weight_sync``, or where unset: "collective", but "object_store" with async_rollouts (a runner loads its
-        weights after sampling, which a broadcast would wait for) or DeepSpeed (not yet tested collectively)."""
+        weights after sampling, which a broadcast would wait for)."""
         if self.weight_sync is not None:
             return self.weight_sync
-        return "object_store" if self.async_rollouts or self.deepspeed is not None else "collective"
+        return "object_store" if self.async_rollouts else "collective"
 
     @property
     def resolved_prompt_selection(self) -> dict | None:

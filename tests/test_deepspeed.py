@@ -197,6 +197,56 @@ def test_two_learners_form_one_zero3_group_and_checkpoint_every_partition(tmp_pa
         one.restore_from_path(tmp_path / "group")
 
 
+@pytest.mark.system
+def test_two_zero3_learners_gather_the_policy_for_a_sync_a_bucket_at_a_time(tmp_path_factory, ray_session):
+    """The weights for remote EnvRunners under ZeRO-3: every learner gathers one bucket at a time (the others stay
+    partitioned), only the first reads them, and the buckets hold the whole policy, as gathered at once."""
+    tiny = build_tiny_llama(tmp_path_factory.mktemp("tiny576"), seed=0, intermediate_size=576)
+    two = (config(tiny, {"zero_stage": 3}, train_batch_size_per_learner=4, minibatch_size=2)
+           .learners(num_learners=2, num_cpus_per_learner=0.5)
+           .build_learner_group(env=None, spaces={MODULE: (TEXT, TEXT)}))
+
+    def read(learner):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        params = [p for p in learner.module[MODULE].unwrapped().parameters() if not p.ds_persist]
+        (shapes, parts), got, most = learner.policy_buckets(64 * 1024), {}, 0
+        for bucket in parts:
+            most = max(most, sum(p.ds_numel for p in params if p.ds_status == ZeroParamStatus.AVAILABLE))
+            got.update({name: tensor.clone().numpy() for name, tensor in bucket})
+        return shapes, got, most, sum(p.ds_numel for p in params)
+
+    (shapes, first, most, total), (_, second, _, _) = [r.get() for r in two.foreach_learner(read)]
+    whole = two.get_state(components="learner/rl_module", inference_only=True)["learner"]["rl_module"][MODULE]
+    two.shutdown()
+    assert second == {} and list(first) == [name for bucket in shapes for name, _, _ in bucket] == list(whole)
+    assert all(np.array_equal(first[name], whole[name]) for name in whole)
+    assert len(shapes) > 3 and 0 < most <= 192 * 576 < total  # one MLP matrix (a bucket of its own) at a time
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("weight_sync", ["collective", "object_store"])
+def test_two_zero3_learners_sync_a_remote_env_runner(tiny, ray_session, weight_sync):
+    """Two ZeRO-3 learners and a remote LLM EnvRunner: after each update the runner's engine holds the learners'
+    policy (the sampling log-probs equal the learner's), over the collective or through the object store."""
+    algo = (config(tiny, {"zero_stage": 3}, max_response_tokens=12, weight_sync=weight_sync)
+            .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 100, "heldout_size": 0,
+                                                           "chat_template_model": tiny})
+            .env_runners(num_env_runners=1, num_envs_per_env_runner=8, num_cpus_per_env_runner=0.5)
+            .learners(num_learners=2, num_cpus_per_learner=0.25)
+            .build_algo())
+    assert algo.config.resolved_weight_sync == weight_sync
+    results = [algo.train() for _ in range(2)]
+    synced = algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
+        "learner"]["rl_module"][MODULE]
+    [engine] = algo.env_runner_group.foreach_env_runner(
+        lambda runner: {f"policy.{k}": v.numpy() for k, v in runner._engine.model.state_dict().items()},
+        local_env_runner=False)
+    algo.stop()
+    assert results[-1]["learners"][MODULE]["rollout/engine_logp_gap"] < 1e-3
+    assert engine.keys() == synced.keys() and all(np.array_equal(engine[k], synced[k]) for k in synced)
+
+
 def test_bfloat16_trains_with_fp32_master_weights(tiny, episodes):
     """DeepSpeed's bf16 mode: the engines cast the networks to bfloat16 and keep fp32 master weights (the torch
     learner's mixed precision is tested in test_reference_scale.py)."""

@@ -117,7 +117,7 @@ def test_a_weight_group_broadcasts_every_tensor_bit_for_bit():
     dtype and shape, bit for bit, in buckets of at most max_bytes (a larger tensor alone), with the sender's meta."""
     import threading
 
-    from rllib_sppo.llm.weight_group import WeightGroup, buckets, open_store
+    from rllib_sppo.llm.weight_group import WeightGroup, buckets, layout, open_store
 
     torch.manual_seed(0)
     named = [("a", torch.randn(3, 5)), ("b", torch.randn(100).to(torch.bfloat16)), ("c", torch.arange(7)),
@@ -132,7 +132,8 @@ def test_a_weight_group_broadcasts_every_tensor_bit_for_bit():
     threads = [threading.Thread(target=member, args=(rank,)) for rank in (1, 2)]
     for thread in threads:
         thread.start()
-    sent = WeightGroup("127.0.0.1", store.port, 0, 3, "cpu", 30).send(named, 1024, seq_no=7)
+    parts = buckets(named, 1024)
+    sent = WeightGroup("127.0.0.1", store.port, 0, 3, "cpu", 30).send(layout(parts), iter(parts), seq_no=7)
     for thread in threads:
         thread.join(timeout=60)
     assert sent >= sum(t.numel() * t.element_size() for _, t in named)
@@ -181,6 +182,7 @@ def test_weight_sync_is_validated_and_resolved(tiny):
     assert config(tiny).resolved_weight_sync == "collective"
     assert config(tiny, weight_sync="object_store").resolved_weight_sync == "object_store"
     assert config(tiny, async_rollouts=True).resolved_weight_sync == "object_store"
+    assert config(tiny, deepspeed={"zero_stage": 3}).resolved_weight_sync == "collective"  # (a bucket gathered at a time)
     with pytest.raises(ValueError, match=r"weight_sync='nccl'; choose one of \('collective', 'object_store'\)"):
         config(tiny, weight_sync="nccl").validate()
     with pytest.raises(ValueError, match="weight_sync='collective' works with synchronous rollouts"):

@@ -34,17 +34,35 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
 
+def plan(sizes: Iterable[int], max_bytes: int) -> list[list[int]]:
+    """The indices of tensors of ``sizes`` bytes in buckets of at most ``max_bytes`` (a larger tensor is a bucket of
+    its own), in order."""
+    out, bucket, total = [], [], 0
+    for i, nbytes in enumerate(sizes):
+        nbytes = _aligned(nbytes)
+        if bucket and total + nbytes > max_bytes:
+            out.append(bucket)
+            bucket, total = [], 0
+        bucket.append(i)
+        total += nbytes
+    return out + [bucket] if bucket else out
+
+
 def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
     """``named`` in buckets of at most ``max_bytes`` (a larger tensor is a bucket of its own), in order."""
-    out, bucket, size = [], [], 0
-    for name, tensor in named:
-        nbytes = _aligned(tensor.numel() * tensor.element_size())
-        if bucket and size + nbytes > max_bytes:
-            out.append(bucket)
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    return out + [bucket] if bucket else out
+    named = list(named)
+    return [[named[i] for i in bucket] for bucket in plan((t.numel() * t.element_size() for _, t in named), max_bytes)]
+
+
+def layout(parts: list[list[tuple[str, torch.Tensor]]]) -> list[list[tuple[str, tuple, str]]]:
+    """Each bucket's (name, shape, dtype) triples: what a receiver needs to read the buckets of ``parts``."""
+    return [[(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in bucket] for bucket in parts]
+
+
+def drain(iterator: Iterable) -> None:
+    """Consumes what is left of ``iterator`` (a sender's or receiver's buckets: each one is a collective)."""
+    for _ in iterator:
+        pass
 
 
 class WeightGroup:
@@ -64,13 +82,11 @@ class WeightGroup:
     def _broadcast(self, tensor: torch.Tensor) -> None:
         self.group.broadcast(tensor, 0).wait()
 
-    def send(self, named: Iterable[tuple[str, torch.Tensor]], max_bytes: int, **meta) -> int:
-        """Rank 0: the (name, tensor) pairs to every other member, in buckets, with ``meta`` (small, picklable);
-        returns the bytes sent."""
-        parts = buckets(named, max_bytes)
-        layout = [[(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in bucket]
-                  for bucket in parts]
-        header = torch.frombuffer(bytearray(pickle.dumps((meta, layout))), dtype=torch.uint8).to(self.device)
+    def send(self, shapes: list, parts: Iterable[list[tuple[str, torch.Tensor]]], **meta) -> int:
+        """Rank 0: the buckets ``parts`` ((name, tensor) pairs, ``shapes`` their ``layout``, known before any is
+        read: a bucket may be gathered only when its turn comes) to every other member, with ``meta`` (small,
+        picklable); returns the bytes sent."""
+        header = torch.frombuffer(bytearray(pickle.dumps((meta, shapes))), dtype=torch.uint8).to(self.device)
         self._broadcast(torch.tensor([header.numel()], device=self.device))
         self._broadcast(header)
         sent = 0
@@ -93,11 +109,11 @@ class WeightGroup:
         self._broadcast(length)
         header = torch.empty(int(length.item()), dtype=torch.uint8, device=self.device)
         self._broadcast(header)
-        meta, layout = pickle.loads(header.cpu().numpy().tobytes())  # (from this run's own learner)
-        return meta, self._buckets(layout)
+        meta, shapes = pickle.loads(header.cpu().numpy().tobytes())  # (from this run's own learner)
+        return meta, self._buckets(shapes)
 
-    def _buckets(self, layout: list) -> Iterator[tuple[str, torch.Tensor]]:
-        for bucket in layout:
+    def _buckets(self, shapes: list) -> Iterator[tuple[str, torch.Tensor]]:
+        for bucket in shapes:
             dtypes = [getattr(torch, dtype) for _, _, dtype in bucket]
             sizes = [_aligned(torch.Size(shape).numel() * dtype.itemsize)
                      for (_, shape, _), dtype in zip(bucket, dtypes)]
@@ -114,8 +130,8 @@ def weight_sync_problems(config):
     """What is wrong with the config's ``weight_sync`` (``SPPOConfig.validate``), each with its fix."""
     if config.weight_sync not in WEIGHT_SYNCS:
         yield (f"weight_sync={config.weight_sync!r}; choose one of {WEIGHT_SYNCS[:2]} or None (collective, but the "
-               f"object store with async_rollouts or DeepSpeed).")
-    elif config.weight_sync == "collective" and (config.async_rollouts or config.deepspeed is not None):
-        yield ("weight_sync='collective' works with synchronous rollouts and the torch learner (a broadcast waits for "
-               "every runner, which async_rollouts keeps sampling; under ZeRO-3 it is not yet gathered a bucket at a "
-               "time); set weight_sync='object_store' (or leave it unset) with async_rollouts or deepspeed.")
+               f"object store with async_rollouts).")
+    elif config.weight_sync == "collective" and config.async_rollouts:
+        yield ("weight_sync='collective' works with synchronous rollouts (a broadcast waits for every runner, which "
+               "async_rollouts keeps sampling); set weight_sync='object_store' (or leave it unset) with "
+               "async_rollouts.")

@@ -21,13 +21,14 @@ from contextlib import ExitStack, contextmanager
 import numpy as np
 import torch
 import tree
-from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.learner.learner_group import LearnerGroup
 
 from rllib_sppo.apis import SeparateNetworksAPI
+from rllib_sppo.llm.weight_group import plan
 from rllib_sppo.private_api import (asked_for, disable_deepspeed_shm_comm, learner_results,
                                     subcomponents)
-from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner
+from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner, learner_rank
 
 INSTALL = "pip install 'rllib-sppo[deepspeed]'"
 #: ``SPPOConfig.deepspeed``'s keys and their defaults.
@@ -227,6 +228,30 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
     def set_state(self, state) -> None:
         with self._whole_parameters(write=True):
             super().set_state(state)
+
+    def policy_buckets(self, max_bytes: int):
+        """Under ZeRO-3, the policy's parameters are gathered one bucket at a time (by every learner: it is a
+        collective), and only the first learner reads them, in the compute dtype; the layout comes from the
+        partitions' full shapes, before any gather. (LoRA's adapters, and ZeRO-2, as the torch learner.)"""
+        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+        if module.lora or not self._partitioned():
+            return super().policy_buckets(max_bytes)
+        skip = set(module.get_non_inference_attributes())
+        entries = [(name, t) for name, t in module.state_dict(keep_vars=True).items() if name.split(".")[0] not in skip]
+        shapes = [tuple(getattr(t, "ds_shape", t.shape)) for _, t in entries]
+        dtypes = [module.compute_dtype if t.is_floating_point() else t.dtype for _, t in entries]
+        parts = plan((math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes)), max_bytes)
+        layout = [[(entries[i][0], shapes[i], str(dtypes[i]).removeprefix("torch.")) for i in part] for part in parts]
+        return layout, self._gathered_buckets(entries, dtypes, parts)
+
+    def _gathered_buckets(self, entries: list, dtypes: list, parts: list):
+        import deepspeed
+
+        first = learner_rank() == 0
+        for part in parts:
+            params = list({id(t): t for t in (entries[i][1] for i in part) if hasattr(t, "ds_id")}.values())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield [(entries[i][0], entries[i][1].detach().to(dtypes[i])) for i in part] if first else []
 
     def get_state_collectively(self, *args, **kwargs):
         """``get_state`` run by every learner at once (ZeRO gathers across all of them); the first returns it."""

@@ -8,6 +8,7 @@ add up to the unsplit minibatch's, for every ``loss_agg_mode``.
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import ray
@@ -19,7 +20,7 @@ from ray.rllib.core.columns import Columns
 from rllib_sppo.connectors import CRITIC_MASK, VALUES_OLD, critic_output
 from rllib_sppo.core import critic_bce_loss, critic_mse_loss, masked_mean, ppo_clip_loss, truncated_is_weights
 from rllib_sppo.estimators import ESTIMATORS
-from rllib_sppo.llm.weight_group import WeightGroup, buckets
+from rllib_sppo.llm.weight_group import WeightGroup, buckets, drain, layout
 from rllib_sppo.private_api import TorchLearnerHooks
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
 
@@ -57,7 +58,7 @@ def adamw(params: list, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, weight_decay=weight_decay, fused=fused or None)
 
 
-def _rank() -> int:
+def learner_rank() -> int:
     """This learner's rank among the learners (0 alone)."""
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -146,19 +147,28 @@ class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
         cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t  # noqa: E731
         return [(name, cast(torch.as_tensor(value))) for name, value in state[DEFAULT_MODULE_ID].items()]
 
+    def policy_buckets(self, max_bytes: int) -> tuple[list, Iterator[list[tuple[str, torch.Tensor]]]]:
+        """``policy_tensors`` in buckets of at most ``max_bytes`` (a larger tensor is a bucket of its own): their
+        ``layout`` and an iterator of the buckets, which every learner consumes to its end (the DeepSpeed learner
+        gathers ZeRO-3 partitions a bucket at a time, collectively); the first learner's holds the tensors, valid
+        until the next bucket is read."""
+        parts = buckets(self.policy_tensors(), max_bytes)
+        return layout(parts), iter(parts)
+
     def weight_chunks(self, max_bytes: int) -> tuple[list, int]:
-        """``policy_tensors`` put in Ray's object store in chunks of at most ``max_bytes`` (a larger tensor is a
-        chunk of its own): ``(refs, weights_seq_no)``; the first learner returns the chunks, the others none."""
-        named = self.policy_tensors()
-        if _rank() != 0:
+        """``policy_buckets`` put in Ray's object store, a chunk each: ``(refs, weights_seq_no)``; the first learner
+        returns the chunks, the others none."""
+        _, parts = self.policy_buckets(max_bytes)
+        if learner_rank() != 0:
+            drain(parts)
             return [], self.weights_seq_no
-        return [ray.put(dict(bucket)) for bucket in buckets(named, max_bytes)], self.weights_seq_no
+        return [ray.put(dict(bucket)) for bucket in parts], self.weights_seq_no
 
     def join_weight_group(self, host: str, port: int, size: int, device: str, timeout_s: float) -> bool:
         """The first learner joins SPPO's weight-sync group as its rank 0 (``rllib_sppo.llm.weight_group``); the
         others stay out of it. False if the group could not be formed within ``timeout_s``."""
         self.weight_group = None
-        if _rank() != 0:
+        if learner_rank() != 0:
             return True
         try:
             self.weight_group = WeightGroup(host, port, 0, size, device, timeout_s)
@@ -170,17 +180,19 @@ class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
     def broadcast_weights(self, max_bytes: int) -> bool:
         """``policy_tensors`` to the weight-sync group, in buckets of at most ``max_bytes``, with ``weights_seq_no``.
         False if the broadcast failed (a member gone or past the group's timeout): the group must be formed again."""
-        named = self.policy_tensors()
-        if _rank() != 0:
-            return True
-        if self.weight_group is None:
-            return False
+        shapes, parts = self.policy_buckets(max_bytes)
         try:
-            self.weight_group.send(named, max_bytes, seq_no=self.weights_seq_no)
+            if learner_rank() != 0:
+                return True
+            if self.weight_group is None:
+                return False
+            self.weight_group.send(shapes, parts, seq_no=self.weights_seq_no)
         except RuntimeError as error:
             logger.warning("the weight broadcast failed: %s", error)
             self.weight_group = None
             return False
+        finally:  # (every learner reads every bucket: under ZeRO-3 each is gathered by all of them)
+            drain(parts)
         return True
 
     def prompt_values(self, texts: list[str]):
