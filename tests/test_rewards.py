@@ -184,7 +184,7 @@ def test_scorer_bounds_a_hanging_verifier_to_its_timeout():
     assert scorer(["1"], {"ground_truth": ["1"]}) == ([1.0], [None])  # started and warm
     start = time.monotonic()
     rewards, errors = scorer(["1", "hang", "1", "1"], {"ground_truth": ["1"] * 4})
-    assert time.monotonic() - start < 10.0  # the hanging sample cost its timeout (1 s, not 60); the others scored
+    assert time.monotonic() - start < 30.0  # the hanging sample cost its timeout (1 s, not 60); the others scored
     assert rewards == [1.0, None, 1.0, 1.0] and errors[1] == "reward fn picky_reward timed out after 1.0s"
     scorer.close()
 
@@ -196,7 +196,7 @@ def test_scorer_replaces_a_stuck_or_dead_worker(bad):
     assert scorer(["1"], {"ground_truth": ["1"]}) == ([1.0], [None])
     start = time.monotonic()
     rewards, errors = scorer(["1", bad, "1", "1"], {"ground_truth": ["1"] * 4})
-    assert time.monotonic() - start < 10.0  # the chunk budget (2 samples x 1 s, plus 1 s), not 60 s
+    assert time.monotonic() - start < 30.0  # the chunk budget (2 samples x 1 s, plus 1 s), not 60 s
     assert rewards == [None, None, 1.0, 1.0]  # the stuck worker's chunk is lost, the other one scored
     assert errors[0] == errors[1] and "did not return 2 samples within 3s (stuck or died); replaced" in errors[0]
     assert scorer._workers == []  # replaced: the next call starts new workers, and they score
@@ -216,7 +216,7 @@ def test_scorer_replaces_a_worker_stopped_or_killed_while_idle(fault):
     os.kill(victim.pid, fault)
     start = time.monotonic()
     rewards, errors = scorer(["1", "1", "1", "1"], {"ground_truth": ["1"] * 4})
-    assert time.monotonic() - start < 10.0
+    assert time.monotonic() - start < 30.0  # the chunk budget, not a hang (60 s)
     assert rewards == [None, None, 1.0, 1.0] and "did not return 2 samples within 3s (stuck or died)" in errors[0]
     assert not victim.is_alive() and scorer._workers == []
     assert scorer(["1"], {"ground_truth": ["1"]}) == ([1.0], [None])
