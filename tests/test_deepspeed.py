@@ -31,6 +31,18 @@ def tiny(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny576(tmp_path_factory):
+    """MLP weights of 192 x 576 = 110,592 elements: above ZeRO-3's persistence threshold, so they are partitioned."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny576"), seed=0, intermediate_size=576)
+
+
+def policy_weights(learner_group) -> dict:
+    """The learners' policy (the inference-only state, gathered from ZeRO partitions), by name."""
+    return learner_group.get_state(components="learner/rl_module", inference_only=True)[
+        "learner"]["rl_module"][MODULE]
+
+
 def make_episodes(tiny, reward=None):
     """8 one-step episodes (prompt, response, outcome 1 or 0, or ``reward``) as the LLM EnvRunner returns them."""
     from transformers import AutoTokenizer
@@ -148,16 +160,12 @@ def test_state_round_trips_and_nonfinite_updates_are_skipped(tiny, episodes, tmp
 
 
 @pytest.mark.system
-def test_two_learners_form_one_zero3_group_and_checkpoint_every_partition(tmp_path_factory, episodes, tmp_path,
-                                                                           ray_session):
+def test_two_learners_form_one_zero3_group_and_checkpoint_every_partition(tiny576, episodes, tmp_path, ray_session):
     from transformers import AutoModelForCausalLM
-
-    # MLP weights of 192 x 576 = 110,592 elements: above ZeRO-3's persistence threshold, so they are partitioned
-    tiny = build_tiny_llama(tmp_path_factory.mktemp("tiny576"), seed=0, intermediate_size=576)
 
     def group(num_learners):  # per learner: its half of the 8 episodes, minibatches of 2 (one learner: 8 and 4)
         n = max(num_learners, 1)
-        return (config(tiny, {"zero_stage": 3}, train_batch_size_per_learner=8 // n, minibatch_size=4 // n)
+        return (config(tiny576, {"zero_stage": 3}, train_batch_size_per_learner=8 // n, minibatch_size=4 // n)
                 .learners(num_learners=num_learners, num_cpus_per_learner=0.5)
                 .build_learner_group(env=None, spaces={MODULE: (TEXT, TEXT)}))
 
@@ -198,11 +206,10 @@ def test_two_learners_form_one_zero3_group_and_checkpoint_every_partition(tmp_pa
 
 
 @pytest.mark.system
-def test_two_zero3_learners_gather_the_policy_for_a_sync_a_bucket_at_a_time(tmp_path_factory, ray_session):
+def test_two_zero3_learners_gather_the_policy_for_a_sync_a_bucket_at_a_time(tiny576, ray_session):
     """The weights for remote EnvRunners under ZeRO-3: every learner gathers one bucket at a time (the others stay
     partitioned), only the first reads them, and the buckets hold the whole policy, as gathered at once."""
-    tiny = build_tiny_llama(tmp_path_factory.mktemp("tiny576"), seed=0, intermediate_size=576)
-    two = (config(tiny, {"zero_stage": 3}, train_batch_size_per_learner=4, minibatch_size=2)
+    two = (config(tiny576, {"zero_stage": 3}, train_batch_size_per_learner=4, minibatch_size=2)
            .learners(num_learners=2, num_cpus_per_learner=0.5)
            .build_learner_group(env=None, spaces={MODULE: (TEXT, TEXT)}))
 
@@ -217,7 +224,7 @@ def test_two_zero3_learners_gather_the_policy_for_a_sync_a_bucket_at_a_time(tmp_
         return shapes, got, most, sum(p.ds_numel for p in params)
 
     (shapes, first, most, total), (_, second, _, _) = [r.get() for r in two.foreach_learner(read)]
-    whole = two.get_state(components="learner/rl_module", inference_only=True)["learner"]["rl_module"][MODULE]
+    whole = policy_weights(two)
     two.shutdown()
     assert second == {} and list(first) == [name for bucket in shapes for name, _, _ in bucket] == list(whole)
     assert all(np.array_equal(first[name], whole[name]) for name in whole)
@@ -237,8 +244,7 @@ def test_two_zero3_learners_sync_a_remote_env_runner(tiny, ray_session, weight_s
             .build_algo())
     assert algo.config.resolved_weight_sync == weight_sync
     results = [algo.train() for _ in range(2)]
-    synced = algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
-        "learner"]["rl_module"][MODULE]
+    synced = policy_weights(algo.learner_group)
     [engine] = algo.env_runner_group.foreach_env_runner(
         lambda runner: {f"policy.{k}": v.numpy() for k, v in runner._engine.model.state_dict().items()},
         local_env_runner=False)
@@ -283,11 +289,7 @@ def test_two_zero3_offload_learners_train_sync_the_env_runner_and_checkpoint(tin
             .learners(num_learners=2, num_cpus_per_learner=0.5)  # two learner actors: one ZeRO group
             .build_algo())
 
-    def learner_weights():
-        return algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
-            "learner"]["rl_module"][MODULE]
-
-    initial = learner_weights()
+    initial = policy_weights(algo.learner_group)
     results = [algo.train() for _ in range(2)]
     learner = results[-1]["learners"][MODULE]
     assert np.isfinite(learner["policy/loss"]) and learner["policy/approx_kl"] != 0.0
@@ -301,7 +303,7 @@ def test_two_zero3_offload_learners_train_sync_the_env_runner_and_checkpoint(tin
     assert np.allclose(critic_logits(algo.learner_group, texts), module.prompt_values(texts).numpy(), atol=1e-5)
     # The engine sampled the second batch with the weights the learner had after the first update.
     assert learner["rollout/engine_logp_gap"] < 1e-3
-    synced = learner_weights()
+    synced = policy_weights(algo.learner_group)
     engine = {f"policy.{k}": v.numpy() for k, v in algo.env_runner._engine.model.state_dict().items()}
     assert engine.keys() == synced.keys()  # the policy only: the critic stays on the learner
     assert all(np.array_equal(engine[k], synced[k]) for k in synced)

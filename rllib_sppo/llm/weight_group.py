@@ -54,9 +54,14 @@ def buckets(named: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> list[l
     return [[named[i] for i in bucket] for bucket in plan((t.numel() * t.element_size() for _, t in named), max_bytes)]
 
 
+def describe(name: str, shape, dtype: torch.dtype) -> tuple[str, tuple, str]:
+    """One tensor in a layout: (name, shape, dtype's name), what a receiver reads it by."""
+    return name, tuple(shape), str(dtype).removeprefix("torch.")
+
+
 def layout(parts: list[list[tuple[str, torch.Tensor]]]) -> list[list[tuple[str, tuple, str]]]:
-    """Each bucket's (name, shape, dtype) triples: what a receiver needs to read the buckets of ``parts``."""
-    return [[(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in bucket] for bucket in parts]
+    """Each bucket's tensors ``describe``d: what a receiver needs to read the buckets of ``parts``."""
+    return [[describe(name, t.shape, t.dtype) for name, t in bucket] for bucket in parts]
 
 
 def drain(iterator: Iterable) -> None:

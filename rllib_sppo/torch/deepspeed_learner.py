@@ -25,7 +25,7 @@ from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODUL
 from ray.rllib.core.learner.learner_group import LearnerGroup
 
 from rllib_sppo.apis import SeparateNetworksAPI
-from rllib_sppo.llm.weight_group import plan
+from rllib_sppo.llm.weight_group import describe, plan
 from rllib_sppo.private_api import (asked_for, disable_deepspeed_shm_comm, learner_results,
                                     subcomponents)
 from rllib_sppo.torch.sppo_torch_learner import SPPOTorchLearner, learner_rank
@@ -241,7 +241,7 @@ class SPPODeepSpeedLearner(SPPOTorchLearner):
         shapes = [tuple(getattr(t, "ds_shape", t.shape)) for _, t in entries]
         dtypes = [module.compute_dtype if t.is_floating_point() else t.dtype for _, t in entries]
         parts = plan((math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes)), max_bytes)
-        layout = [[(entries[i][0], shapes[i], str(dtypes[i]).removeprefix("torch.")) for i in part] for part in parts]
+        layout = [[describe(entries[i][0], shapes[i], dtypes[i]) for i in part] for part in parts]
         return layout, self._gathered_buckets(entries, dtypes, parts)
 
     def _gathered_buckets(self, entries: list, dtypes: list, parts: list):

@@ -178,7 +178,7 @@ class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
         return True
 
     def broadcast_weights(self, max_bytes: int) -> bool:
-        """``policy_tensors`` to the weight-sync group, in buckets of at most ``max_bytes``, with ``weights_seq_no``.
+        """``policy_buckets`` to the weight-sync group, in buckets of at most ``max_bytes``, with ``weights_seq_no``.
         False if the broadcast failed (a member gone or past the group's timeout): the group must be formed again."""
         shapes, parts = self.policy_buckets(max_bytes)
         try:
