@@ -6,16 +6,18 @@ estimator with its own policy learning rate, tuned the same way.
 
 The study, in order (each run in a fresh process through ``harness.run_seed``; runs go to ``<out>_runs.jsonl`` as they
 finish and a rerun of the command skips them, so it runs in pieces; ``--phase`` runs one part only):
-1. ``tune``: every estimator at every ``--lrs`` on ``--tune-seed`` (never reported), at the long horizon. Each
-   estimator's pick is the rate with the highest mean held-out accuracy over its training budget (the area under its
-   curve: level and speed both count); a pick on the edge of the grid adds the next rate beyond that edge (the same
-   spacing), until the pick is inside (``--max-widen`` times at most).
+1. ``tune``: every estimator at every ``--lrs`` on ``--tune-seed`` (never reported), at the long horizon, for
+   ``--tune-minutes`` of training each. Each estimator's pick is the rate with the highest mean held-out accuracy over
+   that budget (the area under its curve: level and speed both count); a pick on the edge of the grid adds the next
+   rate beyond that edge (the same spacing), until the pick is inside (``--max-widen`` times at most). A tuning run is
+   a screen, shorter than a reported one: at 12 minutes GRPO's curve was still rising at its best rates.
 2. ``report``: at the picked rates, ``--seeds``: all four estimators at the long horizon; SPPO and GRPO at the medium
    and short horizons, and token-level PPO at the short one too (does the tail effect grow with the answer?).
 The critics share the examples' critic rate. All estimators pose the same prompts per iteration (GRPO and RLOO draw
 N samples of each, with N times the batch and minibatch: the same prompts per optimizer step) and get the same
-training budget per horizon (``--budget``, evaluations left out); the held-out split (avg@4 and pass@4 of exact
-answers, T = 0.6) is evaluated every tenth of the budget.
+training budget per horizon in the report phase (``--budget``, evaluations left out; long enough that GRPO's curve
+flattens, which the results check); the held-out split (avg@4 and pass@4 of exact answers, T = 0.6) is evaluated
+every tenth of the budget.
 
 Writes ``<out>.md`` (per horizon and estimator: peak held-out avg@4 and pass@4, training seconds and generated tokens
 to reach 95% of GRPO's peak, the SPPO : GRPO ratio per seed, the iteration's split into generation, scoring, update
@@ -45,8 +47,9 @@ def main():
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4], help="the policy learning-rate grid")
     p.add_argument("--tune-seed", type=int, default=100)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the reported seeds")
-    p.add_argument("--budget", nargs="+", default=["short=4", "medium=6", "long=12"],
-                   help="training minutes per run at each horizon, e.g. short=4 medium=6 long=12")
+    p.add_argument("--tune-minutes", type=float, default=12, help="training minutes of each tuning run")
+    p.add_argument("--budget", nargs="+", default=["short=4", "medium=8", "long=24"],
+                   help="training minutes of each reported run at each horizon, e.g. short=4 medium=8 long=24")
     p.add_argument("--max-widen", type=int, default=2, help="grid extensions at most, per estimator")
     p.add_argument("--n", type=int, default=8, help="samples per prompt of GRPO and RLOO")
     p.add_argument("--phase", choices=["tune", "report", "all"], default="all")
@@ -65,7 +68,7 @@ def main():
         if missing:
             raise SystemExit(f"long_horizon: no pick yet for {missing}: run the tune phase to its end first")
         for horizon, names in REPORTED:
-            run(args, horizon, {name: picked[name] for name in names}, args.seeds)
+            run(args, horizon, {name: picked[name] for name in names}, args.seeds, args.budget[horizon])
 
 
 def label(horizon: str, name: str, lr: float, n: int) -> str:
@@ -78,8 +81,9 @@ def parse(run: dict) -> tuple[str, str, float]:
     return horizon, estimator, float(lr.removeprefix("lr "))
 
 
-def run(args, horizon: str, rates: dict, seeds: list) -> list:
-    """The estimators of ``rates`` ({name: [lr, ...]}) at ``horizon`` on ``seeds`` (runs already done are skipped)."""
+def run(args, horizon: str, rates: dict, seeds: list, minutes: float) -> list:
+    """The estimators of ``rates`` ({name: [lr, ...]}) at ``horizon`` on ``seeds``, ``minutes`` of training each (runs
+    already done are skipped)."""
     from rllib_sppo.experiments import load_experiments
 
     yaml = YAML.format(horizon)
@@ -89,7 +93,6 @@ def run(args, horizon: str, rates: dict, seeds: list) -> list:
     todo = {label(horizon, name, lr, args.n): {**overrides, "lr": lr}  # rate by rate: estimators side by side early
             for lr in sorted({lr for lrs in rates.values() for lr in lrs})
             for name, (_, overrides) in zip(rates, compared.items()) if lr in rates[name]}
-    minutes = args.budget[horizon]
     piece = argparse.Namespace(yaml=yaml, seeds=seeds, minutes=minutes, eval_every=10**9,
                                eval_every_s=minutes * 6, config=args.config, out=args.out, lock=args.lock)
     return harness.run_variants(piece, todo, lambda runs, _, out: write(runs, args, out))
@@ -99,7 +102,7 @@ def tune(args) -> None:
     """The grid on the tuning seed, widened where a pick is on its edge."""
     grid = {name: sorted(args.lrs) for name in args.estimators}
     for _ in range(args.max_widen + 1):
-        runs = run(args, "long", grid, [args.tune_seed])
+        runs = run(args, "long", grid, [args.tune_seed], args.tune_minutes)
         widen = {}
         for name in args.estimators:
             lrs, best = grid[name], picks(runs, args)[name]
@@ -147,10 +150,11 @@ def write(runs: list, args, out: Path) -> None:
     lines = ["# Long chains of thought: SPPO vs GRPO vs RLOO vs token-level PPO on envs.chain, three horizons", "",
              *harness.provenance(("ray", "torch", "vllm")),
              f"Held-out {key} and {pass_key} of exact answers (the boxed final answer right) at T = 0.6 over 128 "
-             f"problems, evaluated every tenth of the budget; training budget per run {args.budget} minutes "
+             f"problems, evaluated every tenth of the budget; training minutes per reported run {args.budget} "
              f"(evaluations not counted); the same prompts per iteration for all estimators. Target = {SHARE:.0%} of "
              f"GRPO's peak {key} (the mean over its seeds). Mean (min-max) over seeds.", "",
-             f"## Tuning (seed {args.tune_seed}, long horizon, not reported): mean held-out {key} over the budget", "",
+             f"## Tuning (seed {args.tune_seed}, long horizon, {args.tune_minutes:g} min a run, not reported): mean "
+             f"held-out {key} over the budget", "",
              "| estimator | " + " | ".join(["lr", "mean accuracy over the budget", f"peak {key}", "iterations"])
              + " |", "|---|---|---|---|---|"]
     chosen = picks(runs, args)

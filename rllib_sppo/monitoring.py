@@ -75,6 +75,8 @@ KNOWN_NOISE = (
                            r"accelerated GDN mamba backend"),  # (the models have no Mamba layers, hence no SSM cache)
     # Ray sets OMP_NUM_THREADS to the CPUs a trial holds (num_cpus_for_main_process), which vLLM then keeps.
     ("vllm.utils.torch_utils", r"OMP_NUM_THREADS=\d+ is set; leaving Torch threads at \d+ for serving"),
+    # Ray Train's note that a learner joins its torch process group (num_learners > 1): set up by RLlib, not the user.
+    ("ray.train.torch.config", r"Setting up process group for: "),
     # DeepSpeed, imported on a machine without a GPU (a run that does not use DeepSpeed imports it too).
     ("DeepSpeed", r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it"),
     # Tune's line for every checkpoint a trial writes: the summary names the best one and how to evaluate it.
@@ -101,6 +103,9 @@ KNOWN_WARNINGS = (
      r".*Overriding environment rllib-single-agent-env-v0 already in registry"),
     # vLLM's start-up scan of torch.distributed's attributes touches a deprecated alias.
     (FutureWarning, r"vllm\.triton_utils\.dispatcher", r"`torch\.distributed\.reduce_op` is deprecated"),
+    # DeepSpeed's ZeRO gathers and reduce-scatters call torch.distributed's old names (torch 2.13 renamed them).
+    (FutureWarning, r"torch\.distributed\.c10d_logger",
+     r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
 )
 
 

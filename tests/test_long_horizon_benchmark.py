@@ -28,7 +28,8 @@ def test_an_edge_pick_widens_the_grid_until_the_pick_is_inside(monkeypatch):
     best = {"sppo": 3e-4, "grpo": 3e-5}  # sppo's best is past the grid's top edge: two widenings to get inside
     done = []
 
-    def run(args, horizon, rates, seeds):
+    def run(args, horizon, rates, seeds, minutes):
+        assert minutes == args.tune_minutes
         for name, lrs in rates.items():
             for lr in lrs:
                 for seed in seeds:
@@ -38,7 +39,7 @@ def test_an_edge_pick_widens_the_grid_until_the_pick_is_inside(monkeypatch):
         return [d[3] for d in done]
 
     monkeypatch.setattr(lh, "run", run)
-    args = lh.argparse.Namespace(lrs=[1e-5, 3e-5, 1e-4], tune_seed=100, max_widen=2, estimators=["sppo", "grpo"], n=8)
+    args = lh.argparse.Namespace(lrs=[1e-5, 3e-5, 1e-4], tune_seed=100, tune_minutes=12, max_widen=2, estimators=["sppo", "grpo"], n=8)
     lh.tune(args)
     runs = [d[3] for d in done] + [made_up("long", "sppo", 1e-3, 0, 1e-3), made_up("short", "grpo", 1e-4, 100, 1e-4)]
     assert lh.picks(runs, args) == {"sppo": 3e-4, "grpo": 3e-5}  # other seeds and horizons do not count

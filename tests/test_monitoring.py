@@ -189,6 +189,7 @@ def test_quiet_console_drops_only_the_known_lines():
         "vllm.engine.arg_utils": "The global random seed is set to 0. Since VLLM_ENABLE_V1_MULTIPROCESSING is set to "
                                  "False, this may affect the random state of the Python process that launched vLLM.",
         "vllm.utils.torch_utils": "OMP_NUM_THREADS=2 is set; leaving Torch threads at 2 for serving. Multi-...",
+        "ray.train.torch.config": "Setting up process group for: env:// [rank=0, world_size=2]",
         "DeepSpeed": "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
         "ray.train._internal.storage": "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)",
     }
@@ -293,12 +294,20 @@ COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 PROGRESS_BAR = re.compile(r"^[\w ]+: +\d+%( Completed)? ?\|.*\d+/\d+ \[")
 
 
+#: The flagship as the README runs it, and with two DeepSpeed ZeRO-3 learners (remote learners: Ray Train's process
+#: group, DeepSpeed's collectives, batches and critic logits through the object store).
+ZERO3_LEARNERS = {"deepspeed": {"zero_stage": 3}, "num_learners": 2, "num_cpus_per_learner": 0.5,
+                  "num_cpus_for_main_process": 1}
+
+
 @pytest.mark.system
-def test_the_flagships_console_is_the_packages_own_lines_and_kept_ones(tmp_path):
+@pytest.mark.parametrize("overrides", [{}, ZERO3_LEARNERS], ids=["readme", "deepspeed-learners"])
+def test_the_flagships_console_is_the_packages_own_lines_and_kept_ones(tmp_path, overrides):
     """The README's main command for one iteration, as a user runs it (a fresh process, vLLM generating, the shipped
     tiny-arith model): every line on its console (stderr and stdout) is the package's own (what it starts, progress
     lines, the summary), a progress bar of loading weights, the JSON summary, or a line of ``KEPT_LINES``, each kept for
-    a reason it gives; vLLM's warnings a user cannot act on (``KNOWN_NOISE``) are not there."""
+    a reason it gives; the warnings of vLLM, DeepSpeed and Ray a user cannot act on (``KNOWN_NOISE``,
+    ``KNOWN_WARNINGS``) are not there, nor any warning of this package's own code."""
     from rllib_sppo.monitoring import KEPT_LINES
 
     assert all(why for _, why in KEPT_LINES)
@@ -307,7 +316,7 @@ def test_the_flagships_console_is_the_packages_own_lines_and_kept_ones(tmp_path)
     env = {key: value for key, value in os.environ.items() if key != "VLLM_DIST_IDENT"}
     run = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "train", "file",
                           "tuned_examples/arith_tiny_sppo.yaml", "--stop", '{"training_iteration": 1}',
-                          "--storage-path", str(tmp_path / "results")],
+                          "--storage-path", str(tmp_path / "results"), "--config", json.dumps(overrides)],
                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])

@@ -42,7 +42,8 @@ class TokenBatch(ConnectorV2):
         eps = list(self.single_agent_episode_iterator(episodes, agents_that_stepped_only=False))
         prompt_ids = [list(map(int, e.get_extra_model_outputs("prompt_ids", 0))) for e in eps]
         response_ids = [list(map(int, e.get_extra_model_outputs("response_ids", 0))) for e in eps]
-        engine_logp = [np.asarray(e.get_extra_model_outputs("engine_logp", 0), np.float32) for e in eps]
+        engine_logp = [np.array(e.get_extra_model_outputs("engine_logp", 0), np.float32) for e in eps]  # (a copy:
+        # on a remote learner the episodes come through Ray's object store, read-only)
         texts = [e.get_observations(0) for e in eps]
         pad_id = module.tokenizer.pad_token_id or 0
         device = next(module.policy.parameters()).device

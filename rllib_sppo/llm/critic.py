@@ -27,7 +27,7 @@ def critic_logits(learner_group, texts: list[str]) -> np.ndarray:
     for result in results:
         if not result.ok:
             raise result.get()
-    return np.asarray(results[0].get())
+    return np.array(results[0].get())  # (a copy: from a remote learner they come read-only, Ray's object store)
 
 
 def score_prompt_candidates(env_runner_group, learner_group) -> None:
