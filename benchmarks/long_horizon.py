@@ -68,7 +68,7 @@ def main():
         if missing:
             raise SystemExit(f"long_horizon: no pick yet for {missing}: run the tune phase to its end first")
         for horizon, names in REPORTED:
-            run(args, horizon, {name: picked[name] for name in names}, args.seeds, args.budget[horizon])
+            run(args, horizon, {name: [picked[name]] for name in names}, args.seeds, args.budget[horizon])
 
 
 def label(horizon: str, name: str, lr: float, n: int) -> str:
