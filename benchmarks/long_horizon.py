@@ -23,6 +23,12 @@ Writes ``<out>.md`` (per horizon and estimator: peak held-out avg@4 and pass@4, 
 to reach 95% of GRPO's peak, the SPPO : GRPO ratio per seed, the iteration's split into generation, scoring, update
 and weight sync, and whether GRPO's curve had flattened), ``<out>.csv`` (every curve) and ``<out>.png`` (accuracy
 against training seconds, one panel per horizon; the SPPO : GRPO wall-clock ratio against response length).
+
+``--task smollm2 --critic-layers 2`` runs the same protocol on the real model (``tuned_examples/smollm2_rg_sppo.yaml``,
+one horizon, 64-token answers): SPPO with a critic of the policy's first 2 layers against GRPO, the check the paper
+recommends for large policies (does the cheaper critic turn GRPO's wall-clock lead around?):
+
+    python benchmarks/long_horizon.py --task smollm2 --critic-layers 2 --seeds 0 1
 """
 
 import argparse
@@ -32,47 +38,70 @@ import numpy as np
 
 import harness
 from harness import estimators, reach
+from rllib_sppo.estimators import ESTIMATORS
 
 HORIZONS = ("short", "medium", "long")
-YAML = "tuned_examples/chain_{}_sppo.yaml"
 ALL = ("sppo", "grpo", "rloo", "ppo")
-#: What runs where after tuning: (horizon, estimators).
-REPORTED = (("long", ALL), ("medium", ("sppo", "grpo")), ("short", ("sppo", "grpo", "ppo")))
+#: {task: (the YAML of each horizon, the horizon the rates are tuned on, what runs where after tuning as (horizon,
+#: estimators), the reported runs' training minutes per horizon)}.
+TASKS = {
+    "chain": ({h: f"tuned_examples/chain_{h}_sppo.yaml" for h in HORIZONS}, "long",
+              (("long", ALL), ("medium", ("sppo", "grpo")), ("short", ("sppo", "grpo", "ppo"))),
+              {"short": 4, "medium": 8, "long": 24}),
+    "smollm2": ({"smollm2": "tuned_examples/smollm2_rg_sppo.yaml"}, "smollm2", (("smollm2", ("sppo", "grpo")),),
+                {"smollm2": 24}),
+}
 #: The share of GRPO's peak the time-to-target columns use.
 SHARE = 0.95
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4], help="the policy learning-rate grid")
-    p.add_argument("--tune-seed", type=int, default=100)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the reported seeds")
-    p.add_argument("--tune-minutes", type=float, default=12, help="training minutes of each tuning run")
-    p.add_argument("--budget", nargs="+", default=["short=4", "medium=8", "long=24"],
-                   help="training minutes of each reported run at each horizon, e.g. short=4 medium=8 long=24")
-    p.add_argument("--max-widen", type=int, default=2, help="grid extensions at most, per estimator")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt of GRPO and RLOO")
-    p.add_argument("--phase", choices=["tune", "report", "all"], default="all")
-    p.add_argument("--estimators", nargs="+", choices=ALL, default=list(ALL),
-                   help="tune these now (a piece of the tune phase; the report phase needs all four picked)")
-    p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
-    p.add_argument("--out", default="benchmarks/results/long_horizon", help="output path stem")
-    p.add_argument("--lock", help="hold an exclusive lock on this file during each run (see harness.parser)")
-    args = p.parse_args()
-    args.budget = {h: float(m) for h, m in (b.split("=") for b in args.budget)}
+def main(argv: list | None = None):
+    args = arguments(argv)
     if args.phase in ("tune", "all"):
         tune(args)
     if args.phase in ("report", "all"):
         picked = picks(harness.load_runs(harness.out_stem(args)), args)
-        missing = [e for e in ALL if e not in picked]
+        missing = [e for e in args.compared if e not in picked]
         if missing:
             raise SystemExit(f"long_horizon: no pick yet for {missing}: run the tune phase to its end first")
-        for horizon, names in REPORTED:
+        for horizon, names in args.reported:
             run(args, horizon, {name: [picked[name]] for name in names}, args.seeds, args.budget[horizon])
 
 
-def label(horizon: str, name: str, lr: float, n: int) -> str:
-    return f"{horizon} | {next(iter(estimators(1, 1, n, [name])))} | lr {lr:g}"
+def arguments(argv: list | None = None) -> argparse.Namespace:
+    """The command line, with the task's YAMLs, tuned horizon, reported runs and budget filled in."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="chain")
+    p.add_argument("--critic-layers", type=int,
+                   help="the critic of SPPO and token-level PPO: the policy's first N transformer layers (LLM tasks)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4], help="the policy learning-rate grid")
+    p.add_argument("--tune-seed", type=int, default=100)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the reported seeds")
+    p.add_argument("--tune-minutes", type=float, default=12, help="training minutes of each tuning run")
+    p.add_argument("--budget", nargs="+", default=[],
+                   help="training minutes of each reported run at each horizon (the task's by default: chain's are "
+                        "short=4 medium=8 long=24)")
+    p.add_argument("--max-widen", type=int, default=2, help="grid extensions at most, per estimator")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt of GRPO and RLOO")
+    p.add_argument("--phase", choices=["tune", "report", "all"], default="all")
+    p.add_argument("--estimators", nargs="+", choices=ALL,
+                   help="tune these now (a piece of the tune phase; by default all the task compares, which the "
+                        "report phase needs picked)")
+    p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
+    p.add_argument("--out", help="output path stem (benchmarks/results/long_horizon, or .._<task> for another task)")
+    p.add_argument("--lock", help="hold an exclusive lock on this file during each run (see harness.parser)")
+    args = p.parse_args(argv)
+    args.yamls, args.tuned_on, args.reported, budget = TASKS[args.task]
+    args.budget = budget | {h: float(m) for h, m in (b.split("=") for b in args.budget)}
+    args.compared = list(dict.fromkeys(name for _, names in args.reported for name in names))
+    args.estimators = args.estimators or args.compared
+    args.out = args.out or "benchmarks/results/long_horizon" + ("" if args.task == "chain" else f"_{args.task}")
+    return args
+
+
+def label(args, horizon: str, name: str, lr: float) -> str:
+    small = f", critic = first {args.critic_layers} layers" if args.critic_layers and ESTIMATORS[name].critic else ""
+    return f"{horizon} | {next(iter(estimators(1, 1, args.n, [name])))}{small} | lr {lr:g}"
 
 
 def parse(run: dict) -> tuple[str, str, float]:
@@ -86,13 +115,16 @@ def run(args, horizon: str, rates: dict, seeds: list, minutes: float) -> list:
     already done are skipped)."""
     from rllib_sppo.experiments import load_experiments
 
-    yaml = YAML.format(horizon)
+    yaml = args.yamls[horizon]
     (_, exp), = load_experiments(yaml).items()
     cfg = exp["config"]
-    compared = estimators(cfg["train_batch_size_per_learner"], cfg["minibatch_size"], args.n, list(rates))
-    todo = {label(horizon, name, lr, args.n): {**overrides, "lr": lr}  # rate by rate: estimators side by side early
-            for lr in sorted({lr for lrs in rates.values() for lr in lrs})
-            for name, (_, overrides) in zip(rates, compared.items()) if lr in rates[name]}
+    compared = dict(zip(rates, estimators(cfg["train_batch_size_per_learner"], cfg["minibatch_size"], args.n,
+                                          list(rates)).values()))
+    if args.critic_layers:
+        small = {"llm": {**cfg["llm"], "critic_layers": args.critic_layers}}
+        compared = {name: {**o, **small} if ESTIMATORS[name].critic else o for name, o in compared.items()}
+    todo = {label(args, horizon, name, lr): {**compared[name], "lr": lr}  # rate by rate: side by side early
+            for lr in sorted({lr for lrs in rates.values() for lr in lrs}) for name in rates if lr in rates[name]}
     piece = argparse.Namespace(yaml=yaml, seeds=seeds, minutes=minutes, eval_every=10**9,
                                eval_every_s=minutes * 6, config=args.config, out=args.out, lock=args.lock)
     return harness.run_variants(piece, todo, lambda runs, _, out: write(runs, args, out))
@@ -102,7 +134,7 @@ def tune(args) -> None:
     """The grid on the tuning seed, widened where a pick is on its edge."""
     grid = {name: sorted(args.lrs) for name in args.estimators}
     for _ in range(args.max_widen + 1):
-        runs = run(args, "long", grid, [args.tune_seed], args.tune_minutes)
+        runs = run(args, args.tuned_on, grid, [args.tune_seed], args.tune_minutes)
         widen = {}
         for name in args.estimators:
             lrs, best = grid[name], picks(runs, args)[name]
@@ -124,12 +156,13 @@ def score(run: dict) -> float:
 
 
 def picks(runs: list, args) -> dict:
-    """{estimator name: its picked lr}, from the tuning seed's long-horizon runs (estimators with none left out)."""
+    """{estimator name: its picked lr}, from the tuning seed's runs at the tuned horizon (estimators with none left
+    out)."""
     best = {}
     for r in runs:
         horizon, estimator, lr = parse(r)
-        if horizon == "long" and r["seed"] == args.tune_seed:
-            name = next(n for n in ALL if label(horizon, n, lr, args.n) == r["label"])
+        if horizon == args.tuned_on and r["seed"] == args.tune_seed:
+            name = next(n for n in ALL if label(args, horizon, n, lr) == r["label"])
             if name not in best or score(r) > best[name][0]:
                 best[name] = (score(r), lr)
     return {name: lr for name, (_, lr) in best.items()}
@@ -147,24 +180,28 @@ def write(runs: list, args, out: Path) -> None:
     per_seed = lambda xs: " / ".join("never" if np.isnan(x) else f"{x:,.0f}" for x in xs)  # noqa: E731
     tuned = [r for r in runs if r["seed"] == args.tune_seed]
     reported = [r for r in runs if r["seed"] != args.tune_seed]
-    lines = ["# Long chains of thought: SPPO vs GRPO vs RLOO vs token-level PPO on envs.chain, three horizons", "",
+    title = {"chain": "Long chains of thought: SPPO vs GRPO vs RLOO vs token-level PPO on envs.chain, three horizons",
+             "smollm2": f"The real model: SPPO (critic = the policy's first {args.critic_layers} layers) vs GRPO on "
+                        f"SmolLM2-135M"}[args.task]
+    lines = [f"# {title}", "",
              *harness.provenance(("ray", "torch", "vllm")),
              f"Held-out {key} and {pass_key} of exact answers (the boxed final answer right) at T = 0.6 over 128 "
              f"problems, evaluated every tenth of the budget; training minutes per reported run {args.budget} "
              f"(evaluations not counted); the same prompts per iteration for all estimators. Target = {SHARE:.0%} of "
              f"GRPO's peak {key} (the mean over its seeds). Mean (min-max) over seeds.", "",
-             f"## Tuning (seed {args.tune_seed}, long horizon, {args.tune_minutes:g} min a run, not reported): mean "
+             f"## Tuning (seed {args.tune_seed}, {args.tuned_on} horizon, {args.tune_minutes:g} min a run, not "
+             f"reported): mean "
              f"held-out {key} over the budget", "",
              "| estimator | " + " | ".join(["lr", "mean accuracy over the budget", f"peak {key}", "iterations"])
              + " |", "|---|---|---|---|---|"]
     chosen = picks(runs, args)
     for r in sorted(tuned, key=lambda r: (parse(r)[1], parse(r)[2])):
         _, estimator, lr = parse(r)
-        mark = " (picked)" if any(label("long", n, lr, args.n) == r["label"] and chosen.get(n) == lr for n in ALL) \
-            else ""
+        mark = " (picked)" if any(label(args, args.tuned_on, n, lr) == r["label"] and chosen.get(n) == lr
+                                  for n in ALL) else ""
         lines.append(f"| {estimator} | {lr:g}{mark} | {score(r):.3f} | {peak(r, key):.3f} | {r['iterations']} |")
     ratios = {}
-    for horizon in [h for h in reversed(HORIZONS) if any(parse(r)[0] == h for r in reported)]:
+    for horizon in [h for h in reversed(args.yamls) if any(parse(r)[0] == h for r in reported)]:
         here = [r for r in reported if parse(r)[0] == horizon]
         grpo = [r for r in here if parse(r)[1].startswith("GRPO")]
         target = SHARE * float(np.mean([peak(r, key) for r in grpo])) if grpo else np.nan
@@ -193,7 +230,7 @@ def write(runs: list, args, out: Path) -> None:
         lines += flattened(grpo, key)
     lines += harness.under_load(runs)
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    plot(reported, ratios, key, out)
+    plot(reported, list(args.yamls), ratios, key, out)
     print("\n".join(lines), flush=True)
 
 
@@ -212,14 +249,20 @@ def flattened(grpo: list, key: str) -> list[str]:
                 f"±0.03 for 128 problems x 4 samples)."]
 
 
-def plot(runs: list, ratios: dict, key: str, out: Path) -> None:
+def plot(runs: list, horizons: list, ratios: dict, key: str, out: Path) -> None:
+    """Accuracy against training seconds, one panel per horizon; the SPPO : GRPO ratio against the response length of
+    the chain task's horizons (its reference working's length: one token a character)."""
     from matplotlib.figure import Figure
 
-    horizons = [h for h in HORIZONS if any(parse(r)[0] == h for r in runs)]
+    from envs.chain import HORIZONS as STEPS, chain_records
+
+    horizons = [h for h in horizons if any(parse(r)[0] == h for r in runs)]
     if not horizons:
         return
-    fig = Figure(figsize=(5 * (len(horizons) + 1), 4), layout="tight")
-    axes = np.atleast_1d(fig.subplots(1, len(horizons) + 1))
+    lengths = {h: np.mean([len(r["extra_info"]["solution"]) for r in chain_records(1000, STEPS[h])])
+               for h in ratios if h in STEPS}
+    fig = Figure(figsize=(5 * (len(horizons) + bool(lengths)), 4), layout="tight")
+    axes = np.atleast_1d(fig.subplots(1, len(horizons) + bool(lengths)))
     names = list(dict.fromkeys(parse(r)[1] for r in runs))
     for ax, horizon in zip(axes, horizons):
         for r in (r for r in runs if parse(r)[0] == horizon):
@@ -229,16 +272,14 @@ def plot(runs: list, ratios: dict, key: str, out: Path) -> None:
         ax.set(title=f"{horizon} horizon", xlabel="training wall-clock (s)", ylabel=f"held-out {key}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    from envs.chain import HORIZONS as STEPS, chain_records
-
-    ax = axes[-1]
-    for horizon, ratio in ratios.items():
-        length = np.mean([len(r["extra_info"]["solution"]) for r in chain_records(1000, STEPS[horizon])])
-        ax.scatter([length] * len(ratio), ratio, color="C0")
-        ax.plot([length], [np.mean(ratio)], marker="_", markersize=20, color="k")
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.set(title="SPPO : GRPO wall-clock to 95% of GRPO's peak", xlabel="response tokens", ylabel="ratio (x)")
-    ax.grid(alpha=0.3)
+    if lengths:
+        ax = axes[-1]
+        for horizon, length in lengths.items():
+            ax.scatter([length] * len(ratios[horizon]), ratios[horizon], color="C0")
+            ax.plot([length], [np.mean(ratios[horizon])], marker="_", markersize=20, color="k")
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set(title="SPPO : GRPO wall-clock to 95% of GRPO's peak", xlabel="response tokens", ylabel="ratio (x)")
+        ax.grid(alpha=0.3)
     fig.savefig(f"{out}.png", dpi=100)
 
 

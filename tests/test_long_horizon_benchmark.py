@@ -11,12 +11,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import long_horizon as lh  # noqa: E402
 
+ARGS = lh.arguments([])  # the chain task, as the command line's defaults set it up
+
 
 def made_up(horizon, name, lr, seed, best_lr):
     """A run whose curve rises to a level that falls with the (log) distance of ``lr`` from ``best_lr``."""
     level = 0.8 - 0.2 * abs(np.log10(lr / best_lr))
     curve = [{"train_s": t, "iteration": t, "tokens": t, "avg@4": level * t / 60} for t in (0, 30, 60)]
-    return {"label": lh.label(horizon, name, lr, 8), "seed": seed, "curve": curve, "key": "avg@4"}
+    return {"label": lh.label(ARGS, horizon, name, lr), "seed": seed, "curve": curve, "key": "avg@4"}
 
 
 def test_score_is_the_mean_accuracy_over_the_budget():
@@ -39,8 +41,7 @@ def test_an_edge_pick_widens_the_grid_until_the_pick_is_inside(monkeypatch):
         return [d[3] for d in done]
 
     monkeypatch.setattr(lh, "run", run)
-    args = lh.argparse.Namespace(lrs=[1e-5, 3e-5, 1e-4], tune_seed=100, tune_minutes=12, max_widen=2,
-                                 estimators=["sppo", "grpo"], n=8)
+    args = lh.arguments(["--estimators", "sppo", "grpo"])
     lh.tune(args)
     runs = [d[3] for d in done] + [made_up("long", "sppo", 1e-3, 0, 1e-3), made_up("short", "grpo", 1e-4, 100, 1e-4)]
     assert lh.picks(runs, args) == {"sppo": 3e-4, "grpo": 3e-5}  # other seeds and horizons do not count
@@ -53,7 +54,7 @@ def reported(horizon, name, lr, seed, reach_s):
     curve = [{"train_s": t, "iteration": t, "tokens": 10 * t, "seed": seed,
               "avg@4": 0.2 + 0.1 * t / (reach_s / 3), "pass@4": 0.9} for t in np.arange(0, 3 * reach_s, reach_s / 3)]
     timing = {"generate_s": 3.0, "score_s": 1.0, "update_s": 1.5, "sync_s": 0.5, "iter_s": 6.0}
-    return {"label": lh.label(horizon, name, lr, 8), "seed": seed, "curve": curve, "key": "avg@4", "iterations": 9,
+    return {"label": lh.label(ARGS, horizon, name, lr), "seed": seed, "curve": curve, "key": "avg@4", "iterations": 9,
             "load_before": 0.5, "load_after": 1.9, **timing}
 
 
@@ -67,8 +68,7 @@ def test_the_report_table_gives_the_wall_clock_ratio_per_seed_at_each_horizon(tm
     runs += [reported("short", name, 1e-5, 0, 60) for name in ("grpo", "sppo")]
     tuning = {"iterations": 3, "load_before": 0.5, "load_after": 1.0}
     runs += [made_up("long", "sppo", 1e-5, 100, 1e-5) | tuning]  # a tuning run: in the tuning table only
-    args = lh.argparse.Namespace(tune_seed=100, tune_minutes=12, budget={"short": 4, "medium": 8, "long": 24}, n=8)
-    lh.write(runs, args, tmp_path / "lh")
+    lh.write(runs, ARGS, tmp_path / "lh")
     md = (tmp_path / "lh.md").read_text()
     long, short = md.split("## long horizon")[1].split("## short horizon")
     assert "target 0.950" in long
@@ -79,3 +79,50 @@ def test_the_report_table_gives_the_wall_clock_ratio_per_seed_at_each_horizon(tm
     assert "SPPO : GRPO in training seconds to the target: 1.00x" in short
     assert "| SPPO (N=1) | 1e-05 (picked) | 0.400 |" in md.split("## Tuning")[1].split("## long horizon")[0]
     assert (tmp_path / "lh.png").stat().st_size > 0 and (tmp_path / "lh.csv").read_text().count("\n") > 20
+
+
+def test_the_real_model_task_gives_sppo_alone_the_small_critic_and_each_run_a_valid_config(monkeypatch):
+    """``--task smollm2 --critic-layers 2``: SPPO's runs read a critic of the policy's first 2 layers, GRPO's (which
+    has no critic) do not, the labels say so, and every run's config passes the package's own checks."""
+    from rllib_sppo.experiments import build_config, load_experiments, resolve_algorithm
+
+    args = lh.arguments(["--task", "smollm2", "--critic-layers", "2"])
+    assert (args.estimators, args.tuned_on, args.budget) == (["sppo", "grpo"], "smollm2", {"smollm2": 24})
+    todo = {}
+    monkeypatch.setattr(lh.harness, "run_variants", lambda piece, variants, write: todo.update(variants) or [])
+    lh.run(args, "smollm2", {"sppo": [1e-5], "grpo": [1e-5, 3e-5]}, [100], 12)
+    assert sorted(todo) == ["smollm2 | GRPO (N=8) | lr 1e-05", "smollm2 | GRPO (N=8) | lr 3e-05",
+                            "smollm2 | SPPO (N=1), critic = first 2 layers | lr 1e-05"]
+    path = args.yamls["smollm2"]
+    (_, exp), = load_experiments(path).items()
+    for name, overrides in todo.items():
+        assert ("critic_layers" in overrides.get("llm", {})) == name.startswith("smollm2 | SPPO")
+        config = build_config(resolve_algorithm(exp["run"], path), exp["env"], {**exp["config"], **overrides}, path)
+        config.validate()
+        assert config.lr == float(name.split("lr ")[1])
+
+
+def test_the_report_phase_runs_each_pick_where_the_task_reports_it(monkeypatch):
+    """After tuning, ``--phase report`` runs every estimator at its picked rate on the reported seeds, with each
+    horizon's budget; before every estimator has a pick it stops with a message, running nothing."""
+    tuned = [made_up("long", name, lr, 100, best) for name, best in (("sppo", 1e-5), ("grpo", 3e-5), ("rloo", 3e-5),
+                                                                     ("ppo", 1e-5)) for lr in (1e-5, 3e-5, 1e-4)]
+    calls = []
+    monkeypatch.setattr(lh.harness, "run_variants",
+                        lambda piece, variants, write: calls.append((piece.yaml, piece.minutes, piece.seeds,
+                                                                     sorted(variants))) or [])
+    monkeypatch.setattr(lh.harness, "load_runs", lambda out: tuned[:-3])  # token-level PPO not tuned yet
+    with pytest.raises(SystemExit, match=r"no pick yet for \['ppo'\]"):
+        lh.main(["--phase", "report", "--seeds", "0", "1"])
+    assert calls == []
+    monkeypatch.setattr(lh.harness, "load_runs", lambda out: tuned)
+    lh.main(["--phase", "report", "--seeds", "0", "1"])
+    assert calls == [
+        ("tuned_examples/chain_long_sppo.yaml", 24, [0, 1],
+         ["long | GRPO (N=8) | lr 3e-05", "long | RLOO (N=8) | lr 3e-05", "long | SPPO (N=1) | lr 1e-05",
+          "long | token-level PPO (N=1) | lr 1e-05"]),
+        ("tuned_examples/chain_medium_sppo.yaml", 8, [0, 1],
+         ["medium | GRPO (N=8) | lr 3e-05", "medium | SPPO (N=1) | lr 1e-05"]),
+        ("tuned_examples/chain_short_sppo.yaml", 4, [0, 1],
+         ["short | GRPO (N=8) | lr 3e-05", "short | SPPO (N=1) | lr 1e-05",
+          "short | token-level PPO (N=1) | lr 1e-05"])]
