@@ -245,8 +245,8 @@ def flattened(grpo: list, key: str) -> list[str]:
     if not gains:
         return []
     return ["", f"GRPO's gain over the last quarter of the budget (its last evaluation against the best before "
-                f"three quarters): {', '.join(f'{g:+.3f}' for g in gains)} (flat: within the evaluation's noise, about "
-                f"±0.03 for 128 problems x 4 samples)."]
+                f"three quarters): {', '.join(f'{g:+.3f}' for g in gains)} (flat: a gain within the evaluation's "
+                f"noise, about ±0.03 for 128 problems x 4 samples)."]
 
 
 def plot(runs: list, horizons: list, ratios: dict, key: str, out: Path) -> None:
