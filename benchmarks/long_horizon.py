@@ -43,13 +43,16 @@ from rllib_sppo.estimators import ESTIMATORS
 HORIZONS = ("short", "medium", "long")
 ALL = ("sppo", "grpo", "rloo", "ppo")
 #: {task: (the YAML of each horizon, the horizon the rates are tuned on, what runs where after tuning as (horizon,
-#: estimators), the reported runs' training minutes per horizon)}.
+#: estimators), the reported runs' training minutes per horizon, the output path stem, the report's title)}.
 TASKS = {
     "chain": ({h: f"tuned_examples/chain_{h}_sppo.yaml" for h in HORIZONS}, "long",
               (("long", ALL), ("medium", ("sppo", "grpo")), ("short", ("sppo", "grpo", "ppo"))),
-              {"short": 4, "medium": 8, "long": 24}),
+              {"short": 4, "medium": 8, "long": 24}, "benchmarks/results/long_horizon",
+              "Long chains of thought: SPPO vs GRPO vs RLOO vs token-level PPO on envs.chain, three horizons"),
     "smollm2": ({"smollm2": "tuned_examples/smollm2_rg_sppo.yaml"}, "smollm2", (("smollm2", ("sppo", "grpo")),),
-                {"smollm2": 24}),
+                {"smollm2": 24}, "benchmarks/results/long_horizon_smollm2",
+                "The real model: SPPO (with --critic-layers: a critic of the policy's first layers) vs GRPO on "
+                "SmolLM2-135M"),
 }
 #: The share of GRPO's peak the time-to-target columns use.
 SHARE = 0.95
@@ -88,14 +91,14 @@ def arguments(argv: list | None = None) -> argparse.Namespace:
                    help="tune these now (a piece of the tune phase; by default all the task compares, which the "
                         "report phase needs picked)")
     p.add_argument("--config", default="{}", help="JSON config overrides for every run (e.g. a smoke test's)")
-    p.add_argument("--out", help="output path stem (benchmarks/results/long_horizon, or .._<task> for another task)")
+    p.add_argument("--out", help="output path stem (the task's by default: benchmarks/results/long_horizon[_<task>])")
     p.add_argument("--lock", help="hold an exclusive lock on this file during each run (see harness.parser)")
     args = p.parse_args(argv)
-    args.yamls, args.tuned_on, args.reported, budget = TASKS[args.task]
+    args.yamls, args.tuned_on, args.reported, budget, out, args.title = TASKS[args.task]
     args.budget = budget | {h: float(m) for h, m in (b.split("=") for b in args.budget)}
     args.compared = list(dict.fromkeys(name for _, names in args.reported for name in names))
     args.estimators = args.estimators or args.compared
-    args.out = args.out or "benchmarks/results/long_horizon" + ("" if args.task == "chain" else f"_{args.task}")
+    args.out = args.out or out
     return args
 
 
@@ -180,18 +183,14 @@ def write(runs: list, args, out: Path) -> None:
     per_seed = lambda xs: " / ".join("never" if np.isnan(x) else f"{x:,.0f}" for x in xs)  # noqa: E731
     tuned = [r for r in runs if r["seed"] == args.tune_seed]
     reported = [r for r in runs if r["seed"] != args.tune_seed]
-    title = {"chain": "Long chains of thought: SPPO vs GRPO vs RLOO vs token-level PPO on envs.chain, three horizons",
-             "smollm2": f"The real model: SPPO (critic = the policy's first {args.critic_layers} layers) vs GRPO on "
-                        f"SmolLM2-135M"}[args.task]
-    lines = [f"# {title}", "",
+    lines = [f"# {args.title}", "",
              *harness.provenance(("ray", "torch", "vllm")),
              f"Held-out {key} and {pass_key} of exact answers (the boxed final answer right) at T = 0.6 over 128 "
              f"problems, evaluated every tenth of the budget; training minutes per reported run {args.budget} "
              f"(evaluations not counted); the same prompts per iteration for all estimators. Target = {SHARE:.0%} of "
              f"GRPO's peak {key} (the mean over its seeds). Mean (min-max) over seeds.", "",
              f"## Tuning (seed {args.tune_seed}, {args.tuned_on} horizon, {args.tune_minutes:g} min a run, not "
-             f"reported): mean "
-             f"held-out {key} over the budget", "",
+             f"reported): mean held-out {key} over the budget", "",
              "| estimator | " + " | ".join(["lr", "mean accuracy over the budget", f"peak {key}", "iterations"])
              + " |", "|---|---|---|---|---|"]
     chosen = picks(runs, args)
