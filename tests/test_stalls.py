@@ -6,11 +6,14 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -196,8 +199,13 @@ def test_a_stuck_learner_update_ends_the_trial_and_tune_restarts_it(tmp_path):
             model_config: {{pi_hiddens: [16], vf_hiddens: [8]}}
     """))
     experiment = tmp_path / "results" / "stuck-learner"
+    # The run's own Ray directory (short: Ray's socket paths must fit 107 characters), to read the trial process's
+    # log: Ray forwards a worker's last lines to the console only if its log monitor reads them before the process
+    # is gone (it then moves the file to logs/old unread), so the console alone may miss the message.
+    ray_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     run = subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", str(path)], start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "RAY_TMPDIR": ray_dir})
     deadline = time.time() + 600  # bounds, not durations: about 20 s and 40 s on an idle machine
     while not list(experiment.glob("*/checkpoint_000001/" + MANIFEST_FILE)) and time.time() < deadline:
         time.sleep(0.2)
@@ -210,9 +218,11 @@ def test_a_stuck_learner_update_ends_the_trial_and_tune_restarts_it(tmp_path):
         os.killpg(run.pid, signal.SIGKILL)
         raise
     assert run.returncode == 0, err[-3000:]
+    worker_logs = "".join(f.read_text(errors="replace") for f in Path(ray_dir).glob("ray/session_*/logs/**/worker-*.err"))
+    shutil.rmtree(ray_dir, ignore_errors=True)
     assert re.search(r"stuck: (the learner update|the weight sync \(the policy's weights from the learner\(s\)\)|"
-                     r"reading the algorithm's state \(.*?\)) did not finish within \w+_timeout_s=10 s", err), \
-        err[-3000:]
+                     r"reading the algorithm's state \(.*?\)) did not finish within \w+_timeout_s=10 s",
+                     err + worker_logs), err[-3000:]
     assert json.loads(out.strip().splitlines()[-1])["training_iteration"] == 5
     [trial] = experiment.glob("SPPO_*")
     results = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
