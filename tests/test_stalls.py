@@ -214,12 +214,14 @@ def test_a_stuck_learner_update_ends_the_trial_and_tune_restarts_it(tmp_path):
     os.kill(pid, signal.SIGSTOP)
     try:
         out, err = run.communicate(timeout=900)
+        worker_logs = "".join(f.read_text(errors="replace")
+                              for f in Path(ray_dir).glob("ray/session_*/logs/**/worker-*.err"))
     except subprocess.TimeoutExpired:
         os.killpg(run.pid, signal.SIGKILL)
         raise
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
     assert run.returncode == 0, err[-3000:]
-    worker_logs = "".join(f.read_text(errors="replace") for f in Path(ray_dir).glob("ray/session_*/logs/**/worker-*.err"))
-    shutil.rmtree(ray_dir, ignore_errors=True)
     assert re.search(r"stuck: (the learner update|the weight sync \(the policy's weights from the learner\(s\)\)|"
                      r"reading the algorithm's state \(.*?\)) did not finish within \w+_timeout_s=10 s",
                      err + worker_logs), err[-3000:]
