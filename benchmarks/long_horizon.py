@@ -244,18 +244,19 @@ def write(runs: list, args, out: Path) -> None:
 
 
 def flattened(grpo: list, key: str) -> list[str]:
-    """Whether GRPO's curve had flattened by the end of the budget: its gain over the last quarter of the budget."""
-    gains = []
+    """Whether GRPO's curve had flattened by the end of the budget, per seed: flat when its last evaluation is within
+    the evaluation's noise (about ±0.03 for 128 problems x 4 samples) of its best before the last quarter."""
+    verdicts = []
     for r in grpo:
         curve = r["curve"]
         end = curve[-1]["train_s"]
-        before = [c[key] for c in curve if c["train_s"] <= 0.75 * end]
-        gains.append(curve[-1][key] - max(before))
-    if not gains:
+        gain = curve[-1][key] - max(c[key] for c in curve if c["train_s"] <= 0.75 * end)
+        verdicts.append(f"seed {r['seed']} {gain:+.3f} ({'flat' if gain <= 0.03 else 'still rising'})")
+    if not verdicts:
         return []
     return ["", f"GRPO's gain over the last quarter of the budget (its last evaluation against the best before "
-                f"three quarters): {', '.join(f'{g:+.3f}' for g in gains)} (flat: a gain within the evaluation's "
-                f"noise, about ±0.03 for 128 problems x 4 samples)."]
+                f"three quarters; flat = within the evaluation's noise, about ±0.03 for 128 problems x 4 samples): "
+                f"{', '.join(verdicts)}."]
 
 
 def plot(runs: list, horizons: list, ratios: dict, key: str, out: Path) -> None:

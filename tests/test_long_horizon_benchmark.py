@@ -87,6 +87,15 @@ def test_the_report_table_gives_the_wall_clock_ratio_per_seed_at_each_horizon(tm
     assert (tmp_path / "lh.png").stat().st_size > 0 and (tmp_path / "lh.csv").read_text().count("\n") > 20
 
 
+def test_the_report_says_per_seed_whether_grpo_flattened():
+    """Seed 0 rises 0.2 -> 0.5 by thirds (last 0.5 against the best 0.4 before three quarters: +0.100, rising); seed 1
+    peaks early and ends 0.02 above its best before three quarters (flat); the verdict is per seed, hand-computed."""
+    rising = [{"train_s": t, "a": a} for t, a in ((0, 0.2), (40, 0.3), (80, 0.4), (120, 0.5))]
+    level = [{"train_s": t, "a": a} for t, a in ((0, 0.2), (40, 0.48), (80, 0.45), (120, 0.5))]
+    line = lh.flattened([{"seed": 0, "curve": rising}, {"seed": 1, "curve": level}], "a")[1]
+    assert line.endswith("seed 0 +0.100 (still rising), seed 1 +0.020 (flat).")
+
+
 def test_the_real_model_task_gives_sppo_alone_the_small_critic_and_each_run_a_valid_config(monkeypatch):
     """``--task smollm2 --critic-layers 2``: SPPO's runs read a critic of the policy's first 2 layers, GRPO's (which
     has no critic) do not, the labels say so, and every run's config passes the package's own checks."""
