@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from envs.chain import HORIZONS, LABELS, chain_records, check_working, line_chars, render_question, render_working
+from envs.chain import (HORIZONS, LABELS, chain_records, check_working, line_chars, render_question, render_working,
+                        step_line)
 from envs.reasoning import ReasoningEnv
 from envs.rewards import math_reward
 
@@ -84,3 +85,21 @@ def test_a_wrong_final_answer_scores_zero_however_much_of_the_working_is_right()
     # the reward is the outcome of the final answer alone: a broken step with the right answer still pays
     broken = "\n".join(lines[:10] + ["k 01+01: 1+1=3, 0+0+0=0, 03"] + lines[11:])
     assert math_reward([broken], [truth]) == [1.0] and check_working(record["prompt"][0]["content"], broken) != []
+
+
+def test_a_tens_slip_in_the_first_result_leaves_a_fifteen_step_answer_right():
+    """As the module says: an error of d in the first result moves the last of 15 by 610 x d mod 100 (F(15) = 610), so a
+    slip of 10 there does not change the answer, which the reward alone cannot see and ``check_working`` does. Hand
+    check on 49, 54: the right chain ends in 88; with 13 for 03 as the first result it also ends in 88."""
+    question, working = render_question(49, 54, 15), render_working(49, 54, 15)
+    slipped = ["a 49+54: 9+4=13, 5+5+1=11, 13"]  # 4+5+1 written as 5+5+1: the first result 13, not 03
+    x, y = 54, 13
+    for label in LABELS[1:15]:
+        line, result = step_line(label, x, y)
+        slipped.append(line)
+        x, y = y, result
+    slipped = "\n".join(slipped) + f"\n\\boxed{{{y:02d}}}"
+    assert working.endswith("\\boxed{88}") and slipped.endswith("\\boxed{88}") and slipped != working
+    assert math_reward([slipped], ["88"]) == [1.0]
+    assert [problem[:6] for problem in check_working(question, slipped)] == ["step a"] + [
+        f"step {label}" for label in LABELS[1:15]]
