@@ -1,0 +1,89 @@
+"""Does a right final answer on envs.chain certify its working? (#23's caveat)
+
+Two measurements, both of the share of answers whose boxed answer is right (the reward) against the share whose
+every result is also right, and whose every line is the reference's (``envs.chain.check_working``):
+- the shipped chain policies (``tiny_chain_<horizon>``), the builder's held-out problems (64 x 2 samples, T = 0.6);
+- the answers stored at the last evaluation of each reported run in ``benchmarks/results/long_horizon_runs.jsonl``.
+Writes ``benchmarks/results/chain_working.md``.
+
+    python benchmarks/chain_working.py
+"""
+
+import json
+import re
+import sys
+from datetime import date
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def verdicts(question: str, reference: str, truth: str, answer: str) -> tuple[bool, bool, bool]:
+    """(final answer right, and every result right too, and every line the reference's)."""
+    from envs.chain import check_working
+    from envs.rewards import math_reward
+
+    right = math_reward([answer], [truth]) == [1.0]
+    results = [line.split(", ")[-1] for line in answer.split("\n") if re.match(r"^[a-zA-Z] ", line)]
+    expected = [line.split(", ")[-1] for line in reference.split("\n")[:-1]]
+    return right, right and results == expected, right and not check_working(question, answer)
+
+
+def row(name: str, counts: list) -> str:
+    n = len(counts)
+    return f"| {name} | {n} | " + " | ".join(f"{sum(c[i] for c in counts) / n:.3f}" for i in range(3)) + " |"
+
+
+def shipped(horizon: str) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rllib_sppo.llm.assets import supervise, tiny
+
+    folder = next(p for p in tiny.SHIPPED.iterdir() if p.name.startswith(f"tiny_chain_{horizon}_"))
+    _, test = supervise.env_split(tiny.chain_env(horizon))
+    test, samples = test[:64], 2
+    torch.manual_seed(0)
+    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    enc = tok(supervise._prompts(tok, test), return_tensors="pt", padding=True, padding_side="left",
+              add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, temperature=0.6, top_k=0, top_p=1.0, num_return_sequences=samples,
+                             max_new_tokens=max(len(supervise.solution(r)) for r in test) + 8,
+                             pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    records = [r for r in test for _ in range(samples)]
+    return row(f"shipped {folder.name}", [verdicts(r["prompt"][0]["content"], r["extra_info"]["solution"],
+                                                   r["ground_truth"], t) for r, t in zip(records, texts)])
+
+
+def stored(run: dict) -> str:
+    from envs.chain import render_working
+
+    counts = []
+    for item in run["answers"]:
+        question = item["prompt"].split("Q: ")[1].split("\n")[0]
+        a, b, steps = map(int, re.search(r"Start (\d\d) (\d\d).*: (\d+) steps?", question).groups())
+        reference = render_working(a, b, steps)
+        counts += [verdicts(question, reference, reference[-3:-1], answer) for answer in item["answers"]]
+    return row(f"{run['label'].replace(' | ', ', ')}, seed {run['seed']}, last evaluation", counts)
+
+
+def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    lines = ["# Does a right final answer on envs.chain certify its working?", "",
+             f"Command: `python benchmarks/chain_working.py` ({date.today()}, 2 cores, no GPU). Shipped policies: the "
+             "builder's 64 held-out problems x 2 samples at T = 0.6; reported runs: the answers the runs file keeps from "
+             "each run's last evaluation (16 held-out problems x 4 samples).", "",
+             "| answers | n | final answer right (the reward) | and every result right | and every line the reference's |",
+             "|---|---|---|---|---|"]
+    lines += [shipped(h) for h in ("short", "medium", "long")]
+    runs = [json.loads(line) for line in open(RESULTS / "long_horizon_runs.jsonl")]
+    lines += [stored(r) for r in runs if r["seed"] != 100 and r.get("answers")]
+    (RESULTS / "chain_working.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
