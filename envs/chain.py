@@ -16,8 +16,8 @@ change the answer: an error of d in the first result moves the k-th by d times t
 F(15) = 610, so at 15 steps an error in the first result's tens digit (d a multiple of 10, the commonest slip: a
 miscopied tens digit of a starting number) leaves the answer right; F(5) = 5 forgives d a multiple of 20 at 5 steps.
 The reward is the final answer's, so such an answer scores 1; ``check_working`` tells it apart. A line is 28 to 30
-characters (``line_chars``) and the boxed answer 10 more: a character-level model writes about 39 tokens for 1 step, 155 for 5,
-444 for 15 (``HORIZONS``), at least 420 of them working before the answer at 15 steps.
+characters (``line_chars``) and the boxed answer 10 more: a character-level model writes about 39 tokens for 1 step,
+155 for 5, 444 for 15 (``HORIZONS``), at least 420 of them working before the answer at 15 steps.
 """
 
 from __future__ import annotations
