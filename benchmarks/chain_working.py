@@ -45,27 +45,21 @@ def shipped(horizon: str) -> str:
     _, test = supervise.env_split(tiny.chain_env(horizon))
     test, samples = test[:64], 2
     torch.manual_seed(0)
-    model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    enc = tok(supervise._prompts(tok, test), return_tensors="pt", padding=True, padding_side="left",
-              add_special_tokens=False)
-    with torch.no_grad():
-        out = model.generate(**enc, do_sample=True, temperature=0.6, top_k=0, top_p=1.0, num_return_sequences=samples,
-                             max_new_tokens=max(len(supervise.solution(r)) for r in test) + 8,
-                             pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    tokens = max(len(supervise.solution(r)) for r in test) + 8
+    texts = supervise.sample_answers(model, tok, test, samples, max_new_tokens=tokens)
     records = [r for r in test for _ in range(samples)]
     return row(f"shipped {folder.name}", [verdicts(r["prompt"][0]["content"], r["extra_info"]["solution"],
                                                    r["ground_truth"], t) for r, t in zip(records, texts)])
 
 
 def stored(run: dict) -> str:
-    from envs.chain import render_working
+    from envs.chain import solve
 
     counts = []
     for item in run["answers"]:
         question = item["prompt"].split("Q: ")[1].split("\n")[0]
-        a, b, steps = map(int, re.search(r"Start (\d\d) (\d\d).*: (\d+) steps?", question).groups())
-        reference = render_working(a, b, steps)
+        reference = solve(question)
         counts += [verdicts(question, reference, reference[-3:-1], answer) for answer in item["answers"]]
     return row(f"{run['label'].replace(' | ', ', ')}, seed {run['seed']}, last evaluation", counts)
 

@@ -62,14 +62,19 @@ def render_working(a: int, b: int, steps: int) -> str:
     return "\n".join(lines) + f"\n\\boxed{{{b:02d}}}"
 
 
+def solve(question: str) -> str | None:
+    """The reference working for a rendered ``question`` (None: not a chain question)."""
+    m = _QUESTION.fullmatch(question)
+    return None if m is None else render_working(*map(int, m.groups()))
+
+
 def check_working(question: str, working: str) -> list[str]:
     """The steps of ``working`` that are not the right chain's (empty: every step is right): a line with a wrong
     number or digit sum, a missing line, or another label."""
-    m = _QUESTION.fullmatch(question)
-    if m is None:
+    reference = solve(question)
+    if reference is None:
         return [f"not a chain question: {question!r}"]
-    a, b, steps = map(int, m.groups())
-    expected = render_working(a, b, steps).split("\n")[:steps]
+    expected = reference.split("\n")[:-1]
     lines = working.split("\n")
     return [f"step {LABELS[i]}: {(lines[i] if i < len(lines) else '')!r}, expected {line!r}"
             for i, line in enumerate(expected) if i >= len(lines) or lines[i] != line]

@@ -51,17 +51,22 @@ def _sft_tensors(tok, records):
 
 
 @torch.no_grad()
-def exact_accuracy(model, tok, records, samples=4, temperature=0.6, max_new_tokens=12):
-    """Share of ``samples`` answers per problem, sampled at ``temperature``, that the RL env's reward (``math``) scores
-    1.0."""
-    from envs.rewards import math_reward
-
+def sample_answers(model, tok, records, samples=4, temperature=0.6, max_new_tokens=12) -> list[str]:
+    """``samples`` answers per record (record by record), sampled at ``temperature``."""
     model.eval()
     enc = tok(_prompts(tok, records), return_tensors="pt", padding=True, padding_side="left",
               add_special_tokens=False)
     out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                          max_new_tokens=max_new_tokens, num_return_sequences=samples, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def exact_accuracy(model, tok, records, samples=4, temperature=0.6, max_new_tokens=12):
+    """Share of ``samples`` answers per problem, sampled at ``temperature``, that the RL env's reward (``math``) scores
+    1.0."""
+    from envs.rewards import math_reward
+
+    texts = sample_answers(model, tok, records, samples, temperature, max_new_tokens)
     rewards = math_reward(texts, [r["ground_truth"] for r in records for _ in range(samples)])
     return sum(reward == 1.0 for reward in rewards) / len(rewards)
 
