@@ -185,7 +185,8 @@ def write(runs: list, args, out: Path) -> None:
     reported = [r for r in runs if r["seed"] != args.tune_seed]
     lines = [f"# {args.title}", "",
              *harness.provenance(("ray", "torch", "vllm")),
-             f"Held-out {key} and {pass_key} of exact answers (the boxed final answer right) at T = 0.6 over 128 "
+             f"Held-out {key} and {pass_key} of exact answers (the YAML's reward_fn pays 1.0; the chain's, `working`, "
+             "only for the boxed answer right with every line of the working the reference's) at T = 0.6 over 128 "
              f"problems, evaluated every tenth of the budget; training minutes per reported run {args.budget} "
              f"(evaluations not counted); the same prompts per iteration for all estimators. Target = {SHARE:.0%} of "
              f"GRPO's peak {key} (the mean over its seeds). Mean (min-max) over seeds.", "",

@@ -1,23 +1,28 @@
-"""A chain of written-out additions: a reasoning task whose working grows with a horizon knob (``steps``).
+"""A chain of written-out additions on a running value: a reasoning task whose working grows with a horizon knob
+(``steps``).
 
-A problem gives two starting numbers; each step adds the last two numbers column by column, the way it is done by
-hand, and keeps the last two digits of the sum (a Fibonacci sequence mod 100). One labelled line a step: the two
-numbers, the units digits' sum, the tens digits' sum with the carry, and the result; the answer is the last result:
+A problem gives a starting number and an addend; each step adds the addend to the running value column by column, the
+way it is done by hand, and keeps the last two digits of the sum. One labelled line a step: the running value and the
+addend, the units digits' sum, the tens digits' sum with the carry, and the new value; the answer is the last value:
 
-    Start 57 33, add the last two, keep two digits: 3 steps
+    Start 57, add 33 each step, keep two digits: 3 steps
     a 57+33: 7+3=10, 5+3+1=9, 90
-    b 33+90: 3+0=3, 3+9+0=12, 23
-    c 90+23: 0+3=3, 9+2+0=11, 13
-    \\boxed{13}
+    b 90+33: 0+3=3, 9+3+0=12, 23
+    c 23+33: 3+3=6, 2+3+0=5, 56
+    \\boxed{56}
 
-Every number is written with two digits. A step's numbers are the previous line's second number and its result, so
-the working is real computation from start to end, and a wrong number changes every later one. It does not always
-change the answer: an error of d in the first result moves the k-th by d times the k-th Fibonacci number, mod 100, and
-F(15) = 610, so at 15 steps an error in the first result's tens digit (d a multiple of 10, the commonest slip: a
-miscopied tens digit of a starting number) leaves the answer right; F(5) = 5 forgives d a multiple of 20 at 5 steps.
-The reward is the final answer's, so such an answer scores 1; ``check_working`` tells it apart. A line is 28 to 30
-characters (``line_chars``) and the boxed answer 10 more: a character-level model writes about 39 tokens for 1 step,
-155 for 5, 444 for 15 (``HORIZONS``), at least 420 of them working before the answer at 15 steps.
+Every number is written with two digits; the addend is 01 to 99. A step's first number is the previous line's result,
+so the working is real computation from start to end, and an error of d in a result (a slipped digit sum, a miscopied
+number) carried on moves every later value by d, mod 100: one slip changes the answer. (The first version of this task
+added the last two numbers, a Fibonacci chain mod 100, where an error of d in the first result moved the 15th by
+610 x d mod 100: a tens-digit slip left the answer right, and 60% of the right answers RL reached had gone through
+one.) A right answer can still come through wrong working: a result written wrong but not carried on (the next line
+starts from the right value), or one slip repeated until it cancels (an addend's tens digit miscopied in ten lines
+running). So the tuned examples pay only a fully right answer, the boxed one right and every line the reference's
+(``envs.rewards.working_reward``); ``check_working`` lists the wrong lines.
+
+A line is 28 to 30 characters (``line_chars``) and the boxed answer 10 more: a character-level model writes about 39
+tokens for 1 step, 155 for 5, 444 for 15 (``HORIZONS``), at least 421 of them working before the answer at 15 steps.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ import string
 LABELS = string.ascii_lowercase + string.ascii_uppercase
 #: Named horizons: the number of steps.
 HORIZONS = {"short": 1, "medium": 5, "long": 15}
-_QUESTION = re.compile(r"Start (\d\d) (\d\d), add the last two, keep two digits: (\d+) steps?")
+#: Distinct problems of a given number of steps: starting values 00-99 times addends 01-99.
+PROBLEMS = 100 * 99
+_QUESTION = re.compile(r"Start (\d\d), add (\d\d) each step, keep two digits: (\d+) steps?")
 
 
-def render_question(a: int, b: int, steps: int) -> str:
-    return f"Start {a:02d} {b:02d}, add the last two, keep two digits: {steps} step{'s' if steps > 1 else ''}"
+def render_question(start: int, addend: int, steps: int) -> str:
+    return f"Start {start:02d}, add {addend:02d} each step, keep two digits: {steps} step{'s' if steps > 1 else ''}"
 
 
 def step_line(label: str, x: int, y: int) -> tuple[str, int]:
@@ -50,16 +57,15 @@ def line_chars(x: int, y: int) -> int:
     return len(step_line("a", x, y)[0]) + 1
 
 
-def render_working(a: int, b: int, steps: int) -> str:
+def render_working(start: int, addend: int, steps: int) -> str:
     """The step-by-step solution, one labelled line a step, then the boxed answer."""
     if not 1 <= steps <= len(LABELS):
         raise ValueError(f"steps={steps}: a chain has 1 to {len(LABELS)} steps (one label letter each)")
-    lines = []
+    lines, value = [], start
     for label in LABELS[:steps]:
-        line, result = step_line(label, a, b)
+        line, value = step_line(label, value, addend)
         lines.append(line)
-        a, b = b, result
-    return "\n".join(lines) + f"\n\\boxed{{{b:02d}}}"
+    return "\n".join(lines) + f"\n\\boxed{{{value:02d}}}"
 
 
 def solve(question: str) -> str | None:
@@ -81,15 +87,16 @@ def check_working(question: str, working: str) -> list[str]:
 
 
 def chain_records(size: int, steps: int, seed: int = 0) -> list[dict]:
-    """``size`` distinct problems of ``steps`` steps (at most 10,000: the starting pairs) as prompt records (see
-    ``envs.reasoning``); each record's ``extra_info`` holds its ``steps`` and the reference ``solution`` (the working),
-    for supervision."""
-    if not 0 < size <= 10000:
-        raise ValueError(f"size={size}: there are 10,000 distinct {steps}-step chains (their starting pairs)")
+    """``size`` distinct problems of ``steps`` steps (at most ``PROBLEMS``) as prompt records (see ``envs.reasoning``);
+    each record's ``extra_info`` holds its ``steps`` and the reference ``solution`` (the working), for supervision."""
+    if not 0 < size <= PROBLEMS:
+        raise ValueError(f"size={size}: there are {PROBLEMS:,} distinct {steps}-step chains (starting values 00-99 "
+                         f"times addends 01-99); ask for at most that many")
     records = []
-    for i, code in enumerate(random.Random(seed).sample(range(10000), size)):
-        working = render_working(code // 100, code % 100, steps)
-        records.append({"prompt": [{"role": "user", "content": render_question(code // 100, code % 100, steps)}],
+    for i, code in enumerate(random.Random(seed).sample(range(PROBLEMS), size)):
+        start, addend = code // 99, code % 99 + 1
+        working = render_working(start, addend, steps)
+        records.append({"prompt": [{"role": "user", "content": render_question(start, addend, steps)}],
                         "ground_truth": working[-3:-1], "data_source": f"chain/{steps}",
                         "extra_info": {"index": i, "steps": steps, "solution": working}})
     return records

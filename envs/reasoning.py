@@ -227,6 +227,14 @@ def chat_renderer(model_dir: str | None) -> Callable[[list[dict]], str]:
     return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def reward_columns(records: list[dict]) -> dict[str, list]:
+    """What a reward function gets of each record besides the completion: its columns and ``extra_info``'s, as lists
+    aligned with ``records`` (a column a record lacks is None there)."""
+    columns = [{**r["extra_info"], **{k: v for k, v in r.items() if k != "prompt"}} for r in records]
+    names = {k: None for c in columns for k in c}  # every record's columns, in order
+    return {k: [c.get(k) for c in columns] for k in names}
+
+
 class ReasoningEnv(gym.Env):
     """A contextual bandit: observation = prompt text, action = the whole response text.
 
@@ -239,7 +247,7 @@ class ReasoningEnv(gym.Env):
       source: "parquet" (``paths``) | "reasoning_gym" (``task``, ``size``, ``seed``, ``task_config``:
         the generator's own options) |
         "arithmetic" (``size``, ``seed``, ``max_operand``, ``ops``) | "chain" (``size``, ``seed``, ``steps``: a
-        running value through ``steps`` operations, the working ~10 tokens a step, ``envs.chain``); default
+        running value through ``steps`` written-out additions, ~29 tokens a step, ``envs.chain``); default
         "arithmetic".
       split: "train" | "heldout" (what ``reset()`` draws from); heldout_size: problems held out (default 0), split
         with ``seed``.
@@ -334,23 +342,16 @@ class ReasoningEnv(gym.Env):
     def start_scoring(self) -> None:
         """Starts the reward workers now rather than at the first ``score`` (an LLM EnvRunner does this when it is
         created, so that its first sample is not also its start-up)."""
-        if not self.scorer.start(list(self._columns(self.records[:1])[0])):
+        if not self.scorer.start(list(reward_columns(self.records[:1]))):
             raise RuntimeError(f"the reward workers of {self.scorer.name} did not start within "
                                f"{self.scorer.startup_timeout_s:g}s (see their error above)")
-
-    @staticmethod
-    def _columns(records: list[dict]) -> list[dict]:
-        """What a reward function gets of each record besides the completion: its columns and ``extra_info``'s."""
-        return [{**r["extra_info"], **{k: v for k, v in r.items() if k != "prompt"}} for r in records]
 
     def score(self, indices: Sequence[int], responses: Sequence[str], split: str | None = None
               ) -> tuple[list[float], list[dict]]:
         """Rewards and step infos of many responses in one call: ``responses[j]`` answers problem ``indices[j]`` of
         ``split`` (default: this env's). A response that cannot be scored gets 0.0, with ``parsed`` False."""
         records = [self.splits[split or self.split].records[i] for i in indices]
-        columns = self._columns(records)
-        names = {k: None for c in columns for k in c}  # every record's columns, in order
-        rewards, errors = self.scorer(list(responses), {k: [c.get(k) for c in columns] for k in names})
+        rewards, errors = self.scorer(list(responses), reward_columns(records))
         infos = [{"ground_truth": r["ground_truth"], "data_source": r["data_source"], "parsed": reward is not None,
                   "reward_error": error} for r, reward, error in zip(records, rewards, errors)]
         return [0.0 if reward is None else reward for reward in rewards], infos

@@ -93,6 +93,24 @@ def final_answer_reward(completions: list[str], ground_truth: list[str], **_) ->
     return _check_answers([final_answer(c) for c in completions], ground_truth)
 
 
+def _working(text: str) -> list[str]:
+    """The lines before the last boxed answer."""
+    return text.rsplit("\\boxed", 1)[0].rstrip("\n").split("\n")
+
+
+def working_reward(completions: list[str], ground_truth: list[str], solution: list[str | None] | None = None,
+                   **_) -> list[float | None]:
+    """``math_reward``, and 0.0 for a right answer whose working is not the reference ``solution``'s line for line:
+    the verifier of a task that writes its working one checkable line a step (``envs.chain``), so that only a fully
+    right answer scores, not a right number reached through a slip. ``solution`` is the records' column (their
+    ``extra_info``)."""
+    if solution is None or any(s is None for s in solution):
+        raise ValueError("reward_fn 'working' needs each record's reference working in a `solution` column "
+                         "(extra_info.solution); use 'math' for a task without one")
+    return [r if r != 1.0 or _working(c) == _working(s) else 0.0
+            for r, c, s in zip(math_reward(completions, ground_truth), completions, solution, strict=True)]
+
+
 @functools.lru_cache(maxsize=None)
 def _rg_scorer(task: str) -> Callable:
     import reasoning_gym
@@ -135,7 +153,8 @@ def reasoning_gym_reward(
 
 
 REWARD_FNS: dict[str, RewardFn] = {
-    "math": math_reward, "final_answer": final_answer_reward, "reasoning_gym": reasoning_gym_reward}
+    "math": math_reward, "final_answer": final_answer_reward, "reasoning_gym": reasoning_gym_reward,
+    "working": working_reward}
 
 
 def get_reward_fn(name: str | RewardFn) -> RewardFn:

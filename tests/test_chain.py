@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from envs.chain import (HORIZONS, LABELS, chain_records, check_working, line_chars, render_question, render_working,
-                        step_line)
+from envs.chain import (HORIZONS, LABELS, PROBLEMS, chain_records, check_working, line_chars, render_question,
+                        render_working, step_line)
 from envs.reasoning import ReasoningEnv
-from envs.rewards import math_reward
+from envs.rewards import math_reward, working_reward
 
 
 LINE = re.compile(r"([a-zA-Z]) (\d\d)\+(\d\d): (\d)\+(\d)=(\d+), (\d)\+(\d)\+([01])=(\d+), (\d\d)")
@@ -22,9 +22,10 @@ def test_every_step_of_the_working_checks_out_and_the_truth_is_the_last_number()
             assert check_working(question, working) == []
             lines = working.split("\n")
             assert len(lines) == steps + 1 and lines[-1] == f"\\boxed{{{record['ground_truth']}}}"
-            # every line adds the last two numbers (the previous line's second number and its result) column by
-            # column: the units digits, then the tens digits with the carry; the last two digits of the sum
-            a, b = map(int, re.match(r"Start (\d\d) (\d\d)", question).groups())
+            # every line adds the addend to the running value (the previous line's result) column by column: the
+            # units digits, then the tens digits with the carry; the last two digits of the sum
+            a, b = map(int, re.match(r"Start (\d\d), add (\d\d) each step", question).groups())
+            assert 1 <= b <= 99
             for i, line in enumerate(lines[:-1]):
                 label, x, y, xu, yu, units, xt, yt, carry, tens, result = LINE.fullmatch(line).groups()
                 assert (label, int(x), int(y)) == (LABELS[i], a, b)
@@ -32,20 +33,20 @@ def test_every_step_of_the_working_checks_out_and_the_truth_is_the_last_number()
                 assert int(units) == a % 10 + b % 10 and int(carry) == int(units) // 10
                 assert int(tens) == a // 10 + b // 10 + int(carry)
                 assert int(result) == (a + b) % 100 == (10 * int(tens) + int(units) % 10) % 100
-                a, b = b, int(result)
-            assert record["ground_truth"] == f"{b:02d}"
+                a = int(result)
+            assert record["ground_truth"] == f"{a:02d}"
 
 
 def test_a_hand_checked_chain():
-    assert render_working(57, 33, 3) == ("a 57+33: 7+3=10, 5+3+1=9, 90\nb 33+90: 3+0=3, 3+9+0=12, 23\n"
-                                         "c 90+23: 0+3=3, 9+2+0=11, 13\n\\boxed{13}")
+    assert render_working(57, 33, 3) == ("a 57+33: 7+3=10, 5+3+1=9, 90\nb 90+33: 0+3=3, 9+3+0=12, 23\n"
+                                         "c 23+33: 3+3=6, 2+3+0=5, 56\n\\boxed{56}")
     assert render_working(5, 95, 1) == "a 05+95: 5+5=10, 0+9+1=10, 00\n\\boxed{00}"
     question = render_question(57, 33, 3)
-    assert question == "Start 57 33, add the last two, keep two digits: 3 steps"
-    wrong = "a 57+33: 7+3=10, 5+3+1=9, 90\nb 33+90: 3+0=3, 3+9+0=12, 24\nc 90+24: 0+4=4, 9+2+0=11, 14\n\\boxed{14}"
+    assert question == "Start 57, add 33 each step, keep two digits: 3 steps"
+    wrong = "a 57+33: 7+3=10, 5+3+1=9, 90\nb 90+33: 0+3=3, 9+3+0=12, 24\nc 24+33: 4+3=7, 2+3+0=5, 57\n\\boxed{57}"
     assert check_working(question, wrong) == [
-        "step b: 'b 33+90: 3+0=3, 3+9+0=12, 24', expected 'b 33+90: 3+0=3, 3+9+0=12, 23'",
-        "step c: 'c 90+24: 0+4=4, 9+2+0=11, 14', expected 'c 90+23: 0+3=3, 9+2+0=11, 13'"]
+        "step b: 'b 90+33: 0+3=3, 9+3+0=12, 24', expected 'b 90+33: 0+3=3, 9+3+0=12, 23'",
+        "step c: 'c 24+33: 4+3=7, 2+3+0=5, 57', expected 'c 23+33: 3+3=6, 2+3+0=5, 56'"]
     with pytest.raises(ValueError, match="a chain has 1 to 52 steps"):
         render_working(1, 2, 53)
 
@@ -55,13 +56,13 @@ def test_the_horizon_sets_the_response_length_as_documented(horizon):
     """28 to 30 characters (tokens, for the package's character-level models) a step, plus the boxed answer: about
     39 tokens short, 155 medium, 444 long, and at least 420 tokens of working before the answer at the long one."""
     steps = HORIZONS[horizon]
-    workings = [r["extra_info"]["solution"] for r in chain_records(10000, steps, seed=0)]
+    workings = [r["extra_info"]["solution"] for r in chain_records(PROBLEMS, steps, seed=0)]
     lengths = [len(w) for w in workings]
-    low, mean, high = {"short": (38, 39, 40), "medium": (150, 155, 159), "long": (430, 444, 451)}[horizon]
+    low, mean, high = {"short": (38, 39, 40), "medium": (150, 155, 160), "long": (431, 444, 459)}[horizon]
     assert (min(lengths), round(sum(lengths) / len(lengths)), max(lengths)) == (low, mean, high)
     assert {line_chars(x, y) for x in range(100) for y in range(100)} == {28, 29, 30}
     if horizon == "long":
-        assert min(len(w) - len(w.split("\n")[-1]) for w in workings) == 420
+        assert min(len(w) - len(w.split("\n")[-1]) for w in workings) == 421
 
 
 def test_the_held_out_split_is_disjoint_by_rendered_text():
@@ -70,8 +71,9 @@ def test_the_held_out_split_is_disjoint_by_rendered_text():
     assert (len(train), len(heldout)) == (500, 100) and not set(train) & set(heldout)
     assert len(set(train)) == 500
     env.close()
-    with pytest.raises(ValueError, match="there are 10,000 distinct 5-step chains"):
-        chain_records(10001, 5)
+    with pytest.raises(ValueError, match="there are 9,900 distinct 5-step chains"):
+        chain_records(9901, 5)
+    assert len({r["prompt"][0]["content"] for r in chain_records(9900, 5)}) == 9900
 
 
 def test_a_wrong_final_answer_scores_zero_however_much_of_the_working_is_right():
@@ -80,26 +82,50 @@ def test_a_wrong_final_answer_scores_zero_however_much_of_the_working_is_right()
     lines = working.split("\n")
     wrong = f"{(int(truth) + 1) % 100:02d}"
     all_steps_right_last_answer_wrong = "\n".join(lines[:-1] + [f"\\boxed{{{wrong}}}"])
-    assert math_reward([working, all_steps_right_last_answer_wrong, "\n".join(lines[:-1])],
-                       [truth] * 3) == [1.0, 0.0, None]  # (None: no boxed answer, which the env pays 0)
-    # the reward is the outcome of the final answer alone: a broken step with the right answer still pays
-    broken = "\n".join(lines[:10] + ["k 01+01: 1+1=3, 0+0+0=0, 03"] + lines[11:])
-    assert math_reward([broken], [truth]) == [1.0] and check_working(record["prompt"][0]["content"], broken) != []
+    answers = [working, all_steps_right_last_answer_wrong, "\n".join(lines[:-1])]
+    for reward in (math_reward, working_reward):  # (None: no boxed answer, which the env pays 0)
+        assert reward(answers, [truth] * 3, solution=[working] * 3) == [1.0, 0.0, None]
 
 
-def test_a_tens_slip_in_the_first_result_leaves_a_fifteen_step_answer_right():
-    """As the module says: an error of d in the first result moves the last of 15 by 610 x d mod 100 (F(15) = 610), so a
-    slip of 10 there does not change the answer, which the reward alone cannot see and ``check_working`` does. Hand
-    check on 49, 54: the right chain ends in 88; with 13 for 03 as the first result it also ends in 88."""
+def test_the_working_reward_pays_only_a_fully_right_answer():
+    """Two right answers the shipped long policy really writes (read in its samples), which the final answer alone
+    pays and the tuned examples' reward (``working``) does not: a result written wrong but not carried on (the next
+    line starts from the right value), and an addend miscopied in its tens column for ten lines running (ten extra
+    tens are 100: the answer comes out right). Hand check on 62 + 09 a step: the answer is 97 both ways."""
+    question, working = render_question(62, 9, 15), render_working(62, 9, 15)
+    lines = working.split("\n")
+    assert lines[11] == "l 61+09: 1+9=10, 6+0+1=7, 70" and lines[-1] == "\\boxed{97}"
+    not_carried = "\n".join(lines[:11] + [lines[11][:-2] + "71"] + lines[12:])
+    miscopied, value = lines[:5], 7
+    assert lines[4].endswith(", 07")
+    for label in LABELS[5:15]:  # written "+09", the tens column adding 1: 19 in effect
+        line, value = step_line(label, value, 19)
+        miscopied.append(line.replace("+19:", "+09:"))
+    miscopied = "\n".join(miscopied) + f"\n\\boxed{{{value:02d}}}"
+    answers = [working, not_carried, miscopied]
+    assert miscopied.endswith("\\boxed{97}") and [len(check_working(question, a)) for a in answers] == [0, 1, 10]
+    assert math_reward(answers, ["97"] * 3) == [1.0, 1.0, 1.0]
+    assert working_reward(answers, ["97"] * 3, solution=[working] * 3) == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="needs each record's reference working in a `solution` column"):
+        working_reward(answers, ["97"] * 3)
+
+
+def test_one_slip_anywhere_changes_a_fifteen_step_answer():
+    """As the module says: an error of d in any result moves every later value by d, so no single slip leaves the
+    answer right (every step, every d). Hand check on 49 + 54 a step: the right chain ends in 59; the first line's tens
+    written 5+5+1 (first result 13, not 03) ends it in 69."""
     question, working = render_question(49, 54, 15), render_working(49, 54, 15)
-    slipped = ["a 49+54: 9+4=13, 5+5+1=11, 13"]  # 4+5+1 written as 5+5+1: the first result 13, not 03
-    x, y = 54, 13
+    assert working.endswith("\\boxed{59}")
+    for step in range(15):
+        for d in range(1, 100):
+            value = 49
+            for i in range(15):
+                value = (value + 54 + (d if i == step else 0)) % 100
+            assert value != 59
+    slipped, value = ["a 49+54: 9+4=13, 5+5+1=11, 13"], 13
     for label in LABELS[1:15]:
-        line, result = step_line(label, x, y)
+        line, value = step_line(label, value, 54)
         slipped.append(line)
-        x, y = y, result
-    slipped = "\n".join(slipped) + f"\n\\boxed{{{y:02d}}}"
-    assert working.endswith("\\boxed{88}") and slipped.endswith("\\boxed{88}") and slipped != working
-    assert math_reward([slipped], ["88"]) == [1.0]
-    assert [problem[:6] for problem in check_working(question, slipped)] == ["step a"] + [
-        f"step {label}" for label in LABELS[1:15]]
+    slipped = "\n".join(slipped) + f"\n\\boxed{{{value:02d}}}"
+    assert slipped.endswith("\\boxed{69}") and math_reward([slipped], ["59"]) == [0.0]
+    assert len(check_working(question, slipped)) == 15

@@ -144,15 +144,18 @@ def test_the_report_phase_runs_each_pick_where_the_task_reports_it(monkeypatch):
 
 
 def test_chain_working_tells_a_right_answer_with_a_wrong_result_from_a_right_one():
-    """benchmarks/chain_working.py's three verdicts on hand-made answers to 49 54 (3 steps: 03, 57, 60): the reference;
-    a miscopied operand whose sums are still right (every result right, a line unlike the reference); a slip of 20 in
-    the first result, which 3 steps do not forgive (wrong answer); a wrong line result with the right box."""
+    """benchmarks/chain_working.py's verdicts on hand-made answers to 49 + 54 a step (3 steps: 03, 57, 11): the
+    reference; a miscopied addend whose sums are still right (every result right, a line unlike the reference); a
+    slip of 10 in the first result, which moves every later value (wrong answer); a wrong line result with the right
+    box."""
     import chain_working
-    from envs.chain import render_question, render_working
+    from envs.chain import render_working
 
-    question, reference = render_question(49, 54, 3), render_working(49, 54, 3)
-    miscopied = reference.replace("b 54+03", "b 54+08")
-    slipped = "a 49+54: 9+4=13, 4+5+1=12, 23\nb 54+23: 4+3=7, 5+2+0=7, 77\nc 23+77: 3+7=10, 2+7+1=10, 00\n\\boxed{00}"
-    wrong_line = reference.replace("c 03+57: 3+7=10, 0+5+1=6, 60", "c 03+57: 3+7=10, 0+5+1=6, 61")
-    assert [chain_working.verdicts(question, reference, "60", a) for a in (reference, miscopied, slipped, wrong_line)] \
+    reference = render_working(49, 54, 3)
+    assert reference == ("a 49+54: 9+4=13, 4+5+1=10, 03\nb 03+54: 3+4=7, 0+5+0=5, 57\n"
+                         "c 57+54: 7+4=11, 5+5+1=11, 11\n\\boxed{11}")
+    miscopied = reference.replace("b 03+54", "b 03+59")
+    slipped = "a 49+54: 9+4=13, 5+5+1=11, 13\nb 13+54: 3+4=7, 1+5+0=6, 67\nc 67+54: 7+4=11, 6+5+1=12, 21\n\\boxed{21}"
+    wrong_line = reference.replace("5+5+1=11, 11", "5+5+1=11, 12")
+    assert [chain_working.verdicts(reference, "11", a) for a in (reference, miscopied, slipped, wrong_line)] \
         == [(True, True, True), (True, True, False), (False, False, False), (True, False, False)]

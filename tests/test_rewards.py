@@ -9,7 +9,8 @@ import pytest
 import reasoning_gym
 
 from envs.rewards import (REWARD_FNS, RewardScorer, extract_answer, extract_boxed, final_answer,
-                          final_answer_reward, get_reward_fn, math_reward, reasoning_gym_reward)
+                          final_answer_reward, get_reward_fn, math_reward, reasoning_gym_reward,
+                          working_reward)
 
 
 def picky_reward(completions, ground_truth, **_):
@@ -155,7 +156,8 @@ def test_get_reward_fn_names_and_dotted_paths():
     with pytest.raises(ValueError, match="no_such_pkg.fn"):
         get_reward_fn("no_such_pkg.fn")
     assert get_reward_fn("final_answer") is final_answer_reward
-    assert set(REWARD_FNS) == {"math", "final_answer", "reasoning_gym"}
+    assert get_reward_fn("working") is working_reward
+    assert set(REWARD_FNS) == {"math", "final_answer", "reasoning_gym", "working"}
 
 
 def test_scorer_scores_a_batch_in_workers():

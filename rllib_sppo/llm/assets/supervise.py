@@ -61,21 +61,22 @@ def sample_answers(model, tok, records, samples=4, temperature=0.6, max_new_toke
     return tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def exact_accuracy(model, tok, records, samples=4, temperature=0.6, max_new_tokens=12):
-    """Share of ``samples`` answers per problem, sampled at ``temperature``, that the RL env's reward (``math``) scores
-    1.0."""
-    from envs.rewards import math_reward
+def exact_accuracy(model, tok, records, samples=4, temperature=0.6, max_new_tokens=12, reward_fn="math"):
+    """Share of ``samples`` answers per problem, sampled at ``temperature``, that the RL env's reward (``reward_fn``,
+    given the records' columns as the env gives them) scores 1.0."""
+    from envs.reasoning import reward_columns
+    from envs.rewards import get_reward_fn
 
     texts = sample_answers(model, tok, records, samples, temperature, max_new_tokens)
-    rewards = math_reward(texts, [r["ground_truth"] for r in records for _ in range(samples)])
+    rewards = get_reward_fn(reward_fn)(texts, **reward_columns([r for r in records for _ in range(samples)]))
     return sum(reward == 1.0 for reward in rewards) / len(rewards)
 
 
 def supervise(model_dir, out_dir, train: list[dict], test: list[dict], *, task: str, target=(0.30, 0.60), seed=0,
               max_seconds=1200.0, batch_size=128, lr=1e-3, eval_every=25, eval_samples=4, max_new_tokens=12,
-              dtype="float32") -> dict:
+              dtype="float32", reward_fn="math") -> dict:
     """Supervises `model_dir` on `train` (prompt -> ``solution``) until its exact accuracy on `test` (T=0.6,
-    ``eval_samples`` each) is in `target`.
+    ``eval_samples`` each, scored by the env's ``reward_fn``) is in `target`.
 
     Evaluates every `eval_every` steps; an evaluation above the band rolls back to the previous one and evaluates
     twice as often. Stops in the band or after `max_seconds`, saves model and tokenizer to `out_dir` and returns (and
@@ -104,7 +105,7 @@ def supervise(model_dir, out_dir, train: list[dict], test: list[dict], *, task: 
         step += 1
         if step % eval_every:
             continue
-        acc = exact_accuracy(model, tok, test, samples=eval_samples, max_new_tokens=max_new_tokens)
+        acc = exact_accuracy(model, tok, test, samples=eval_samples, max_new_tokens=max_new_tokens, reward_fn=reward_fn)
         history.append({"step": step, "seconds": round(time.monotonic() - start, 1), "loss": round(loss.item(), 4),
                         "accuracy": acc})
         elapsed = time.monotonic() - start

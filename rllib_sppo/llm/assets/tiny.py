@@ -1,6 +1,6 @@
 """Tiny character-level Llamas for CPU-scale RL, and the built-in ones the package supervises on its own tasks.
 
-``tiny-arith`` ("What is a+b?") and ``tiny-chain-<horizon>`` (a chain of 1, 5 or 15 written-out additions,
+``tiny-arith`` ("What is a+b?") and ``tiny-chain-<horizon>`` (a running value through 1, 5 or 15 written-out additions,
 ``envs.chain``) are each supervised until their held-out exact accuracy is in a band (able, with room for RL). The
 package ships the folders its builders produced (``SHIPPED``), so a first run loads them at once; ``build=True`` builds
 one instead (once, then loaded from the cache, ``rllib_sppo.llm.assets.cache``), which is also how the shipped ones
@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
 )
 TINY_ARITH = "tiny_arith_v2"
 #: The chain models' cache folder, per horizon name (``envs.chain.HORIZONS``).
-TINY_CHAIN = "tiny_chain_{}_v1"
+TINY_CHAIN = "tiny_chain_{}_v2"
 #: The held-out exact-accuracy band each builder supervises into (able, with room for RL).
 ARITH_BAND = (0.30, 0.60)
 CHAIN_BAND = (0.20, 0.50)
@@ -78,11 +78,12 @@ ARITH_ENV = {"source": "arithmetic", "size": 10000, "seed": 0, "heldout_size": 5
 
 
 def chain_env(horizon: str) -> dict:
-    from envs.chain import HORIZONS
+    from envs.chain import HORIZONS, PROBLEMS
 
     if horizon not in HORIZONS:
         raise ValueError(f"unknown chain horizon {horizon!r}; choose one of {sorted(HORIZONS)}")
-    return {"source": "chain", "steps": HORIZONS[horizon], "size": 10000, "seed": 0, "heldout_size": 128}
+    return {"source": "chain", "steps": HORIZONS[horizon], "size": PROBLEMS, "seed": 0, "heldout_size": 128,
+            "reward_fn": "working"}
 
 
 def _built(name: str, cache_dir, build, rebuild: bool) -> str:
@@ -110,8 +111,8 @@ def tiny_arith_model(cache_dir=None, max_seconds=1200.0, build=False) -> str:
 
 def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=5400.0, build=False) -> str:
     """Path of the tiny Llama supervised on ``horizon``'s chains (``envs.chain``) into the 20-50% band of held-out
-    exact accuracy (64 held-out problems x 2 samples each evaluation): the shipped one, or with ``build`` the builder's
-    (trained once, then cached)."""
+    exact accuracy (the ``working`` reward: the answer and every line right; 64 held-out problems x 2 samples each
+    evaluation): the shipped one, or with ``build`` the builder's (trained once, then cached)."""
     env = chain_env(horizon)
     folder = cache_root(cache_dir) / TINY_CHAIN.format(horizon)
 
@@ -125,7 +126,8 @@ def tiny_chain_model(horizon: str, cache_dir=None, max_seconds=5400.0, build=Fal
         train, test = supervise.env_split(env)
         supervise.supervise(tmp / "init", tmp, train, test[:64], task=f"{env['steps']}-step chains",
                             target=CHAIN_BAND, max_seconds=max_seconds, batch_size=32, eval_every=100, eval_samples=2,
-                            max_new_tokens=max(len(supervise.solution(r)) for r in test) + 8, dtype="bfloat16")
+                            max_new_tokens=max(len(supervise.solution(r)) for r in test) + 8, dtype="bfloat16",
+                            reward_fn=env["reward_fn"])
         shutil.rmtree(tmp / "init")
 
     return _built(TINY_CHAIN.format(horizon), cache_dir, make, build)
