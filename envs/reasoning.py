@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from envs.chain import HORIZONS, chain_records
-from envs.rewards import RewardScorer, get_reward_fn
+from envs.rewards import RewardScorer, get_reward_fn, required_columns
 
 BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."
 VERL_COLUMNS = "verl format needs data_source, prompt, reward_model.ground_truth"
@@ -298,7 +298,14 @@ class ReasoningEnv(gym.Env):
             raise DatasetError(f"the {self.split} split is empty "
                                f"({self.splits[self.split].num_dropped} prompts dropped as too long)")
 
-        self.scorer = RewardScorer(get_reward_fn(cfg.get("reward_fn", "math")),
+        reward_fn = get_reward_fn(cfg.get("reward_fn", "math"))
+        columns = reward_columns(records)
+        missing = [name for name in required_columns(reward_fn) if name not in columns]
+        if missing:
+            raise ValueError(f"reward_fn {cfg.get('reward_fn', 'math')!r} needs the column(s) {missing}, which this "
+                             f"source's records lack (they have {sorted(columns)}): choose a reward_fn that scores "
+                             f"without them, or add them to the records (extra_info)")
+        self.scorer = RewardScorer(reward_fn,
                                    timeout_s=cfg.get("reward_timeout_s", 5.0), num_workers=cfg.get("reward_workers", 2))
         # ASCII only: a full-unicode charset makes each space several MB when pickled.
         charset = string.printable

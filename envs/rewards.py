@@ -13,6 +13,7 @@ so that a verifier that raises or hangs costs that sample and never takes the ca
 
 import functools
 import importlib
+import inspect
 import json
 import logging
 import multiprocessing
@@ -98,13 +99,13 @@ def _working(text: str) -> list[str]:
     return text.rsplit("\\boxed", 1)[0].rstrip("\n").split("\n")
 
 
-def working_reward(completions: list[str], ground_truth: list[str], solution: list[str | None] | None = None,
-                   **_) -> list[float | None]:
+def working_reward(completions: list[str], ground_truth: list[str], solution: list[str | None], **_
+                   ) -> list[float | None]:
     """``math_reward``, and 0.0 for a right answer whose working is not the reference ``solution``'s line for line:
     the verifier of a task that writes its working one checkable line a step (``envs.chain``), so that only a fully
     right answer scores, not a right number reached through a slip. ``solution`` is the records' column (their
     ``extra_info``)."""
-    if solution is None or any(s is None for s in solution):
+    if any(s is None for s in solution):
         raise ValueError("reward_fn 'working' needs each record's reference working in a `solution` column "
                          "(extra_info.solution); use 'math' for a task without one")
     return [r if r != 1.0 or _working(c) == _working(s) else 0.0
@@ -175,6 +176,12 @@ def get_reward_fn(name: str | RewardFn) -> RewardFn:
     raise ValueError(
         f"unknown reward fn {name!r}; choose one of {sorted(REWARD_FNS)} or a dotted path 'pkg.module.fn'"
     )
+
+
+def required_columns(fn: RewardFn) -> list[str]:
+    """The columns ``fn`` cannot score without: its named parameters after the completions that have no default."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 class _Timeout(BaseException):

@@ -107,7 +107,7 @@ def test_the_working_reward_pays_only_a_fully_right_answer():
     assert math_reward(answers, ["97"] * 3) == [1.0, 1.0, 1.0]
     assert working_reward(answers, ["97"] * 3, solution=[working] * 3) == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="needs each record's reference working in a `solution` column"):
-        working_reward(answers, ["97"] * 3)
+        working_reward(answers, ["97"] * 3, solution=[None] * 3)
 
 
 def test_one_slip_anywhere_changes_a_fifteen_step_answer():

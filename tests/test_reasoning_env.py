@@ -169,6 +169,20 @@ def test_env_reasoning_gym_with_its_scorer():
     assert reward == 1.0 and step_info["data_source"] == "reasoning_gym/chain_sum"
 
 
+def test_a_reward_fn_needing_a_column_the_records_lack_is_refused_at_once():
+    """``working`` reads each record's reference ``solution``: on a source without one, the env says so when it is
+    made, naming the column, instead of every response's reward failing in the workers."""
+    with pytest.raises(ValueError, match=r"reward_fn 'working' needs the column\(s\) \['solution'\], which this source's "
+                                         r"records lack \(they have \['data_source', 'extra_info', 'ground_truth', "
+                                         r"'index'\]\)"):
+        ReasoningEnv({"source": "arithmetic", "size": 5, "reward_fn": "working"})
+    env = ReasoningEnv({"source": "chain", "steps": 2, "size": 5, "reward_fn": "working"})
+    _, info = env.reset()
+    solution = env.records[info["index"]]["extra_info"]["solution"]
+    assert env.step(solution)[1] == 1.0
+    env.close()
+
+
 def test_env_verifier_error_never_raises():
     env = ReasoningEnv({"source": "arithmetic", "size": 5, "reward_fn": "test_reasoning_env.raising_reward"})
     env.reset()
