@@ -3,6 +3,10 @@ engine, on the same prompts; and the in-place weight sync's seconds and bytes.
 
     python benchmarks/rollout.py tuned_examples/arith_tiny_sppo.yaml --rounds 5
 
+``--out`` names another output stem, for a variant of the machine such as vLLM's advised preload on CPU:
+``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python benchmarks/rollout.py ... --out ...`` (the
+report records ``LD_PRELOAD``).
+
 The EnvRunner figure is end to end (reset, tokenise, generate, score, build episodes); the bare figure
 calls the runner's own ``vllm.LLM`` with the same prompt ids and sampling parameters. Writes
 ``benchmarks/results/rollout.{md,csv,png}``.
@@ -10,6 +14,7 @@ calls the runner's own ``vllm.LLM`` with the same prompt ids and sampling parame
 
 import argparse
 import csv
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +29,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("yaml")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default=str(OUT), help="output path stem (default %(default)s)")
     args = p.parse_args()
 
     import envs  # noqa: F401  (registers ReasoningBandit-v0)
@@ -77,34 +83,35 @@ def main():
         runner._load_weights(iter(state.items()))
         sync_s.append(time.perf_counter() - start)
     sync_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    write(rows, float(np.median(sync_s)), sync_bytes)
+    write(rows, float(np.median(sync_s)), sync_bytes, Path(args.out))
 
 
-def write(rows, sync_s, sync_bytes) -> None:
+def write(rows, sync_s, sync_bytes, out: Path) -> None:
     import matplotlib
 
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{OUT}.csv", "w", newline="") as f:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{out}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     limit = rows[1]["tokens_per_s"]
     lines = ["# Rollout throughput and weight sync", "",
              *provenance(("ray", "torch", "vllm")),
+             f"LD_PRELOAD: {os.environ.get('LD_PRELOAD') or 'unset'}", "",
              "| path | prompts per round | rounds | response tokens | wall s | tokens/s | share of bare vLLM |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['path']} | {r['prompts_per_round']} | {r['rounds']} | {r['tokens']} | {r['wall_s']:.1f} | "
               f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / limit:.2f} |" for r in rows]
     lines += ["", f"Weight sync into the running vLLM engine (in place, no restart): median {sync_s:.3f} s, "
               f"{sync_bytes / 1e6:.1f} MB per sync."]
-    Path(f"{OUT}.md").write_text("\n".join(lines) + "\n")
+    Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 2.8))
     ax.barh([r["path"] for r in rows], [r["tokens_per_s"] for r in rows])
     ax.set_xlabel("response tokens / s")
     fig.tight_layout()
-    fig.savefig(f"{OUT}.png", dpi=100)
+    fig.savefig(f"{out}.png", dpi=100)
     print("\n".join(lines))
 
 
