@@ -75,15 +75,17 @@ def solve(question: str) -> str | None:
 
 
 def check_working(question: str, working: str) -> list[str]:
-    """The steps of ``working`` that are not the right chain's (empty: every step is right): a line with a wrong
-    number or digit sum, a missing line, or another label."""
+    """The lines of ``working`` before its boxed answer that are not the right chain's (empty: every step is right,
+    as ``envs.rewards.working_reward`` requires): a line with a wrong number or digit sum, a missing line, another
+    label, or a line the chain does not have."""
     reference = solve(question)
     if reference is None:
         return [f"not a chain question: {question!r}"]
     expected = reference.split("\n")[:-1]
-    lines = working.split("\n")
-    return [f"step {LABELS[i]}: {(lines[i] if i < len(lines) else '')!r}, expected {line!r}"
-            for i, line in enumerate(expected) if i >= len(lines) or lines[i] != line]
+    lines = working.rsplit("\\boxed", 1)[0].rstrip("\n").split("\n")
+    return ([f"step {LABELS[i]}: {(lines[i] if i < len(lines) else '')!r}, expected {line!r}"
+             for i, line in enumerate(expected) if i >= len(lines) or lines[i] != line]
+            + [f"extra line {line!r}" for line in lines[len(expected):]])
 
 
 def chain_records(size: int, steps: int, seed: int = 0) -> list[dict]:

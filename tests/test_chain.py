@@ -110,6 +110,19 @@ def test_the_working_reward_pays_only_a_fully_right_answer():
         working_reward(answers, ["97"] * 3, solution=[None] * 3)
 
 
+def test_the_checker_and_the_reward_agree_on_a_line_the_chain_does_not_have():
+    """Every step right, the answer right, and one more line before the box (the last step written twice): the
+    checker names that line, and the working reward pays 0 as it does for any wrong line."""
+    question, working = render_question(62, 9, 3), render_working(62, 9, 3)
+    lines = working.split("\n")
+    assert lines == ["a 62+09: 2+9=11, 6+0+1=7, 71", "b 71+09: 1+9=10, 7+0+1=8, 80",
+                     "c 80+09: 0+9=9, 8+0+0=8, 89", "\\boxed{89}"]
+    repeated = "\n".join(lines[:3] + lines[2:])
+    assert check_working(question, repeated) == ["extra line 'c 80+09: 0+9=9, 8+0+0=8, 89'"]
+    assert math_reward([repeated], ["89"]) == [1.0]
+    assert working_reward([repeated], ["89"], solution=[working]) == [0.0]
+
+
 def test_one_slip_anywhere_changes_a_fifteen_step_answer():
     """As the module says: an error of d in any result moves every later value by d, so no single slip leaves the
     answer right (every step, every d). Hand check on 49 + 54 a step: the right chain ends in 59; the first line's tens
