@@ -130,7 +130,30 @@ def run_in_own_process(*args) -> dict:
 
 def _measured_run(*args) -> dict:
     threading.Thread(target=exit_with, args=(os.getppid(),), daemon=True).start()
-    return {**run_seed(*args), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"machine": machine(), **run_seed(*args),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def machine(repeats: int = 3) -> dict:
+    """What a run ran on: the CPU's model name and ``probe_s``, the seconds a fixed workload of small tensors takes
+    (a 4-layer MLP of width 256, forward and backward on 64 rows, 300 times, torch's default threads; the median of
+    ``repeats``), the kind of work a tiny policy's iteration is. Sessions here land on machines of different speeds
+    (the same tuning run took 5.3 s an iteration on one, 10.8 on the next): runs compared in wall-clock must share a
+    machine speed, and the probe says whether they did."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[m for _ in range(4) for m in (torch.nn.Linear(256, 256), torch.nn.Tanh())])
+    x = torch.randn(64, 256)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(300):
+            net(x).square().mean().backward()
+        times.append(time.perf_counter() - start)
+    return {"cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                         if line.startswith("model name")), platform.processor()),
+            "probe_s": round(float(np.median(times)), 3)}
 
 
 def exit_with(parent: int) -> None:

@@ -8,7 +8,9 @@ The study, in order (each run in a fresh process through ``harness.run_seed``; r
 finish and a rerun of the command skips them, so it runs in pieces; ``--phase`` runs one part only):
 1. ``tune``: every estimator at every ``--lrs`` on ``--tune-seed`` (never reported), at the long horizon, for
    ``--tune-minutes`` of training each. Each estimator's pick is the rate with the highest mean held-out accuracy over
-   that budget (the area under its curve: level and speed both count); a pick on the edge of the grid adds the next
+   the iterations all its tuning runs reached (the area under its curve: level and speed both count; over iterations,
+   not minutes, because a piece of the study may run on a faster machine than the next: ``harness.machine`` records
+   each run's, and ``common`` says more); a pick on the edge of the grid adds the next
    rate beyond that edge (the same spacing), until the pick is inside (``--max-widen`` times at most). A tuning run is
    a screen, shorter than a reported one: at 12 minutes GRPO's curve was still rising at its best rates.
 2. ``report``: at the picked rates, ``--seeds``: all four estimators at the long horizon; SPPO and GRPO at the medium
@@ -20,8 +22,9 @@ flattens, which the results check); the held-out split (avg@4 and pass@4 of exac
 every tenth of the budget.
 
 Writes ``<out>.md`` (per horizon and estimator: peak held-out avg@4 and pass@4, training seconds and generated tokens
-to reach 95% of GRPO's peak, the SPPO : GRPO ratio per seed, the iteration's split into generation, scoring, update
-and weight sync, and whether GRPO's curve had flattened), ``<out>.csv`` (every curve) and ``<out>.png`` (accuracy
+to reach 95% of GRPO's peak, the SPPO : GRPO ratio per seed (a seed's runs run back to back, SPPO's and GRPO's first;
+a seed whose two ran on machines of different speed gives no ratio), the iteration's split into generation, scoring,
+update and weight sync, and whether GRPO's curve had flattened), ``<out>.csv`` (every curve) and ``<out>.png`` (accuracy
 against training seconds, one panel per horizon; the SPPO : GRPO wall-clock ratio against response length).
 
 ``--task smollm2 --critic-layers 2`` runs the same protocol on the real model (``tuned_examples/smollm2_rg_sppo.yaml``,
@@ -56,6 +59,8 @@ TASKS = {
 }
 #: The share of GRPO's peak the time-to-target columns use.
 SHARE = 0.95
+#: Runs whose machine probes (``harness.machine``) differ by more than this share ran on machines of different speed.
+SPEED = 0.15
 
 
 def main(argv: list | None = None):
@@ -126,8 +131,10 @@ def run(args, horizon: str, rates: dict, seeds: list, minutes: float) -> list:
     if args.critic_layers:
         small = {"llm": {**cfg["llm"], "critic_layers": args.critic_layers}}
         compared = {name: {**o, **small} if ESTIMATORS[name].critic else o for name, o in compared.items()}
-    todo = {label(args, horizon, name, lr): {**compared[name], "lr": lr}  # rate by rate: side by side early
-            for lr in sorted({lr for lrs in rates.values() for lr in lrs}) for name in rates if lr in rates[name]}
+    # every estimator's first rate, then every one's second, ...: side by side early (the report's one rate each: SPPO
+    # and GRPO first, back to back)
+    todo = {label(args, horizon, name, lr): {**compared[name], "lr": lr} for i in range(max(map(len, rates.values())))
+            for name, lr in ((n, sorted(lrs)[i]) for n, lrs in rates.items() if i < len(lrs))}
     piece = argparse.Namespace(yaml=yaml, seeds=seeds, minutes=minutes, eval_every=10**9,
                                eval_every_s=minutes * 6, config=args.config, out=args.out, lock=args.lock)
     return harness.run_variants(piece, todo, lambda runs, _, out: write(runs, args, out))
@@ -151,24 +158,51 @@ def tune(args) -> None:
         grid |= widen
 
 
-def score(run: dict) -> float:
-    """The mean held-out accuracy over the run's training seconds (the area under its curve over the budget)."""
+def score(run: dict, iterations: float | None = None) -> float:
+    """The mean held-out accuracy over the run's first ``iterations`` (all by default; the curve read linearly between
+    evaluations): the area under its curve against training, level and speed both counting."""
     curve, key = run["curve"], run["key"]
-    x, y = np.array([c["train_s"] for c in curve]), np.array([c[key] for c in curve])
-    return float(np.trapezoid(y, x) / max(x[-1], 1e-9))
+    x, y = np.array([c["iteration"] for c in curve], float), np.array([c[key] for c in curve])
+    end = x[-1] if iterations is None else iterations
+    keep = x < end
+    x, y = np.append(x[keep], end), np.append(y[keep], np.interp(end, x, y))
+    return float(np.trapezoid(y, x) / max(end, 1e-9))
+
+
+def tuning_runs(runs: list, args) -> dict:
+    """{estimator name: [(lr, run), ...]}: the tuning seed's runs at the tuned horizon."""
+    grid = {}
+    for r in runs:
+        horizon, _, lr = parse(r)
+        if horizon == args.tuned_on and r["seed"] == args.tune_seed:
+            grid.setdefault(next(n for n in ALL if label(args, horizon, n, lr) == r["label"]), []).append((lr, r))
+    return grid
+
+
+def common(grid_runs: list) -> int:
+    """The iterations every run of an estimator's grid reached: its rates are compared over these. Each run trains
+    the same minutes, but not always on a machine of the same speed (see ``harness.machine``), and a faster one gets
+    more iterations in them; over the same iterations each rate has had the same training (the same prompts an
+    iteration), whichever machine ran it."""
+    return min(r["iterations"] for _, r in grid_runs)
 
 
 def picks(runs: list, args) -> dict:
-    """{estimator name: its picked lr}, from the tuning seed's runs at the tuned horizon (estimators with none left
-    out)."""
-    best = {}
-    for r in runs:
-        horizon, estimator, lr = parse(r)
-        if horizon == args.tuned_on and r["seed"] == args.tune_seed:
-            name = next(n for n in ALL if label(args, horizon, n, lr) == r["label"])
-            if name not in best or score(r) > best[name][0]:
-                best[name] = (score(r), lr)
-    return {name: lr for name, (_, lr) in best.items()}
+    """{estimator name: its picked lr}: the rate whose tuning run has the highest mean held-out accuracy over the
+    iterations all of the estimator's tuning runs reached (estimators with no tuning run left out)."""
+    return {name: max(grid, key=lambda lr_run: score(lr_run[1], common(grid)))[0]
+            for name, grid in tuning_runs(runs, args).items()}
+
+
+def probe(run: dict) -> str:
+    """The run's machine probe in seconds (``harness.machine``), "-" for a run recorded before it existed."""
+    return f"{run['machine']['probe_s']:.2f}" if "machine" in run else "-"
+
+
+def same_machine(*runs: dict) -> bool:
+    """Whether the runs' machine probes are within ``SPEED`` of each other (runs without one: assumed to be)."""
+    probes = [r["machine"]["probe_s"] for r in runs if "machine" in r]
+    return not probes or max(probes) <= (1 + SPEED) * min(probes)
 
 
 def peak(run: dict, key: str) -> float:
@@ -181,7 +215,6 @@ def write(runs: list, args, out: Path) -> None:
     harness.write_curves_csv(out, runs, "run", ["seed", "iteration", "train_s", "tokens", key, pass_key])
     fmt = harness.mean_range
     per_seed = lambda xs: " / ".join("never" if np.isnan(x) else f"{x:,.0f}" for x in xs)  # noqa: E731
-    tuned = [r for r in runs if r["seed"] == args.tune_seed]
     reported = [r for r in runs if r["seed"] != args.tune_seed]
     lines = [f"# {args.title}", "",
              *harness.provenance(("ray", "torch", "vllm")),
@@ -191,15 +224,18 @@ def write(runs: list, args, out: Path) -> None:
              f"(evaluations not counted); the same prompts per iteration for all estimators. Target = {SHARE:.0%} of "
              f"GRPO's peak {key} (the mean over its seeds). Mean (min-max) over seeds.", "",
              f"## Tuning (seed {args.tune_seed}, {args.tuned_on} horizon, {args.tune_minutes:g} min a run, not "
-             f"reported): mean held-out {key} over the budget", "",
-             "| estimator | " + " | ".join(["lr", "mean accuracy over the budget", f"peak {key}", "iterations"])
-             + " |", "|---|---|---|---|---|"]
+             f"reported): mean held-out {key} over the iterations every run of the estimator reached", "",
+             "| estimator | lr | iterations compared | mean accuracy over them (the pick's score) | "
+             f"peak {key} | iterations | machine probe s | load before |", "|---" * 8 + "|"]
     chosen = picks(runs, args)
-    for r in sorted(tuned, key=lambda r: (parse(r)[1], parse(r)[2])):
-        _, estimator, lr = parse(r)
-        mark = " (picked)" if any(label(args, args.tuned_on, n, lr) == r["label"] and chosen.get(n) == lr
-                                  for n in ALL) else ""
-        lines.append(f"| {estimator} | {lr:g}{mark} | {score(r):.3f} | {peak(r, key):.3f} | {r['iterations']} |")
+    for name, grid in tuning_runs(runs, args).items():
+        for lr, r in sorted(grid, key=lambda lr_run: lr_run[0]):
+            mark = " (picked)" if chosen[name] == lr else ""
+            lines.append(f"| {parse(r)[1]} | {lr:g}{mark} | {common(grid)} | {score(r, common(grid)):.3f} | "
+                         f"{peak(r, key):.3f} | {r['iterations']} | {probe(r)} | {r['load_before']} |")
+    lines += ["", "The machine probe is `harness.machine`'s seconds for a fixed small-tensor workload (lower is "
+                  "faster; \"-\" for a run recorded before the probe existed): runs on machines of different speed are "
+                  "compared over the iterations they all reached, not over their minutes."]
     ratios = {}
     for horizon in [h for h in reversed(args.yamls) if any(parse(r)[0] == h for r in reported)]:
         here = [r for r in reported if parse(r)[0] == horizon]
@@ -208,7 +244,7 @@ def write(runs: list, args, out: Path) -> None:
         lines += ["", f"## {horizon} horizon ({args.budget[horizon]:g} min a run; target {target:.3f})", "",
                   f"| estimator | lr | seeds | {key} before | peak {key} | peak {pass_key} | iterations | "
                   "training s to the target, per seed | generated tokens to it | generate / score / update / sync s "
-                  "per iteration | generation share |", "|---" * 11 + "|"]
+                  "per iteration | generation share | machine probe s, per seed |", "|---" * 12 + "|"]
         for estimator in dict.fromkeys(parse(r)[1] for r in here):
             sel = [r for r in here if parse(r)[1] == estimator]
             parts = [np.mean([r[k] for r in sel]) for k in ("generate_s", "score_s", "update_s", "sync_s")]
@@ -218,13 +254,18 @@ def write(runs: list, args, out: Path) -> None:
                 f"{np.mean([r['iterations'] for r in sel]):.0f} | "
                 f"{per_seed([reach(r['curve'], key, target, 'train_s') for r in sel])} | "
                 f"{per_seed([reach(r['curve'], key, target, 'tokens') for r in sel])} | "
-                f"{' / '.join(f'{p:.2f}' for p in parts)} | {parts[0] / np.mean([r['iter_s'] for r in sel]):.0%} |")
+                f"{' / '.join(f'{p:.2f}' for p in parts)} | {parts[0] / np.mean([r['iter_s'] for r in sel]):.0%} | "
+                f"{' / '.join(probe(r) for r in sel)} |")
         sppo = {r["seed"]: r for r in here if parse(r)[1].startswith("SPPO")}
         ratio, bounds = [], []  # a seed where only one of the two reaches the target within its budget: a bound
         for g in (g for g in grpo if g["seed"] in sppo):
             s = sppo[g["seed"]]
             a, b = (reach(r["curve"], key, target, "train_s") for r in (g, s))
-            if np.isfinite(a) and np.isfinite(b):
+            if not same_machine(g, s):
+                bounds += ["", f"Seed {g['seed']}: SPPO and GRPO ran on machines of different speed (probe "
+                               f"{probe(s)} s against {probe(g)} s), so its seconds are not compared; run the pair "
+                               "again on one machine."]
+            elif np.isfinite(a) and np.isfinite(b):
                 ratio.append(a / b)
             elif np.isfinite(a):
                 bounds += ["", f"Seed {g['seed']}: only GRPO reaches the target ({a:,.0f} s), so SPPO : GRPO is below "

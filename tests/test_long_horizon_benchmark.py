@@ -18,12 +18,33 @@ def made_up(horizon, name, lr, seed, best_lr):
     """A run whose curve rises to a level that falls with the (log) distance of ``lr`` from ``best_lr``."""
     level = 0.8 - 0.2 * abs(np.log10(lr / best_lr))
     curve = [{"train_s": t, "iteration": t, "tokens": t, "avg@4": level * t / 60} for t in (0, 30, 60)]
-    return {"label": lh.label(ARGS, horizon, name, lr), "seed": seed, "curve": curve, "key": "avg@4"}
+    return {"label": lh.label(ARGS, horizon, name, lr), "seed": seed, "curve": curve, "key": "avg@4", "iterations": 60}
 
 
-def test_score_is_the_mean_accuracy_over_the_budget():
-    run = {"curve": [{"train_s": 0, "a": 0.2}, {"train_s": 10, "a": 0.4}, {"train_s": 30, "a": 0.4}], "key": "a"}
+def test_score_is_the_mean_accuracy_over_the_first_iterations():
+    """Accuracy 0.2 -> 0.4 over iterations 0-10, flat at 0.4 to iteration 30: the mean over all 30 is (10 x 0.3 + 20 x
+    0.4) / 30; over the first 20 it is (3 + 4) / 20 = 0.35; over the first 5 (0.3 read halfway) 5 x 0.25 / 5."""
+    run = {"curve": [{"iteration": 0, "a": 0.2}, {"iteration": 10, "a": 0.4}, {"iteration": 30, "a": 0.4}], "key": "a"}
     assert lh.score(run) == pytest.approx((10 * 0.3 + 20 * 0.4) / 30)
+    assert lh.score(run, 20) == pytest.approx(0.35)
+    assert lh.score(run, 5) == pytest.approx(0.25)
+
+
+def test_a_faster_machine_does_not_win_the_pick():
+    """SPPO's 1e-5 ran on a machine twice as fast (100 iterations in its 12 minutes), 3e-5 on a slow one (50). Over
+    their minutes 1e-5 scores higher ((0.325 + 0.375 + 0.5 + 0.65) / 4 = 0.4625 against (0.375 + 0.475) / 2 = 0.425),
+    but only through the iterations 3e-5 never got; over the 50 both reached, 3e-5 is ahead (0.425 against 0.35)."""
+    def run(lr, points, seconds_per_iteration):
+        curve = [{"iteration": i, "train_s": i * seconds_per_iteration, "avg@4": a} for i, a in points]
+        return {"label": lh.label(ARGS, "long", "sppo", lr), "seed": 100, "curve": curve, "key": "avg@4",
+                "iterations": points[-1][0]}
+
+    fast = run(1e-5, [(0, 0.3), (25, 0.35), (50, 0.4), (75, 0.6), (100, 0.7)], 7.2)
+    slow = run(3e-5, [(0, 0.3), (25, 0.45), (50, 0.5)], 14.4)
+    grid = lh.tuning_runs([fast, slow], ARGS)["sppo"]
+    assert lh.common(grid) == 50
+    assert (lh.score(fast, 50), lh.score(slow, 50)) == (pytest.approx(0.35), pytest.approx(0.425))
+    assert lh.picks([fast, slow], ARGS) == {"sppo": 3e-5}
 
 
 def test_an_edge_pick_widens_the_grid_until_the_pick_is_inside(monkeypatch):
@@ -71,7 +92,7 @@ def test_the_report_table_gives_the_wall_clock_ratio_per_seed_at_each_horizon(tm
     runs += [reported("long", "sppo", 1e-5, 2, 100)]
     runs += [reported("long", "ppo", 1e-5, 0, 300) | {"curve": runs[0]["curve"][:5]}]
     runs += [reported("short", name, 1e-5, 0, 60) for name in ("grpo", "sppo")]
-    tuning = {"iterations": 3, "load_before": 0.5, "load_after": 1.0}
+    tuning = {"load_before": 0.5, "load_after": 1.0}
     runs += [made_up("long", "sppo", 1e-5, 100, 1e-5) | tuning]  # a tuning run: in the tuning table only
     lh.write(runs, ARGS, tmp_path / "lh")
     md = (tmp_path / "lh.md").read_text()
@@ -81,10 +102,25 @@ def test_the_report_table_gives_the_wall_clock_ratio_per_seed_at_each_horizon(tm
     assert "Seed 2: only SPPO reaches the target (267 s), so SPPO : GRPO is above 2.62x." in long
     row = next(line for line in long.splitlines() if line.startswith("| token-level PPO"))
     assert "| never |" in row  # training seconds to the target, per seed
-    assert "| 3.00 / 1.00 / 1.50 / 0.50 | 50% |" in row  # the iteration's split and generation's share
+    assert "| 3.00 / 1.00 / 1.50 / 0.50 | 50% | - |" in row  # the iteration's split, generation's share, no probe
     assert "SPPO : GRPO in training seconds to the target: 1.00x" in short
-    assert "| SPPO (N=1) | 1e-05 (picked) | 0.400 |" in md.split("## Tuning")[1].split("## long horizon")[0]
+    assert "| SPPO (N=1) | 1e-05 (picked) | 60 | 0.400 |" in md.split("## Tuning")[1].split("## long horizon")[0]
     assert (tmp_path / "lh.png").stat().st_size > 0 and (tmp_path / "lh.csv").read_text().count("\n") > 20
+
+
+def test_a_seed_whose_pair_ran_on_machines_of_different_speed_gives_no_ratio(tmp_path):
+    """Seed 1's SPPO ran on a machine 1.3x as fast as its GRPO (probe 1.0 s against 1.3 s, beyond the 15% allowed):
+    its seconds are not compared, and the ratio is seed 0's alone (3x); seed 0's pair differs by 10%, which passes."""
+    probes = {(0, "grpo"): 1.1, (0, "sppo"): 1.0, (1, "grpo"): 1.3, (1, "sppo"): 1.0}
+    runs = [reported("long", name, 1e-5, seed, {"grpo": 300, "sppo": 100}[name])
+            | {"machine": {"cpu": "AMD EPYC", "probe_s": probes[seed, name]}}
+            for seed in (0, 1) for name in ("grpo", "sppo")]
+    lh.write(runs, ARGS, tmp_path / "lh")
+    long = (tmp_path / "lh.md").read_text().split("## long horizon")[1]
+    assert "SPPO : GRPO in training seconds to the target: 3.00x (per seed 3.00x; range 3.00-3.00x)." in long
+    assert ("Seed 1: SPPO and GRPO ran on machines of different speed (probe 1.00 s against 1.30 s), so its seconds "
+            "are not compared; run the pair again on one machine.") in long
+    assert "| 1.10 / 1.30 |" in next(line for line in long.splitlines() if line.startswith("| GRPO"))
 
 
 def test_the_report_says_per_seed_whether_grpo_flattened():
@@ -125,7 +161,7 @@ def test_the_report_phase_runs_each_pick_where_the_task_reports_it(monkeypatch):
     calls = []
     monkeypatch.setattr(lh.harness, "run_variants",
                         lambda piece, variants, write: calls.append((piece.yaml, piece.minutes, piece.seeds,
-                                                                     sorted(variants))) or [])
+                                                                     list(variants))) or [])
     monkeypatch.setattr(lh.harness, "load_runs", lambda out: tuned[:-3])  # token-level PPO not tuned yet
     with pytest.raises(SystemExit, match=r"no pick yet for \['ppo'\]"):
         lh.main(["--phase", "report", "--seeds", "0", "1"])
@@ -134,12 +170,12 @@ def test_the_report_phase_runs_each_pick_where_the_task_reports_it(monkeypatch):
     lh.main(["--phase", "report", "--seeds", "0", "1"])
     assert calls == [
         ("tuned_examples/chain_long_sppo.yaml", 24, [0, 1],
-         ["long | GRPO (N=8) | lr 3e-05", "long | RLOO (N=8) | lr 3e-05", "long | SPPO (N=1) | lr 1e-05",
-          "long | token-level PPO (N=1) | lr 1e-05"]),
+         ["long | SPPO (N=1) | lr 1e-05", "long | GRPO (N=8) | lr 3e-05", "long | RLOO (N=8) | lr 3e-05",
+          "long | token-level PPO (N=1) | lr 1e-05"]),  # SPPO and GRPO back to back, first (one machine, likely)
         ("tuned_examples/chain_medium_sppo.yaml", 8, [0, 1],
-         ["medium | GRPO (N=8) | lr 3e-05", "medium | SPPO (N=1) | lr 1e-05"]),
+         ["medium | SPPO (N=1) | lr 1e-05", "medium | GRPO (N=8) | lr 3e-05"]),
         ("tuned_examples/chain_short_sppo.yaml", 4, [0, 1],
-         ["short | GRPO (N=8) | lr 3e-05", "short | SPPO (N=1) | lr 1e-05",
+         ["short | SPPO (N=1) | lr 1e-05", "short | GRPO (N=8) | lr 3e-05",
           "short | token-level PPO (N=1) | lr 1e-05"])]
 
 
@@ -159,3 +195,11 @@ def test_chain_working_tells_a_right_answer_with_a_wrong_result_from_a_right_one
     wrong_line = reference.replace("5+5+1=11, 11", "5+5+1=11, 12")
     assert [chain_working.verdicts(reference, "11", a) for a in (reference, miscopied, slipped, wrong_line)] \
         == [(True, True, True), (True, True, False), (False, False, False), (True, False, False)]
+
+
+def test_the_machine_probe_names_the_cpu_and_times_its_fixed_workload():
+    """``harness.machine``, recorded with every run: the CPU's model name from /proc/cpuinfo and the workload's seconds
+    (a real run of it, nothing timed against a bound: the machine may be busy)."""
+    machine = lh.harness.machine(repeats=1)
+    assert set(machine) == {"cpu", "probe_s"} and machine["probe_s"] > 0
+    assert machine["cpu"] in open("/proc/cpuinfo").read()
