@@ -228,7 +228,8 @@ def write(runs: list, args, out: Path) -> None:
              "| estimator | lr | iterations compared | mean accuracy over them (the pick's score) | "
              f"peak {key} | iterations | machine probe s | load before |", "|---" * 8 + "|"]
     chosen = picks(runs, args)
-    for name, grid in tuning_runs(runs, args).items():
+    grids = tuning_runs(runs, args)
+    for name, grid in ((n, grids[n]) for n in ALL if n in grids):
         for lr, r in sorted(grid, key=lambda lr_run: lr_run[0]):
             mark = " (picked)" if chosen[name] == lr else ""
             lines.append(f"| {parse(r)[1]} | {lr:g}{mark} | {common(grid)} | {score(r, common(grid)):.3f} | "
