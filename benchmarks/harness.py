@@ -39,6 +39,8 @@ SELECTION = ("pool_outcome_variance", "selected_outcome_variance", "pool_p_mean"
 ANSWERS_KEPT = 16
 #: A run is marked as taken under load when the 1-minute load average before it exceeds this (2 cores, idle: < 0.5).
 BUSY = 1.0
+#: Runs whose machine probes (``machine``) differ by more than this share ran on machines of different speed.
+SPEED = 0.15
 
 
 def parser(doc: str, *, seeds=(0,), minutes: float = 10.0, out: str | None = None) -> argparse.ArgumentParser:
@@ -272,6 +274,13 @@ def provenance(packages=("ray", "torch")) -> list[str]:
     return [f"Command: `{' '.join(['python'] + sys.argv)}`  ",
             f"Versions: {versions}, python {platform.python_version()}; {platform.machine()}, "
             f"{subprocess.getoutput('nproc')} cores, {gpu}; {time.strftime('%Y-%m-%d')}", ""]
+
+
+def same_machine(*runs: dict) -> bool:
+    """Whether the runs' machine probes (their ``machine`` records) are within ``SPEED`` of each other: whether their
+    seconds compare. Runs recorded before the probe existed have none and are not told apart."""
+    probes = [r["machine"]["probe_s"] for r in runs if "machine" in r]
+    return not probes or max(probes) <= (1 + SPEED) * min(probes)
 
 
 def settled_load(busy: float = BUSY, max_wait_s: float = 150.0) -> float:

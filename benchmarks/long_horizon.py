@@ -59,8 +59,6 @@ TASKS = {
 }
 #: The share of GRPO's peak the time-to-target columns use.
 SHARE = 0.95
-#: Runs whose machine probes (``harness.machine``) differ by more than this share ran on machines of different speed.
-SPEED = 0.15
 
 
 def main(argv: list | None = None):
@@ -199,12 +197,6 @@ def probe(run: dict) -> str:
     return f"{run['machine']['probe_s']:.2f}" if "machine" in run else "-"
 
 
-def same_machine(*runs: dict) -> bool:
-    """Whether the runs' machine probes are within ``SPEED`` of each other (runs without one: assumed to be)."""
-    probes = [r["machine"]["probe_s"] for r in runs if "machine" in r]
-    return not probes or max(probes) <= (1 + SPEED) * min(probes)
-
-
 def peak(run: dict, key: str) -> float:
     return max(c[key] for c in run["curve"])
 
@@ -262,7 +254,7 @@ def write(runs: list, args, out: Path) -> None:
         for g in (g for g in grpo if g["seed"] in sppo):
             s = sppo[g["seed"]]
             a, b = (reach(r["curve"], key, target, "train_s") for r in (g, s))
-            if not same_machine(g, s):
+            if not harness.same_machine(g, s):
                 bounds += ["", f"Seed {g['seed']}: SPPO and GRPO ran on machines of different speed (probe "
                                f"{probe(s)} s against {probe(g)} s), so its seconds are not compared; run the pair "
                                "again on one machine."]

@@ -9,9 +9,11 @@ Three sweeps per seed, each ``rllib train file`` in a fresh process (the same pa
 - PBT: ``--pbt``'s example (4 trials x 600 iterations, about the grid's compute; lr mutated through checkpoints).
 
 For each: trial-seconds (every iteration of every trial, its evaluations included; a PBT trial that continued from
-another's checkpoint counts only its own iterations), the sweep's wall-clock, and the best held-out avg@k it finds (the
-highest last evaluation of a trial: the trial a user would pick). The goal (#26): ASHA finds the grid's best accuracy
-for at most 40% of the grid's trial-seconds; PBT's best against the grid's at about the same trial-seconds.
+another's checkpoint counts only its own iterations) and trial-iterations, the sweep's wall-clock, the machine's speed
+probe (``harness.machine``), and the best held-out avg@k it finds (the highest last evaluation of a trial: the trial a
+user would pick). The goal (#26): ASHA finds the grid's best accuracy for at most 40% of the grid's trial-seconds (of
+its trial-iterations where the two sweeps ran on machines of different speed); PBT's best against the grid's at about
+the same trial-seconds.
 
 Each sweep's record goes to ``<out>_runs.jsonl`` as it finishes (a rerun skips it; a sweep cut short is rerun from its
 start); its YAML, Tune folder and console log to ``<out>_sweeps/``; the table to ``<out>.md``. ``--config`` and
@@ -69,14 +71,16 @@ def trial_record(rows: list[dict], key: str) -> dict:
         if value is not None and evaluated_at(it, config):
             curve.append([it, seconds, value])
     return {"lr": lrs, "critic_lr": rows[0]["config"]["critic_lr"], "iterations": rows[-1]["training_iteration"],
-            "trial_s": seconds, "curve": curve}
+            "trial_s": seconds, "trial_iterations": len(rows), "curve": curve}
 
 
 def sweep_record(trials: list[dict]) -> dict:
-    """A sweep's totals: trial-seconds, and its best trial by the last held-out evaluation (``best``, its value)."""
+    """A sweep's totals: trial-seconds and trial-iterations (each trial's own), and its best trial by the last
+    held-out evaluation (``best``, its value)."""
     measured = [t for t in trials if t["curve"]]
     best = max(measured, key=lambda t: t["curve"][-1][2]) if measured else None
     return {"trial_s": sum(t["trial_s"] for t in trials), "trials": len(trials),
+            "trial_iterations": sum(t["trial_iterations"] for t in trials),
             "best": best["curve"][-1][2] if best else np.nan,
             "best_trial": {k: best[k] for k in ("lr", "critic_lr", "iterations")} if best else None}
 
@@ -113,21 +117,27 @@ def run_sweep(label: str, spec: dict, seed: int, args, where: Path) -> dict:
 
 
 def table(runs: list[dict]) -> list[str]:
-    """Markdown rows: per sweep and seed, trial-seconds, their fraction of the grid's (same seed), the best held-out
-    accuracy and its trial; then ASHA's goal per seed."""
+    """Markdown rows: per sweep and seed, trial-seconds and trial-iterations, their fractions of the grid's (same
+    seed), the machine's probe, the best held-out accuracy and its trial; then ASHA's goal per seed, in trial-seconds
+    where the two sweeps ran on machines of one speed (``harness.same_machine``), else in trial-iterations (a session
+    here may land on a machine twice as fast as the last)."""
     grid = {r["seed"]: r for r in runs if r["label"] == "grid"}
-    lines = ["| sweep | seed | trials | trial-seconds | of the grid's | wall-clock s | best held-out | its trial "
-             "(lr, critic_lr, iterations) |", "|---|---|---|---|---|---|---|---|"]
+    share = lambda r, k: r[k] / grid[r["seed"]][k] if r["seed"] in grid and k in r else np.nan  # noqa: E731
+    lines = ["| sweep | seed | trials | trial-seconds | of the grid's | trial-iterations | of the grid's | "
+             "wall-clock s | machine probe s | best held-out | its trial (lr, critic_lr, iterations) |",
+             "|---" * 11 + "|"]
     for r in sorted(runs, key=lambda r: (r["seed"], SWEEPS.index(r["label"]))):
-        share = r["trial_s"] / grid[r["seed"]]["trial_s"] if r["seed"] in grid else np.nan
         t = r["best_trial"] or {}
-        lines.append(f"| {r['label']} | {r['seed']} | {r['trials']} | {r['trial_s']:.0f} | {share:.0%} | "
-                     f"{r['wall_s']:.0f} | {r['best']:.3f} | {t.get('lr')}, {t.get('critic_lr')}, "
-                     f"{t.get('iterations')} |")
+        lines.append(f"| {r['label']} | {r['seed']} | {r['trials']} | {r['trial_s']:.0f} | {share(r, 'trial_s'):.0%} "
+                     f"| {r.get('trial_iterations', '-')} | {share(r, 'trial_iterations'):.0%} | {r['wall_s']:.0f} | "
+                     f"{r['machine']['probe_s'] if 'machine' in r else '-'} | {r['best']:.3f} | {t.get('lr')}, "
+                     f"{t.get('critic_lr')}, {t.get('iterations')} |")
     for r in (r for r in runs if r["label"] == "ASHA" and r["seed"] in grid):
         g = grid[r["seed"]]
-        met = r["trial_s"] <= GOAL * g["trial_s"] and r["best"] >= g["best"]
-        lines.append(f"\nASHA, seed {r['seed']}: {r['trial_s'] / g['trial_s']:.0%} of the grid's trial-seconds, best "
+        cost, unit = ("trial_s", "trial-seconds") if harness.same_machine(r, g) else (
+            "trial_iterations", "trial-iterations (the two sweeps ran on machines of different speed)")
+        met = share(r, cost) <= GOAL and r["best"] >= g["best"]
+        lines.append(f"\nASHA, seed {r['seed']}: {share(r, cost):.0%} of the grid's {unit}, best "
                      f"{r['best']:.3f} against the grid's {g['best']:.3f}: goal (<= {GOAL:.0%}, the same best) "
                      f"{'met' if met else 'not met'}.")
     return lines
@@ -156,7 +166,7 @@ def main(argv=None):
         for label in (s for s in SWEEPS if s in args.only and (s, seed) not in done):
             with harness.machine_lock(args.lock):
                 load_before = harness.settled_load()
-                run = run_sweep(label, specs[label], seed, args, where)
+                run = {"machine": harness.machine(), **run_sweep(label, specs[label], seed, args, where)}
             run |= {"load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
             runs.append(run)
             with Path(f"{out}_runs.jsonl").open("a") as f:

@@ -199,7 +199,7 @@ def test_the_scheduler_benchmark_counts_each_trials_own_seconds_and_picks_the_be
 
     schedulers = sched_benchmark
     full = schedulers.trial_record(fake_rows([1e-5] * 4, {2: 0.5, 4: 0.75}), "accuracy/avg@4")
-    assert full == {"lr": [1e-5], "critic_lr": 1e-4, "iterations": 4, "trial_s": 8.0,
+    assert full == {"lr": [1e-5], "critic_lr": 1e-4, "iterations": 4, "trial_s": 8.0, "trial_iterations": 4,
                     "curve": [[0, 0.0, 0.25], [2, 4.0, 0.5], [4, 8.0, 0.75]]}
     exploited = schedulers.trial_record(fake_rows([2e-5, 2e-5], {2: 0.4}) + fake_rows([4e-5, 4e-5], {4: 0.8}, start=3),
                                         "accuracy/avg@4")
@@ -208,22 +208,29 @@ def test_the_scheduler_benchmark_counts_each_trials_own_seconds_and_picks_the_be
     never = schedulers.trial_record(fake_rows([1e-6], {}, interval=0), "accuracy/avg@4")
     assert never["curve"] == [[0, 0.0, 0.25]] and stopped["curve"][-1] == [2, 4.0, 0.3]
     grid = schedulers.sweep_record([full, stopped, full])
-    assert grid["trial_s"] == 20.0 and grid["best"] == 0.75 and grid["best_trial"] == {
+    assert grid["trial_s"] == 20.0 and grid["trial_iterations"] == 10
+    assert grid["best"] == 0.75 and grid["best_trial"] == {
         "lr": [1e-5], "critic_lr": 1e-4, "iterations": 4}
     asha = schedulers.sweep_record([stopped, full])
     runs = [{"label": "grid", "seed": 0, "key": "accuracy/avg@4", "wall_s": 30.0, **grid, "load_before": 0.2,
              "load_after": 2.0},
             {"label": "ASHA", "seed": 0, "key": "accuracy/avg@4", "wall_s": 15.0, **asha, "load_before": 1.5,
              "load_after": 2.0}]
+    # seed 1: the grid on a machine twice as slow (probe 2.0 s against 1.0): its seconds do not compare, iterations do
+    runs += [r | {"seed": 1, "machine": {"cpu": "x", "probe_s": probe}, "trial_s": r["trial_s"] * probe,
+                  "load_before": 0.2} for r, probe in zip(runs, (2.0, 1.0))]
     out = tmp_path / "schedulers"
     (tmp_path / "schedulers_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     loaded = harness.load_runs(out)
     schedulers.write(loaded, None, out)
     text = (tmp_path / "schedulers.md").read_text()
-    assert "| grid | 0 | 3 | 20 | 100% | 30 | 0.750 | [1e-05], 0.0001, 4 |" in text
-    assert "| ASHA | 0 | 2 | 12 | 60% | 15 | 0.750 |" in text
+    assert "| grid | 0 | 3 | 20 | 100% | 10 | 100% | 30 | - | 0.750 | [1e-05], 0.0001, 4 |" in text
+    assert "| ASHA | 0 | 2 | 12 | 60% | 6 | 60% | 15 | - | 0.750 |" in text
     assert "ASHA, seed 0: 60% of the grid's trial-seconds, best 0.750 against the grid's 0.750: goal (<= 40%, the " \
            "same best) not met." in text
+    assert "| ASHA | 1 | 2 | 12 | 30% | 6 | 60% | 15 | 1.0 | 0.750 |" in text
+    assert "ASHA, seed 1: 60% of the grid's trial-iterations (the two sweeps ran on machines of different speed), " \
+           "best 0.750" in text
     assert "Runs taken under load" in text and "ASHA seed 0 (load 1.5 before" in text
 
 
