@@ -109,18 +109,19 @@ def test_the_report_table_gives_the_wall_clock_ratio_per_seed_at_each_horizon(tm
 
 
 def test_a_seed_whose_pair_ran_on_machines_of_different_speed_gives_no_ratio(tmp_path):
-    """Seed 1's SPPO ran on a machine 1.3x as fast as its GRPO (probe 1.0 s against 1.3 s, beyond the 15% allowed):
-    its seconds are not compared, and the ratio is seed 0's alone (3x); seed 0's pair differs by 10%, which passes."""
-    probes = {(0, "grpo"): 1.1, (0, "sppo"): 1.0, (1, "grpo"): 1.3, (1, "sppo"): 1.0}
+    """Seed 1's SPPO ran on a machine 1.6x as fast as its GRPO (probe 1.0 s against 1.6 s, beyond the 50% one
+    machine's noise is allowed): its seconds are not compared, and the ratio is seed 0's alone (3x); seed 0's pair
+    differs by 40%, which passes."""
+    probes = {(0, "grpo"): 1.4, (0, "sppo"): 1.0, (1, "grpo"): 1.6, (1, "sppo"): 1.0}
     runs = [reported("long", name, 1e-5, seed, {"grpo": 300, "sppo": 100}[name])
             | {"machine": {"cpu": "AMD EPYC", "probe_s": probes[seed, name]}}
             for seed in (0, 1) for name in ("grpo", "sppo")]
     lh.write(runs, ARGS, tmp_path / "lh")
     long = (tmp_path / "lh.md").read_text().split("## long horizon")[1]
     assert "SPPO : GRPO in training seconds to the target: 3.00x (per seed 3.00x; range 3.00-3.00x)." in long
-    assert ("Seed 1: SPPO and GRPO ran on machines of different speed (probe 1.00 s against 1.30 s), so its seconds "
+    assert ("Seed 1: SPPO and GRPO ran on machines of different speed (probe 1.00 s against 1.60 s), so its seconds "
             "are not compared; run the pair again on one machine.") in long
-    assert "| 1.10 / 1.30 |" in next(line for line in long.splitlines() if line.startswith("| GRPO"))
+    assert "| 1.40 / 1.60 |" in next(line for line in long.splitlines() if line.startswith("| GRPO"))
 
 
 def test_the_report_says_per_seed_whether_grpo_flattened():
