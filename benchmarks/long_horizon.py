@@ -181,7 +181,8 @@ def common(grid_runs: list) -> int:
     """The iterations every run of an estimator's grid reached: its rates are compared over these. Each run trains
     the same minutes, but not always on a machine of the same speed (see ``harness.machine``), and a faster one gets
     more iterations in them; over the same iterations each rate has had the same training (the same prompts an
-    iteration), whichever machine ran it."""
+    iteration), whichever machine ran it. The limit: a rate that slows its own iterations (longer answers) shortens
+    every rate's window, and what each one costs a second does not count."""
     return min(r["iterations"] for _, r in grid_runs)
 
 
