@@ -140,9 +140,9 @@ def _measured_run(*args) -> dict:
 def machine(repeats: int = 5) -> dict:
     """What a run ran on: the CPU's model name and ``probe_s``, the seconds a fixed workload of small tensors takes
     (a 4-layer MLP of width 256, forward and backward on 64 rows, 300 times, torch's default threads; the fastest of
-    ``repeats``: the least disturbed), the kind of work a tiny policy's iteration is. Sessions here land on machines of different speeds
-    (the same tuning run took 5.3 s an iteration on one, 10.8 on the next): runs compared in wall-clock must share a
-    machine speed, and the probe says whether they did."""
+    ``repeats``: the least disturbed), the kind of work a tiny policy's iteration is. Sessions here land on machines
+    of different speeds (the same tuning run took 5.3 s an iteration on one, 10.8 on the next): runs compared in
+    wall-clock must share a machine speed, and the probe says whether they did."""
     import torch
 
     torch.manual_seed(0)
@@ -275,6 +275,11 @@ def provenance(packages=("ray", "torch")) -> list[str]:
     return [f"Command: `{' '.join(['python'] + sys.argv)}`  ",
             f"Versions: {versions}, python {platform.python_version()}; {platform.machine()}, "
             f"{subprocess.getoutput('nproc')} cores, {gpu}; {time.strftime('%Y-%m-%d')}", ""]
+
+
+def probe(run: dict) -> str:
+    """A run's machine probe in seconds (its ``machine`` record), "-" for a run recorded before the probe existed."""
+    return f"{run['machine']['probe_s']:.2f}" if "machine" in run else "-"
 
 
 def same_machine(*runs: dict) -> bool:

@@ -193,11 +193,6 @@ def picks(runs: list, args) -> dict:
             for name, grid in tuning_runs(runs, args).items()}
 
 
-def probe(run: dict) -> str:
-    """The run's machine probe in seconds (``harness.machine``), "-" for a run recorded before it existed."""
-    return f"{run['machine']['probe_s']:.2f}" if "machine" in run else "-"
-
-
 def peak(run: dict, key: str) -> float:
     return max(c[key] for c in run["curve"])
 
@@ -223,10 +218,11 @@ def write(runs: list, args, out: Path) -> None:
     chosen = picks(runs, args)
     grids = tuning_runs(runs, args)
     for name, grid in ((n, grids[n]) for n in ALL if n in grids):
+        compared = common(grid)
         for lr, r in sorted(grid, key=lambda lr_run: lr_run[0]):
             mark = " (picked)" if chosen[name] == lr else ""
-            lines.append(f"| {parse(r)[1]} | {lr:g}{mark} | {common(grid)} | {score(r, common(grid)):.3f} | "
-                         f"{peak(r, key):.3f} | {r['iterations']} | {probe(r)} | {r['load_before']} |")
+            lines.append(f"| {parse(r)[1]} | {lr:g}{mark} | {compared} | {score(r, compared):.3f} | "
+                         f"{peak(r, key):.3f} | {r['iterations']} | {harness.probe(r)} | {r['load_before']} |")
     lines += ["", "The machine probe is `harness.machine`'s seconds for a fixed small-tensor workload (lower is "
                   "faster; \"-\" for a run recorded before the probe existed): runs on machines of different speed are "
                   "compared over the iterations they all reached, not over their minutes."]
@@ -249,7 +245,7 @@ def write(runs: list, args, out: Path) -> None:
                 f"{per_seed([reach(r['curve'], key, target, 'train_s') for r in sel])} | "
                 f"{per_seed([reach(r['curve'], key, target, 'tokens') for r in sel])} | "
                 f"{' / '.join(f'{p:.2f}' for p in parts)} | {parts[0] / np.mean([r['iter_s'] for r in sel]):.0%} | "
-                f"{' / '.join(probe(r) for r in sel)} |")
+                f"{' / '.join(harness.probe(r) for r in sel)} |")
         sppo = {r["seed"]: r for r in here if parse(r)[1].startswith("SPPO")}
         ratio, bounds = [], []  # a seed where only one of the two reaches the target within its budget: a bound
         for g in (g for g in grpo if g["seed"] in sppo):
@@ -257,8 +253,8 @@ def write(runs: list, args, out: Path) -> None:
             a, b = (reach(r["curve"], key, target, "train_s") for r in (g, s))
             if not harness.same_machine(g, s):
                 bounds += ["", f"Seed {g['seed']}: SPPO and GRPO ran on machines of different speed (probe "
-                               f"{probe(s)} s against {probe(g)} s), so its seconds are not compared; run the pair "
-                               "again on one machine."]
+                               f"{harness.probe(s)} s against {harness.probe(g)} s), so its seconds are not compared; "
+                               "run the pair again on one machine."]
             elif np.isfinite(a) and np.isfinite(b):
                 ratio.append(a / b)
             elif np.isfinite(a):

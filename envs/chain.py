@@ -31,6 +31,8 @@ import random
 import re
 import string
 
+from envs.rewards import working_lines
+
 LABELS = string.ascii_lowercase + string.ascii_uppercase
 #: Named horizons: the number of steps.
 HORIZONS = {"short": 1, "medium": 5, "long": 15}
@@ -82,7 +84,7 @@ def check_working(question: str, working: str) -> list[str]:
     if reference is None:
         return [f"not a chain question: {question!r}"]
     expected = reference.split("\n")[:-1]
-    lines = working.rsplit("\\boxed", 1)[0].rstrip("\n").split("\n")
+    lines = working_lines(working)
     return ([f"step {LABELS[i]}: {(lines[i] if i < len(lines) else '')!r}, expected {line!r}"
              for i, line in enumerate(expected) if i >= len(lines) or lines[i] != line]
             + [f"extra line {line!r}" for line in lines[len(expected):]])

@@ -94,7 +94,7 @@ def final_answer_reward(completions: list[str], ground_truth: list[str], **_) ->
     return _check_answers([final_answer(c) for c in completions], ground_truth)
 
 
-def _working(text: str) -> list[str]:
+def working_lines(text: str) -> list[str]:
     """The lines before the last boxed answer."""
     return text.rsplit("\\boxed", 1)[0].rstrip("\n").split("\n")
 
@@ -108,7 +108,7 @@ def working_reward(completions: list[str], ground_truth: list[str], solution: li
     if any(s is None for s in solution):
         raise ValueError("reward_fn 'working' needs each record's reference working in a `solution` column "
                          "(extra_info.solution); use 'math' for a task without one")
-    return [r if r != 1.0 or _working(c) == _working(s) else 0.0
+    return [r if r != 1.0 or working_lines(c) == working_lines(s) else 0.0
             for r, c, s in zip(math_reward(completions, ground_truth), completions, solution, strict=True)]
 
 
