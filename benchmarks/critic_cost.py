@@ -70,7 +70,7 @@ def measure(critic: str | None, batch: int, prompt_len: int, response_lens: list
             critic_s.append(time.perf_counter() - start)
             start = time.perf_counter()
             policy_opt.zero_grad()
-            logp = module._forward(b)["logp"]
+            logp = module.forward_train(b)["logp"]
             loss, _ = ppo_clip_loss(logp, logp.detach(), torch.randn(batch), mask)
             loss.backward()
             policy_opt.step()
@@ -89,10 +89,10 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--response-lens", type=int, nargs="+", default=[32, 128, 384])
-    p.add_argument("--_child", help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args._child is not None:  # a measuring process
-        print(json.dumps(measure(args._child or None, args.batch, args.prompt_len, args.response_lens)))
+    if args.child is not None:  # a measuring process
+        print(json.dumps(measure(args.child or None, args.batch, args.prompt_len, args.response_lens)))
         return
     from rllib_sppo.llm.models import resolve_model
 
@@ -100,7 +100,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for critic in ("", small_critic(tmp, policy_dir)):
-            out = subprocess.run([sys.executable, __file__, "--_child", critic, "--batch", str(args.batch),
+            out = subprocess.run([sys.executable, __file__, "--child", critic, "--batch", str(args.batch),
                                   "--prompt-len", str(args.prompt_len), "--response-lens",
                                   *map(str, args.response_lens)], capture_output=True, text=True, check=True)
             rows += json.loads(out.stdout.strip().splitlines()[-1])

@@ -177,6 +177,7 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
 
     from rllib_sppo.experiments import build_config, load_experiments, resolve_algorithm
     from rllib_sppo.llm.evaluation import heldout_evaluation
+    from rllib_sppo.private_api import local_learner
 
     (name, exp), = load_experiments(path).items()
     cfg = {**exp["config"], **overrides, "seed": seed, "evaluation_interval": None}
@@ -215,7 +216,7 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
             curve.append(point(it, tokens))
     if curve[-1]["iteration"] != it:
         curve.append(point(it, tokens))
-    module = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped() if algo.learner_group.is_local else None
+    module = local_learner(algo.learner_group).module[DEFAULT_MODULE_ID].unwrapped() if algo.learner_group.is_local else None
     params = {f"{part}_params": sum(p.numel() for p in getattr(module, f"{part}_parameters")()) if module else np.nan
               for part in ("policy", "critic")}
     algo.stop()

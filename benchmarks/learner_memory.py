@@ -45,7 +45,7 @@ def sppo_point(job: dict) -> dict:
     vocab = learner.module[DEFAULT_MODULE_ID].unwrapped().policy.config.vocab_size
     episodes = token_episodes(n, job["prompt_len"], job["response_len"], vocab)
     timed = {"step_s": 0.0}
-    update = learner._uncompiled_update
+    update = learner.minibatch_update
 
     def timed_update(batch, **kwargs):
         start = time.perf_counter()
@@ -53,7 +53,7 @@ def sppo_point(job: dict) -> dict:
         timed["step_s"] += time.perf_counter() - start
         return out
 
-    learner._possibly_compiled_update = timed_update  # what RLlib calls per minibatch
+    learner.minibatch_update = timed_update  # what the learner calls per minibatch (TorchLearnerHooks)
     learner.update(episodes=episodes, num_epochs=1, minibatch_size=n)  # warm-up: AdamW's state
     timed["step_s"] = 0.0
     resident = reset_peak_rss()

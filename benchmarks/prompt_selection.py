@@ -29,7 +29,7 @@ BASELINE = "SPPO"
 
 def variants(pool: int, floor: float) -> dict:
     return {BASELINE: {}, f"SPPO + selection (pool {pool}, floor {floor:g})": {
-        "prompt_selection": {"pool": pool, "weight": "variance", "floor": floor}}}
+        "prompt_selection": {"pool": pool, "floor": floor}}}
 
 
 def main():

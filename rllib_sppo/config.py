@@ -151,13 +151,13 @@ class SPPOConfig(ConfigChecks, AlgorithmConfigHooks):
                 too. None: 2 beside the learner on a GPU, else 0.
             weight_sync: How remote LLM EnvRunners receive the policy: "collective" (broadcast by the learner over a
                 torch.distributed group of their own: NCCL with a whole GPU each, else gloo) or "object_store"
-                (Ray's object store). None: collective, but the object store with async_rollouts or DeepSpeed.
+                (Ray's object store). None: collective, but the object store with async_rollouts.
             weight_sync_chunk_mb: Remote EnvRunners receive the policy in its compute dtype in chunks (buckets) of at
                 most this many MB, loaded one at a time.
             enforce_eager: vLLM without CUDA graphs. None: True on a CPU machine, False on a GPU one.
             eval_samples_per_prompt: k of the held-out evaluation (avg@k, pass@k).
-            prompt_selection: Critic-guided prompt selection: {"pool": int >= 2, "weight": "variance", "floor":
-                float > 0}, defaults 4, "variance", 0.05 (docs/critic.md). None: off.
+            prompt_selection: Critic-guided prompt selection: {"pool": int >= 2, "floor": float > 0}, defaults 4,
+                0.05; prompts posed with probability proportional to p (1 - p) + floor (docs/critic.md). None: off.
             weight_sync_timeout_s: A remote EnvRunner not done loading new weights within this many seconds is named
                 and restarted; fetching them from the learners past it ends the process naming it.
             generation_timeout_s: One engine call past this many seconds ends its EnvRunner's process, naming it.

@@ -5,7 +5,8 @@ into a public, documented method that the package's subclasses override instead 
 ``AlgorithmConfigHooks``, the torch learner ``TorchLearnerHooks``, the classic-control EnvRunner
 ``SingleAgentEnvRunnerHooks``). ``USED`` lists every internal reached, with where and why; the pinned versions
 (``pyproject.toml``) have them all, and an upgrade may rename or drop any: ``tests/test_private_api.py`` checks each
-against the installed versions, and scans the package (``rllib_sppo`` and ``envs``) for a private use anywhere else.
+against the installed versions, and scans the repository (the package, ``envs``, benchmarks and tests) for a private
+use anywhere else.
 
 One exception, by RLlib's design: an RLModule implements ``_forward`` (RLlib's documented way to write a module;
 ``DOCUMENTED_OVERRIDES``). ``envs`` imports nothing of this package: the one registry read it needs (is an env id
@@ -54,6 +55,10 @@ USED = (
     ("ray.rllib.env.single_agent_env_runner", "SingleAgentEnvRunner", "_try_env_reset",
      "SingleAgentEnvRunnerHooks.reset_seed: EpisodeEnvRunner draws each reset's seed (new states every batch)"),
     ("ray.rllib.core.learner.learner_group", "LearnerGroup", "_get_results", "learner_results: DeepSpeedLearnerGroup"),
+    ("ray.rllib.core.learner.learner_group", "LearnerGroup", "_learner",
+     "local_learner: benchmarks and tests read a local learner's module and optimizers"),
+    ("ray._private.worker", "init", "_metrics_export_port",
+     "ray_init: tests read the package's series at a Prometheus port they chose (ray start's --metrics-export-port)"),
     ("ray.tune.registry", None, "_global_registry",
      "registered_env_creator: envs registered with tune.register_env (read for envs.classic's callers)"),
     ("ray.rllib.algorithms.registry", None, "ALGORITHMS", "rllib_algorithms: the CLI resolves RLlib's algorithm names"),
@@ -121,6 +126,18 @@ def subcomponents(checkpointable, component: str, components):
 def learner_results(learner_group, results):
     """The values of a ``foreach_learner`` call, errors raised."""
     return learner_group._get_results(results)
+
+
+def local_learner(learner_group):
+    """The learner of a learner group that runs it in this process (``learner_group.is_local``)."""
+    return learner_group._learner
+
+
+def ray_init(*, metrics_export_port: int, **kwargs):
+    """``ray.init(**kwargs)`` with Prometheus' metrics export on ``metrics_export_port``."""
+    import ray
+
+    return ray.init(_metrics_export_port=metrics_export_port, **kwargs)
 
 
 def learner_pipeline(learner):
@@ -206,7 +223,7 @@ def autoscaling_cluster() -> bool:
     config exists)."""
     from ray.tune.execution.cluster_info import _is_ray_cluster
 
-    return _is_ray_cluster()
+    return _is_ray_cluster.__wrapped__()  # (asked anew: Tune caches the first answer for the process)
 
 
 def disable_deepspeed_shm_comm() -> None:
@@ -345,8 +362,8 @@ def missing() -> list[str]:
             ok = False
         elif isinstance(owner, dict):  # a registry, e.g. vLLM's environment variables
             ok = name in owner
-        elif inspect.isfunction(owner):  # a keyword argument
-            ok = name in inspect.signature(owner).parameters
+        elif inspect.isfunction(owner):  # a keyword argument, in its signature or taken from its **kwargs
+            ok = name in inspect.signature(owner).parameters or f'kwargs.pop("{name}"' in inspect.getsource(owner)
         else:
             ok = hasattr(owner, name) or inspect.isclass(owner) and any(
                 f"self.{name} =" in inspect.getsource(base) or f"self.{name}: " in inspect.getsource(base)

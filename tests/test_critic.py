@@ -15,6 +15,7 @@ from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.critic import score_prompt_candidates
 from rllib_sppo.llm.evaluation import heldout_report
 from rllib_sppo.llm.sampler import EpochSampler, PromptPool
+from rllib_sppo.private_api import local_learner
 from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
 from test_core import HELDOUT_P, HELDOUT_SOLVED
 from test_llm import llm_config
@@ -115,7 +116,7 @@ def test_the_pool_resumes_where_it_was():
     ({"pool": 4, "temperature": 1}, r"unknown key\(s\) \['temperature'\]"),
     ({"pool": 1}, "pool=1: candidates scored per prompt posed, an int >= 2"),
     ({"pool": 2.5}, "pool=2.5"),
-    ({"weight": "entropy"}, "weight='entropy': 'variance'"),
+    ({"weight": "variance"}, r"unknown key\(s\) \['weight'\]; its keys are pool and floor"),
     ({"floor": 0}, "floor=0 must be a number > 0: it keeps every prompt reachable"),
 ])
 def test_prompt_selection_config_says_how_to_fix(tiny, selection, message):
@@ -157,7 +158,7 @@ def test_selection_poses_the_prompts_the_critic_is_unsure_of(tiny, ray_session, 
     runner_call = ((lambda fn: group.foreach_env_runner(fn, local_env_runner=False)[0]) if remote
                    else (lambda fn: fn(algo.env_runner)))
     texts = runner_call(lambda r: r.env.splits["train"].texts)
-    module = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+    module = local_learner(algo.learner_group).module[DEFAULT_MODULE_ID].unwrapped()
     set_value_head(module, texts)
     known = dict(zip(texts, module.prompt_values(texts).tolist()))
     candidates = runner_call(lambda r: r.prompt_candidates())  # what the driver's scoring will find

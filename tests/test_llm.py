@@ -20,6 +20,7 @@ from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.connectors import TokenBatch
 from rllib_sppo.llm.evaluation import heldout_report
 from rllib_sppo.llm.runner import LLMEnvRunner
+from rllib_sppo.private_api import local_learner
 from rllib_sppo.torch.llm_rl_module import SPPOLLMModule
 
 TEXT = gym.spaces.Text(64)
@@ -214,12 +215,12 @@ def test_grpo_builds_and_runs_no_critic(tiny, ray_session):
     run one; the learner logs no critic metric. The group baseline centres each prompt's samples."""
     algo = llm_config(tiny, "transformers", advantage_estimator="grpo", samples_per_prompt=4,
                       train_batch_size_per_learner=16).build_algo()
-    learner_obj = algo.learner_group._learner
+    learner_obj = local_learner(algo.learner_group)
     module = learner_obj.module[DEFAULT_MODULE_ID].unwrapped()
     names = [n for n, _ in module.named_parameters()]
     assert names and all(n.startswith("policy.") for n in names)
     assert module.critic_parameters() == [] and set(module.networks()) == {"policy"}
-    assert list(learner_obj._module_optimizers[DEFAULT_MODULE_ID]) == [f"{DEFAULT_MODULE_ID}_policy"]
+    assert [name for name, _ in learner_obj.get_optimizers_for_module(DEFAULT_MODULE_ID)] == ["policy"]
     result = algo.train()
     algo.stop()
     learner = result["learners"][DEFAULT_MODULE_ID]
@@ -414,7 +415,7 @@ def test_llm_wires_the_pieces_and_validate_refuses_a_mismatched_set(tiny):
     config = SPPOConfig().environment("ReasoningBandit-v0").llm(policy=tiny, engine="transformers", dtype="bfloat16")
     assert config.env_runner_cls is LLMEnvRunner and config.rl_module_spec.module_class is SPPOLLMModule
     assert config.rl_module_spec.model_config == {"policy": tiny, "dtype": "bfloat16"}
-    assert isinstance(config._learner_connector(None, None), TokenBatch)
+    assert isinstance(config.learner_connector_instance(), TokenBatch)
     assert not config.add_default_connectors_to_learner_pipeline
     assert config.custom_evaluation_function is heldout_accuracy and config.rollout_engine == "transformers"
     config.validate()

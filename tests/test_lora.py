@@ -9,6 +9,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.llm.assets import build_tiny_llama
+from rllib_sppo.private_api import local_learner
 from test_reference_scale import TEXT, minibatch_gradient, uneven_episodes
 
 MODULE = DEFAULT_MODULE_ID
@@ -45,7 +46,7 @@ def test_only_the_adapters_train_in_micro_batches_and_bf16(tiny):
     module = split.module[MODULE].unwrapped()
     lora = adapters(module)
     assert len(lora) == 4 * 3 * 2  # 4 layers x 3 target modules x (A, B)
-    [policy_optimizer] = [o for name, o in split._named_optimizers.items() if name.endswith("policy")]
+    [policy_optimizer] = [o for name, o in split.get_optimizers_for_module(MODULE) if name == "policy"]
     held = {id(p) for group in policy_optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in lora.values()}
     (expected, _), (got, _) = minibatch_gradient(whole, eps), minibatch_gradient(split, eps)
@@ -69,7 +70,7 @@ def test_lora_syncs_only_the_adapters_to_a_local_vllm_engine(tiny, ray_session):
     """vLLM (its CPU build) serves the policy's adapters as a LoRA adapter: the local EnvRunner is handed the learner's
     own adapter tensors (no base weight), and the engine's log-probs match the learner's after every sync."""
     algo = config(tiny, engine="vllm").build_algo()
-    learner_module = algo.learner_group._learner.module[MODULE].unwrapped()
+    learner_module = local_learner(algo.learner_group).module[MODULE].unwrapped()
     lora = adapters(learner_module)
     received = []
     results = [algo.train()]
@@ -91,7 +92,7 @@ def test_lora_reaches_a_remote_runner_in_bf16_chunks_and_checkpoints_an_adapter_
     from transformers import AutoModelForCausalLM
 
     algo = config(tiny, dtype="bfloat16", runners=1, weight_sync_chunk_mb=0.01).build_algo()
-    module = algo.learner_group._learner.module[MODULE].unwrapped()
+    module = local_learner(algo.learner_group).module[MODULE].unwrapped()
     results = [algo.train() for _ in range(3)]
     lora_bytes = sum(p.numel() * 2 for p in adapters(module).values())
     assert results[-1]["env_runners"]["rollout/weight_sync_bytes"] == lora_bytes

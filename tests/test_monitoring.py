@@ -27,6 +27,7 @@ from rllib_sppo.cli import main
 from rllib_sppo.monitoring import (
     ACCURACY, BEFORE_TRAINING, ENV_STEPS, KNOWN_NOISE, accuracy_curve, quiet_console,
 )
+from rllib_sppo.private_api import ray_init
 
 SERIES = re.compile(r"^ray_(sppo_\w+)\{(.*)\} (\S+)$", re.M)
 HEADLESS_CHROMIUM = Path(__file__).with_name("headless_chromium.py")
@@ -43,8 +44,8 @@ def ray_with_dashboard():
     """Ray as the session's (2 CPUs), plus the dashboard and a known Prometheus port; later tests reuse it."""
     ray.shutdown()
     metrics_port = free_port()
-    context = ray.init(num_cpus=2, log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=free_port(), _metrics_export_port=metrics_port)
+    context = ray_init(num_cpus=2, log_to_driver=False, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port(), metrics_export_port=metrics_port)
     return f"http://{context.dashboard_url}", f"http://127.0.0.1:{metrics_port}/metrics"
 
 
@@ -97,15 +98,16 @@ def test_cli_prints_progress_and_writes_curves(ray_session, tmp_path, capsys, ti
         assert sum(last[f"{prefix}reliability/bin{b}/problems"] for b in range(10)) == 8
 
 
-def test_heldout_calibration_is_exported_beside_accuracy(ray_session):
+def test_heldout_calibration_is_exported_beside_accuracy(ray_session, monkeypatch):
     """The critic's held-out calibration (evaluation results, ``critic/`` namespace) becomes gauges like accuracy;
     the reliability diagram's bins stay in the results only."""
     from types import SimpleNamespace
 
-    from rllib_sppo.monitoring import PrometheusExport
+    from rllib_sppo import monitoring
 
-    export = PrometheusExport()
-    export(SimpleNamespace(_trial_info=None, trial_name="default"), {"evaluation": {"env_runners": {
+    monkeypatch.setattr(monitoring, "trial_info", lambda algorithm: None)  # (outside Tune)
+    export = monitoring.PrometheusExport()
+    export(SimpleNamespace(trial_name="default"), {"evaluation": {"env_runners": {
         "accuracy/avg@4": 0.5, "critic/heldout_brier": 0.2, "critic/heldout_auroc": float("nan"),
         "reliability/bin3/problems": 7}}})
     assert set(export._gauges) == {"sppo_accuracy_avg_at_4", "sppo_critic_heldout_brier"}  # (NaN: not set)

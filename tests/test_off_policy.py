@@ -16,6 +16,7 @@ from rllib_sppo import SPPOConfig
 from rllib_sppo.llm.assets import build_tiny_llama
 from rllib_sppo.llm.connectors import TokenBatch
 from rllib_sppo.llm.runner import LLMEnvRunner
+from rllib_sppo.private_api import local_learner
 from rllib_sppo.torch import sppo_torch_learner
 
 MODULE = DEFAULT_MODULE_ID
@@ -134,7 +135,7 @@ def test_async_rollouts_sample_each_batch_with_the_weights_one_update_behind(tin
     algo = config(tiny, runners=1, async_rollouts=True, tis_cap=2.0).env_runners(
         env_runner_cls=gated_runner(tmp_path)).build_algo()
     gate_updates(algo, tmp_path, monkeypatch)
-    learner = algo.learner_group._learner
+    learner = local_learner(algo.learner_group)
     policies = [copy.deepcopy(learner.module[MODULE].unwrapped().policy)]  # after update 0, 1, 2, ...
     batches = []
     spy(monkeypatch, TokenBatch, "__call__", batches)

@@ -1,6 +1,6 @@
 """``rllib_sppo.private_api`` is the one door to the internals of RLlib, Ray, DeepSpeed and vLLM: every internal it
 lists still exists in the pinned versions (an upgrade that drops one fails here, by name), it lists every internal it
-reaches, and nothing else in the package (``rllib_sppo`` and ``envs``) reaches one."""
+reaches, and nothing else in the repository (the package, ``envs``, the benchmarks and the tests) reaches one."""
 
 import ast
 import importlib
@@ -21,24 +21,30 @@ def is_private(name: str) -> bool:
 
 
 def sources() -> list[Path]:
+    """The package's modules (``rllib_sppo`` and ``envs``)."""
     return sorted([*REPO.glob("rllib_sppo/**/*.py"), *REPO.glob("envs/**/*.py")])
 
 
+def users() -> list[Path]:
+    """Everything in the repository that may call the package: its modules, the benchmarks and the tests."""
+    return sorted([*sources(), *REPO.glob("benchmarks/*.py"), *REPO.glob("tests/*.py")])
+
+
 def defined_here() -> set[str]:
-    """Private names the package defines itself (outside the door): functions, classes, attributes it assigns."""
+    """Private names the repository defines itself (outside the door): functions, classes, variables, and attributes
+    of its own objects (``self._x = ...``; writing another object's private attribute defines nothing)."""
     names = set()
-    for path in sources():
+    for path in users():
         if path == DOOR:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(node.name)
-            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+                  and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
                 names.add(node.attr)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 names.add(node.id)
-            elif isinstance(node, ast.keyword) and node.arg:  # SimpleNamespace(_x=...)-style objects of its own
-                names.add(node.arg)
     return {name for name in names if is_private(name)}
 
 
@@ -75,12 +81,25 @@ def test_a_missing_internal_is_named(monkeypatch):
 
 
 def test_nothing_outside_the_door_reads_a_private_internal():
-    """No private import from ray, deepspeed or vllm, no read of a private attribute the package does not define
-    itself, no private keyword argument: anywhere in rllib_sppo or envs but private_api.py."""
+    """No private import from ray, deepspeed or vllm, no read or write of a private attribute the repository does not
+    define itself, no private keyword argument: anywhere in the package, the benchmarks or the tests but
+    private_api.py."""
     ours = defined_here()
-    offenders = {str(path.relative_to(REPO)): uses for path in sources() if path != DOOR
+    offenders = {str(path.relative_to(REPO)): uses for path in users() if path != DOOR
                  for uses in [private_uses(path, ours)] if uses}
     assert offenders == {}
+
+
+def test_the_scan_finds_a_private_read_a_write_and_a_keyword(tmp_path):
+    """The scan above, on a made-up file: a read of a learner group's private learner, a write of a learner's
+    private update and a private keyword of ray.init are each found; a private attribute of the file's own object
+    is not."""
+    path = tmp_path / "user.py"
+    path.write_text("class Own:\n    def __init__(self):\n        self._mine = 1\n\n"
+                    "learner = group._learner\nlearner._possibly_compiled_update = f\n"
+                    "ray.init(_metrics_export_port=8080)\nOwn()._mine\n")
+    assert sorted(private_uses(path, {"_mine"}), key=lambda use: use[1]) == [("_learner", 5), ("_possibly_compiled_update", 6),
+                                                                             ("_metrics_export_port", 7)]
 
 
 def test_nothing_outside_the_door_overrides_a_private_internal():
@@ -104,7 +123,7 @@ def test_nothing_outside_the_door_overrides_a_private_internal():
 
 def test_the_door_lists_every_internal_it_reaches():
     """Every private name private_api.py reaches (imports, attributes, keyword arguments, overrides) is in USED, and
-    the vLLM internals it lists are called nowhere else."""
+    the vLLM internals it lists are called nowhere else in the repository."""
     listed = {name for _, _, name, _ in private_api.USED}
     listed |= {part for module, _, _, _ in private_api.USED for part in module.split(".") if is_private(part)}
     reached = {name for name, _ in private_uses(DOOR, set())}
@@ -113,7 +132,7 @@ def test_the_door_lists_every_internal_it_reaches():
     assert reached - listed == set()
     vllm_names = {name for module, _, name, _ in private_api.USED if module.startswith("vllm")} - {"sleep", "wake_up"}
     elsewhere = [f"{path.name}: {node.attr if isinstance(node, ast.Attribute) else node.value}"
-                 for path in sources() if path != DOOR for node in ast.walk(ast.parse(path.read_text()))
+                 for path in users() if path != DOOR for node in ast.walk(ast.parse(path.read_text()))
                  if isinstance(node, ast.Attribute) and node.attr in vllm_names
                  or isinstance(node, ast.Constant) and node.value in vllm_names]
     assert elsewhere == []

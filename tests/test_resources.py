@@ -52,8 +52,6 @@ def test_a_yaml_the_cluster_cannot_hold_is_one_line_and_exit_2(yaml_file, ray_se
 def test_on_an_autoscaling_cluster_the_trial_waits_with_a_warning(ray_session, tmp_path, monkeypatch, caplog):
     """Tune's test for an autoscaling cluster (the cluster launcher's bootstrap config in the home folder): more nodes
     may come, so the check warns and lets the trial wait."""
-    from ray.tune.execution.cluster_info import _is_ray_cluster
-
     from rllib_sppo import SPPO
     from rllib_sppo.cluster import check_resources
     from rllib_sppo.experiments import build_config
@@ -61,12 +59,8 @@ def test_on_an_autoscaling_cluster_the_trial_waits_with_a_warning(ray_session, t
     config = build_config(SPPO, "OutcomeCartPole-v1", {"num_env_runners": 3}, "x.yaml")
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ray_bootstrap_config.yaml").write_text("cluster_name: test\n")
-    _is_ray_cluster.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="rllib_sppo.cluster"):
-            check_resources(SPPO, config, False, "x.yaml")
-    finally:
-        _is_ray_cluster.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="rllib_sppo.cluster"):
+        check_resources(SPPO, config, False, "x.yaml")
     assert caplog.messages == ["a trial asks for 4 CPU (the main process 1, 3 EnvRunners 1 each) but the cluster has "
                                "2 CPU for now; it waits for the autoscaler to add nodes"]
 

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ray.rllib.core import DEFAULT_MODULE_ID
 
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.cli import main
 from rllib_sppo.experiments import load_experiments, tune_object
+from rllib_sppo.private_api import local_learner
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -72,7 +74,7 @@ def test_a_checkpoint_restored_under_a_new_lr_trains_with_it_from_the_checkpoint
 
     def lrs(algo):
         return {name: optimizer.param_groups[0]["lr"]
-                for name, optimizer in algo.learner_group._learner._named_optimizers.items()}
+                for name, optimizer in local_learner(algo.learner_group).get_optimizers_for_module(DEFAULT_MODULE_ID)}
 
     better = config(1e-3).build_algo()
     for _ in range(2):
@@ -85,7 +87,7 @@ def test_a_checkpoint_restored_under_a_new_lr_trains_with_it_from_the_checkpoint
     exploiting.restore_from_path(path)
     assert exploiting.env_runner.sampler.get_state() == place == {"epoch": 0, "pos": 16}
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
-    assert lrs(exploiting) == {"default_policy_policy": 1e-2, "default_policy_critic": 1e-3}
+    assert lrs(exploiting) == {"policy": 1e-2, "critic": 1e-3}
     result = exploiting.train()
     assert result["training_iteration"] == 3 and exploiting.env_runner.sampler.get_state() == {"epoch": 0, "pos": 24}
     exploiting.stop()

@@ -14,6 +14,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.llm.assets import build_tiny_llama
+from rllib_sppo.private_api import local_learner
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def config(tiny, dtype="float32", **training):
 def test_a_local_runner_is_handed_the_learners_own_tensors(tiny, ray_session):
     algo = config(tiny).build_algo()
     algo.train()
-    runner, learner = algo.env_runner, algo.learner_group._learner
+    runner, learner = algo.env_runner, local_learner(algo.learner_group)
     received = []
     update_weights = runner._engine.update_weights
     runner._engine.update_weights = lambda named: update_weights(received.append(list(named)) or received[-1])
@@ -53,7 +54,7 @@ def test_remote_runners_receive_bounded_chunks_in_the_training_dtype(tiny, ray_s
     of at most 0.25 MB (the 1.8M-parameter tiny Llama: ~15 chunks)."""
     algo = (config(tiny, dtype="bfloat16", weight_sync_chunk_mb=0.25)
             .env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5).build_algo())
-    learner = algo.learner_group._learner
+    learner = local_learner(algo.learner_group)
     chunks, _ = learner.weight_chunks(int(0.25 * 2**20))
     import ray
 
@@ -158,7 +159,7 @@ def test_remote_runners_get_the_weights_over_the_collective_and_a_restarted_one_
         result = algo.train()
         assert result["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
     assert algo.rollouts.collective.members == (1, 2) and not loaded_through_object_store
-    policy = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped().policy
+    policy = local_learner(algo.learner_group).module[DEFAULT_MODULE_ID].unwrapped().policy
     fp32_bytes = sum(p.numel() * 4 for p in policy.state_dict().values())
     assert result["env_runners"]["rollout/weight_sync_bytes"] == fp32_bytes
     pids = dict(algo.env_runner_group.foreach_env_runner(lambda r: (r.worker_index, os.getpid()),
@@ -213,7 +214,7 @@ def test_the_cuda_cache_is_emptied_before_the_engine_wakes(tiny, ray_session, mo
     runner = algo.env_runner
     runner.sample()
     assert runner._asleep
-    policy = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped().policy
+    policy = local_learner(algo.learner_group).module[DEFAULT_MODULE_ID].unwrapped().policy
     named = [(name, p.detach().clone()) for name, p in policy.named_parameters(remove_duplicate=False)]
     calls, wake_up = [], runner._engine.wake_up
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

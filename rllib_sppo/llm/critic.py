@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 #: ``SPPOConfig.prompt_selection``'s keys and their defaults.
-PROMPT_SELECTION_DEFAULTS = {"pool": 4, "weight": "variance", "floor": 0.05}
+PROMPT_SELECTION_DEFAULTS = {"pool": 4, "floor": 0.05}
 
 
 def critic_logits(learner_group, texts: list[str]) -> np.ndarray:
@@ -55,20 +55,17 @@ def score_prompt_candidates(env_runner_group, learner_group) -> None:
 
 def prompt_selection_problems(config):
     """What is wrong with ``config.prompt_selection`` (``SPPOConfig.validate``), each with its fix."""
-    example = "{'pool': 4, 'weight': 'variance', 'floor': 0.05}"
+    example = "{'pool': 4, 'floor': 0.05}"
     if not isinstance(config.prompt_selection, dict):
         yield f"prompt_selection must be a dict such as {example} (or None: off), got {config.prompt_selection!r}."
         return
     unknown = sorted(set(config.prompt_selection) - set(PROMPT_SELECTION_DEFAULTS))
     if unknown:
-        yield f"prompt_selection has unknown key(s) {unknown}; its keys are pool, weight and floor, e.g. {example}."
+        yield f"prompt_selection has unknown key(s) {unknown}; its keys are pool and floor, e.g. {example}."
     sel = config.resolved_prompt_selection
     if not isinstance(sel["pool"], int) or isinstance(sel["pool"], bool) or sel["pool"] < 2:
         yield (f"prompt_selection pool={sel['pool']!r}: candidates scored per prompt posed, an int >= 2 (4: score "
                f"four times the prompts, pose a quarter of them).")
-    if sel["weight"] != "variance":
-        yield (f"prompt_selection weight={sel['weight']!r}: 'variance' (p (1 - p), the variance of the outcome the "
-               f"critic predicts) is the one weight.")
     if not isinstance(sel["floor"], (int, float)) or isinstance(sel["floor"], bool) or not sel["floor"] > 0:
         yield (f"prompt_selection floor={sel['floor']!r} must be a number > 0: it keeps every prompt reachable (with "
                f"0, a prompt the critic is sure about, p = 0 or 1, is never posed).")

@@ -87,7 +87,6 @@ class HFEngine:
         self.lora = lora
         if lora:
             self.model.add_adapter(peft_config(lora))
-        self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
 
     @torch.no_grad()

@@ -12,8 +12,6 @@ softmax and the gradients), 5 x 4 x chunk x vocabulary bytes.
 
 from __future__ import annotations
 
-GB = 1e9
-
 
 def parameter_count(config, lm_head: bool) -> int:
     """Parameters of ``config``'s model: the causal LM (``lm_head``: with its LM head, counted once if tied to the

@@ -23,7 +23,8 @@ def mlp(in_dim: int, hiddens: list[int], out_dim: int, act: type = nn.Tanh) -> n
 
 
 class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogpAPI):
-    """``model_config``: ``pi_hiddens`` and ``vf_hiddens`` (the critic has its own size); set by ``SPPOConfig``:
+    """``model_config``: ``pi_hiddens`` and ``vf_hiddens`` (the critic has its own size), ``init_log_std`` (Box
+    actions: the Gaussian's log-std before training, 0.0: std 1); set by ``SPPOConfig``:
     ``critic_kind`` (``CriticKind.SEQUENCE``: V(s_0), or None: no critic), ``critic_bias``,
     ``max_tokens_per_micro_batch`` (here: steps per micro-batch).
 
@@ -35,8 +36,8 @@ class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
 
     def setup(self):
         obs_dim = int(np.prod(self.observation_space.shape))
-        cfg = {"pi_hiddens": [64, 64], "vf_hiddens": [64, 64], "critic_kind": CriticKind.SEQUENCE,
-               "max_tokens_per_micro_batch": None, **(self.model_config or {})}
+        cfg = {"pi_hiddens": [64, 64], "vf_hiddens": [64, 64], "init_log_std": 0.0,
+               "critic_kind": CriticKind.SEQUENCE, "max_tokens_per_micro_batch": None, **(self.model_config or {})}
         if cfg["critic_kind"] not in (CriticKind.SEQUENCE, None):
             raise ValueError(f"SPPOMLPModule's critic reads s_0 (critic_kind 'sequence') or there is none, got "
                              f"{cfg['critic_kind']!r}; for a per-token critic on classic control use RLlib's PPO.")
@@ -51,7 +52,7 @@ class SPPOMLPModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI, TokenLogp
             out_dim = self.action_space.n
         self.pi = mlp(obs_dim, cfg["pi_hiddens"], out_dim)
         if self.continuous:
-            self.log_std = nn.Parameter(torch.full((out_dim,), float(cfg.get("init_log_std", 0.0))))
+            self.log_std = nn.Parameter(torch.full((out_dim,), float(cfg["init_log_std"])))
         if not self.inference_only and cfg["critic_kind"]:
             self.vf = mlp(obs_dim, cfg["vf_hiddens"], 1)
             if cfg.get("critic_bias") is not None:  # SPPOConfig.critic_init
