@@ -59,7 +59,8 @@ def measure(critic: str | None, batch: int, prompt_len: int, response_lens: list
         ids = torch.randint(0, vocab, (batch, prompt_len + length))
         mask = torch.zeros(batch, prompt_len + length - 1)
         mask[:, prompt_len - 1:] = 1.0
-        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "critic_input_ids": ids[:, :prompt_len],
+        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": mask,
+             "critic_input_ids": ids[:, :prompt_len],
              "critic_attention_mask": torch.ones(batch, prompt_len, dtype=torch.long)}
         critic_s, policy_s = [], []
         for _ in range(3):  # the median of 3 steps
