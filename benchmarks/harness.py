@@ -216,7 +216,8 @@ def run_seed(path: str, seed: int, minutes: float, eval_every: int, overrides: d
             curve.append(point(it, tokens))
     if curve[-1]["iteration"] != it:
         curve.append(point(it, tokens))
-    module = local_learner(algo.learner_group).module[DEFAULT_MODULE_ID].unwrapped() if algo.learner_group.is_local else None
+    learner = local_learner(algo.learner_group) if algo.learner_group.is_local else None
+    module = learner.module[DEFAULT_MODULE_ID].unwrapped() if learner else None
     params = {f"{part}_params": sum(p.numel() for p in getattr(module, f"{part}_parameters")()) if module else np.nan
               for part in ("policy", "critic")}
     algo.stop()

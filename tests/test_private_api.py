@@ -30,13 +30,11 @@ def users() -> list[Path]:
     return sorted([*sources(), *REPO.glob("benchmarks/*.py"), *REPO.glob("tests/*.py")])
 
 
-def defined_here() -> set[str]:
-    """Private names the repository defines itself (outside the door): functions, classes, variables, and attributes
-    of its own objects (``self._x = ...``; writing another object's private attribute defines nothing)."""
+def defined_in(paths) -> set[str]:
+    """Private names the files define themselves: functions, classes, variables, and attributes of their own objects
+    (``self._x = ...``; writing another object's private attribute defines nothing)."""
     names = set()
-    for path in users():
-        if path == DOOR:
-            continue
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(node.name)
@@ -46,6 +44,11 @@ def defined_here() -> set[str]:
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 names.add(node.id)
     return {name for name in names if is_private(name)}
+
+
+def defined_here() -> set[str]:
+    """Private names the repository defines itself, outside the door."""
+    return defined_in(path for path in users() if path != DOOR)
 
 
 def private_uses(path: Path, ours: set[str]) -> list[tuple[str, int]]:
@@ -98,8 +101,8 @@ def test_the_scan_finds_a_private_read_a_write_and_a_keyword(tmp_path):
     path.write_text("class Own:\n    def __init__(self):\n        self._mine = 1\n\n"
                     "learner = group._learner\nlearner._possibly_compiled_update = f\n"
                     "ray.init(_metrics_export_port=8080)\nOwn()._mine\n")
-    assert sorted(private_uses(path, {"_mine"}), key=lambda use: use[1]) == [("_learner", 5), ("_possibly_compiled_update", 6),
-                                                                             ("_metrics_export_port", 7)]
+    uses = sorted(private_uses(path, defined_in([path])), key=lambda use: use[1])
+    assert uses == [("_learner", 5), ("_possibly_compiled_update", 6), ("_metrics_export_port", 7)]
 
 
 def test_nothing_outside_the_door_overrides_a_private_internal():
