@@ -40,24 +40,31 @@ def test_bad_yaml_is_one_line_and_exit_2(yaml_file, tmp_path, capsys, text, mess
     assert len(err.splitlines()) == 1
 
 
-@pytest.mark.system
-@pytest.mark.parametrize("text, message", [
+#: Bad input of each kind the console script refuses, and what its error line says (cases for a fresh process).
+CONSOLE_ERRORS = [
     (None, "cannot read"),
     ("a: [1, 2\n", "malformed YAML"),
     ("x:\n  run: NoSuchAlgo\n  env: CartPole-v1\n", "unknown algorithm"),
     ("x:\n  run: PPO\n  env: CartPole-v1\n  config: {lrr: 0.1}\n", "unknown config key 'lrr'"),
     ("x:\n  run: SPPO\n  env: CartPole-v1\n  config: {minibatch_size: 512, train_batch_size_per_learner: 256}\n",
      "invalid config"),
-])
-def test_console_script_prints_nothing_before_the_error(yaml_file, tmp_path, text, message):
-    """A fresh process, as a user runs it: the error line is all of stderr (no warning, notice or traceback)."""
-    path = yaml_file(text) if text is not None else str(tmp_path / "none.yaml")
-    out = subprocess.run([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2
-    assert out.stderr.startswith("rllib: error: ") and message in out.stderr, out.stderr
-    assert len(out.stderr.splitlines()) == 1, out.stderr
-    assert out.stdout == ""
+]
+
+
+@pytest.mark.system
+def test_console_script_prints_nothing_before_the_error(yaml_file, tmp_path):
+    """A fresh process per kind of bad input, as a user runs it (all started at once): the error line is all of
+    stderr (no warning, notice or traceback)."""
+    paths = [yaml_file(text, f"{i}.yaml") if text is not None else str(tmp_path / "none.yaml")
+             for i, (text, _) in enumerate(CONSOLE_ERRORS)]
+    runs = [subprocess.Popen([sys.executable, "-m", "rllib_sppo.cli", "train", "file", path], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for path in paths]
+    for run, (_, message) in zip(runs, CONSOLE_ERRORS):
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 2, (message, err)
+        assert err.startswith("rllib: error: ") and message in err, (message, err)
+        assert len(err.splitlines()) == 1, err
+        assert out == ""
 
 
 @pytest.mark.system

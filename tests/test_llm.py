@@ -1,9 +1,5 @@
 """The LLM path for real: a tiny Llama the test builds, real transformers, real vLLM, real RLlib."""
 
-import os
-import signal
-import time
-
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -286,30 +282,6 @@ def test_model_directories_are_checked(tiny, tmp_path):
         resolve_model(str(tmp_path / "weights_only"))
     with pytest.raises(ValueError, match="builtin:tiny-arith"):
         resolve_model("builtin:gpt5")
-
-
-@pytest.mark.system
-def test_killed_llm_env_runner_and_its_engine_are_restarted(tiny, ray_session):
-    algo = (llm_config(tiny, "vllm").env_runners(num_env_runners=1, num_cpus_per_env_runner=0.5)
-            .evaluation(evaluation_interval=None).build_algo())
-    steps = algo.train()["env_runners"]["num_env_steps_sampled_lifetime"]
-    pids = lambda: algo.env_runner_group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)  # noqa
-    [pid] = pids()
-    os.kill(pid, signal.SIGKILL)  # the runner's process, and the vLLM engine inside it
-    results, back_by = [], time.monotonic() + 300  # (a new process starts vLLM: minutes on a loaded machine)
-    while time.monotonic() < back_by and (not results or results[-1]["env_runners"].get(
-            "num_env_steps_sampled_lifetime", 0) < steps + 2 * 16):  # two batches from the restarted runner
-        results.append(algo.train())
-    last = results[-1]
-    assert last["env_runners"]["num_env_steps_sampled_lifetime"] >= steps + 2 * 16
-    assert last["fault_tolerance"]["num_remote_worker_restarts"] == 1 and pids() != [pid]
-    # The new engine generates with the learner's weights: its log-probs match the learner's after the sync.
-    assert last["learners"][DEFAULT_MODULE_ID]["rollout/engine_logp_gap"] < 1e-3
-    # The new runner went on from the old one's place in the data, not from the start of its shard: every prompt
-    # drawn was sampled once (280 training prompts: no epoch ended).
-    [place] = algo.env_runner_group.foreach_env_runner(lambda r: r.sampler.get_state(), local_env_runner=False)
-    assert place == {"epoch": 0, "pos": last["env_runners"]["num_env_steps_sampled_lifetime"]}
-    algo.stop()
 
 
 def prompts(episodes):

@@ -297,9 +297,10 @@ PROGRESS_BAR = re.compile(r"^[\w ]+: +\d+%( Completed)? ?\|.*\d+/\d+ \[")
 
 
 #: The flagship as the README runs it, and with two DeepSpeed ZeRO-3 learners (remote learners: Ray Train's process
-#: group, DeepSpeed's collectives, batches and critic logits through the object store).
+#: group, DeepSpeed's collectives, batches and critic logits through the object store); its held-out evaluation, the
+#: same vLLM engine's as in the README's run, is left to that one.
 ZERO3_LEARNERS = {"deepspeed": {"zero_stage": 3}, "num_learners": 2, "num_cpus_per_learner": 0.5,
-                  "num_cpus_for_main_process": 1}
+                  "num_cpus_for_main_process": 1, "evaluation_interval": None}
 
 
 @pytest.mark.system
