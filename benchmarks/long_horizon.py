@@ -24,7 +24,7 @@ every tenth of the budget.
 Writes ``<out>.md`` (per horizon and estimator: peak held-out avg@4 and pass@4, training seconds and generated tokens
 to reach 95% of GRPO's peak, the SPPO : GRPO ratio per seed (a seed's runs run back to back, SPPO's and GRPO's first;
 a seed whose two ran on machines of different speed gives no ratio), the iteration's split into generation, scoring,
-update and weight sync, and whether GRPO's curve had flattened), ``<out>.csv`` (every curve) and ``<out>.png`` (accuracy
+update and weight sync, and whether each estimator's curve had flattened: ``plateau``; GRPO's decides the budget), ``<out>.csv`` (every curve) and ``<out>.png`` (accuracy
 against training seconds, one panel per horizon; the SPPO : GRPO wall-clock ratio against response length).
 
 ``--task smollm2 --critic-layers 2`` runs the same protocol on the real model (``tuned_examples/smollm2_rg_sppo.yaml``,
@@ -59,6 +59,9 @@ TASKS = {
 }
 #: The share of GRPO's peak the time-to-target columns use.
 SHARE = 0.95
+#: A curve is flat at the end of its budget when its fitted plateau is less than this above it (under one
+#: evaluation's noise, about ±0.03 for 128 problems x 4 samples, and under the 5% of GRPO's peak the target leaves).
+FLAT = 0.02
 
 
 def main(argv: list | None = None):
@@ -268,27 +271,48 @@ def write(runs: list, args, out: Path) -> None:
             lines += ["", f"SPPO : GRPO in training seconds to the target: {np.mean(ratio):.2f}x (per seed "
                           f"{', '.join(f'{x:.2f}x' for x in ratio)}; range {min(ratio):.2f}-{max(ratio):.2f}x)."]
         lines += bounds
-        lines += flattened(grpo, key)
+        lines += flattened(here, key)
     lines += harness.under_load(runs)
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     plot(reported, list(args.yamls), ratios, key, out)
     print("\n".join(lines), flush=True)
 
 
-def flattened(grpo: list, key: str) -> list[str]:
-    """Whether GRPO's curve had flattened by the end of the budget, per seed: flat when its last evaluation is within
-    the evaluation's noise (about ±0.03 for 128 problems x 4 samples) of its best before the last quarter."""
-    verdicts = []
-    for r in grpo:
-        curve = r["curve"]
-        end = curve[-1]["train_s"]
-        gain = curve[-1][key] - max(c[key] for c in curve if c["train_s"] <= 0.75 * end)
-        verdicts.append(f"seed {r['seed']} {gain:+.3f} ({'flat' if gain <= 0.03 else 'still rising'})")
-    if not verdicts:
-        return []
-    return ["", f"GRPO's gain over the last quarter of the budget (its last evaluation against the best before "
-                f"three quarters; flat = within the evaluation's noise, about ±0.03 for 128 problems x 4 samples): "
-                f"{', '.join(verdicts)}."]
+def flattened(here: list, key: str) -> list[str]:
+    """Whether the curves had flattened by the end of the budget, per estimator (GRPO's decides whether the budget is
+    long enough): ``plateau`` fitted to its seeds' evaluations pooled, flat when less than ``FLAT`` is left to gain."""
+    fits = {}
+    for estimator in dict.fromkeys(parse(r)[1] for r in here):
+        fit = plateau([r for r in here if parse(r)[1] == estimator], key)
+        fits[estimator] = ("no plateau in sight (still rising)" if fit is None else
+                           f"{fit[0]:.3f} (tau {fit[1]:,.0f} s; {fit[2]:.3f} left to gain at the end: "
+                           f"{'flat' if fit[2] < FLAT else 'still rising'})")
+    return ["", "Plateaus (y = a - b exp(-t / tau) fitted by least squares to each estimator's evaluations, its seeds "
+                f"pooled; flat = less than {FLAT} left to gain at the end of the budget, under one evaluation's noise "
+                "of about ±0.03; GRPO's verdict says whether the budget is long enough): "
+                f"{'; '.join(f'{e} {v}' for e, v in fits.items())}."]
+
+
+def plateau(runs: list, key: str) -> tuple[float, float, float] | None:
+    """(a, tau, left): the saturating curve y = a - b exp(-t / tau) fitted by least squares to the evaluations of
+    ``runs`` against training seconds (tau on a log grid up to four budgets, a and b exact for each), and what it has
+    left to gain at the runs' mean last training second; None when the best tau is the grid's largest (no plateau in
+    sight within the data)."""
+    t = np.array([c["train_s"] for r in runs for c in r["curve"]])
+    y = np.array([c[key] for r in runs for c in r["curve"]])
+    end = float(np.mean([r["curve"][-1]["train_s"] for r in runs]))
+
+    def fit(tau: float):
+        x = np.stack([np.ones_like(t), -np.exp(-t / tau)], axis=1)
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        return float(np.sum((x @ coef - y) ** 2)), coef
+
+    taus = end * np.geomspace(0.02, 4.0, 200)
+    best = min(range(len(taus)), key=lambda i: fit(taus[i])[0])
+    if best == len(taus) - 1:
+        return None
+    a, b = fit(taus[best])[1]
+    return float(a), float(taus[best]), float(b * np.exp(-end / taus[best]))
 
 
 def plot(runs: list, horizons: list, ratios: dict, key: str, out: Path) -> None:

@@ -144,7 +144,8 @@ class SPPOConfig(ConfigChecks, AlgorithmConfigHooks):
             samples_per_prompt: Responses sampled per prompt: 1 for SPPO (its baseline is the critic), N > 1 for
                 group estimators.
             rollout_engine: A name in ``rllib_sppo.llm.engines.ENGINES``: "vllm" or "transformers".
-            engine_kwargs: Extra engine arguments, e.g. {"max_model_len": 1024, "dtype": "bfloat16"}.
+            engine_kwargs: Extra engine arguments, e.g. {"max_model_len": 1024, "dtype": "bfloat16"} (vLLM's
+                max_model_len: the model's context length by default; a shorter one takes less KV-cache memory).
             gpu_memory_utilization: Share of a GPU vLLM takes. None: 0.4 beside the learner (num_env_runners=0),
                 else 0.9.
             engine_sleep_level: What the engine frees during the update: 0 nothing, 1 its KV cache, 2 its weights

@@ -19,7 +19,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["transformers", "vllm"])
 def engine(request, tiny):
-    engine = make_engine(request.param, tiny, seed=0, max_model_len=256)
+    engine = make_engine(request.param, tiny, seed=0)  # vLLM: the model's 256 positions
     yield engine
     del engine
 

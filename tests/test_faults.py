@@ -367,7 +367,7 @@ def llm_config(tiny, size: int, engine: str = "transformers", **env_runners):
                                                            "chat_template_model": tiny})
             .env_runners(**{"num_env_runners": 0, "num_envs_per_env_runner": 8, **env_runners})
             .training(lr=1e-3, critic_lr=1e-3, train_batch_size_per_learner=16, minibatch_size=8,
-                      max_response_tokens=4, engine_kwargs={"max_model_len": 256})  # the tiny Llama's positions
+                      max_response_tokens=4)
             .debugging(seed=0))
 
 

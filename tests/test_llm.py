@@ -165,7 +165,7 @@ def test_token_level_ppo_reads_the_critic_at_every_response_token(tiny):
 
 def llm_config(tiny, engine, **training):
     defaults = dict(lr=1e-3, critic_lr=1e-3, train_batch_size_per_learner=16, minibatch_size=8,
-                    max_response_tokens=12, engine_kwargs={"max_model_len": 256})
+                    max_response_tokens=12)
     return (SPPOConfig().llm(policy=tiny, engine=engine)
             .environment("ReasoningBandit-v0", env_config={"source": "arithmetic", "size": 300, "heldout_size": 20,
                                                            "chat_template_model": tiny})

@@ -124,13 +124,22 @@ def test_a_seed_whose_pair_ran_on_machines_of_different_speed_gives_no_ratio(tmp
     assert "| 1.40 / 1.60 |" in next(line for line in long.splitlines() if line.startswith("| GRPO"))
 
 
-def test_the_report_says_per_seed_whether_grpo_flattened():
-    """Seed 0 rises 0.2 -> 0.5 by thirds (last 0.5 against the best 0.4 before three quarters: +0.100, rising); seed 1
-    peaks early and ends 0.02 above its best before three quarters (flat); the verdict is per seed, hand-computed."""
-    rising = [{"train_s": t, "a": a} for t, a in ((0, 0.2), (40, 0.3), (80, 0.4), (120, 0.5))]
-    level = [{"train_s": t, "a": a} for t, a in ((0, 0.2), (40, 0.48), (80, 0.45), (120, 0.5))]
-    line = lh.flattened([{"seed": 0, "curve": rising}, {"seed": 1, "curve": level}], "a")[1]
-    assert line.endswith("seed 0 +0.100 (still rising), seed 1 +0.020 (flat).")
+def test_the_plateau_fit_finds_a_saturating_curve_and_tells_it_from_a_rising_line():
+    """Two seeds of 0.6 - 0.3 exp(-t / 300) evaluated every 144 s to 1440 s: the fit gives the plateau 0.6, tau 300 s
+    (the grid's nearest) and 0.3 exp(-4.8) = 0.0025 left to gain (flat); a line rising 0.1 a budget has no plateau
+    within four budgets (still rising); the report names each estimator's verdict."""
+    times = np.arange(0, 1441, 144)
+    saturating = [{"train_s": t, "a": 0.6 - 0.3 * np.exp(-t / 300)} for t in times]
+    line = [{"train_s": t, "a": 0.4 + 0.1 * t / 1440} for t in times]
+    a, tau, left = lh.plateau([{"curve": saturating}] * 2, "a")
+    assert a == pytest.approx(0.6, abs=2e-3) and tau == pytest.approx(300, rel=0.02)
+    assert left == pytest.approx(0.3 * np.exp(-1440 / 300), abs=1e-3)
+    assert lh.plateau([{"curve": line}], "a") is None
+    runs = [{"label": lh.label(ARGS, "long", "grpo", 1e-5), "curve": saturating},
+            {"label": lh.label(ARGS, "long", "sppo", 1e-5), "curve": line}]
+    report = lh.flattened(runs, "a")[1]
+    assert "GRPO (N=8) 0.600 (tau 30" in report and "0.002 left to gain at the end: flat)" in report
+    assert report.endswith("SPPO (N=1) no plateau in sight (still rising).")
 
 
 def test_the_real_model_task_gives_sppo_alone_the_small_critic_and_each_run_a_valid_config(monkeypatch):

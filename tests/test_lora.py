@@ -28,8 +28,7 @@ def config(tiny, dtype="float32", lora=LORA, runners=0, engine="transformers", *
             .env_runners(num_env_runners=runners, num_envs_per_env_runner=8,
                          num_cpus_per_env_runner=0.5)
             .training(**{"lr": 1e-2, "critic_lr": 1e-3, "train_batch_size_per_learner": 8, "minibatch_size": 8,
-                         "max_response_tokens": 8, "rollout_engine": engine,
-                         "engine_kwargs": {"max_model_len": 256} if engine == "vllm" else {}, **training})
+                         "max_response_tokens": 8, "rollout_engine": engine, **training})
             .debugging(seed=0))
 
 

