@@ -24,8 +24,9 @@ every tenth of the budget.
 Writes ``<out>.md`` (per horizon and estimator: peak held-out avg@4 and pass@4, training seconds and generated tokens
 to reach 95% of GRPO's peak, the SPPO : GRPO ratio per seed (a seed's runs run back to back, SPPO's and GRPO's first;
 a seed whose two ran on machines of different speed gives no ratio), the iteration's split into generation, scoring,
-update and weight sync, and whether each estimator's curve had flattened: ``plateau``; GRPO's decides the budget), ``<out>.csv`` (every curve) and ``<out>.png`` (accuracy
-against training seconds, one panel per horizon; the SPPO : GRPO wall-clock ratio against response length).
+update and weight sync, and whether each estimator's curve had flattened (``plateau``; GRPO's decides the budget)),
+``<out>.csv`` (every curve) and ``<out>.png`` (accuracy against training seconds, one panel per horizon; the SPPO : GRPO
+wall-clock ratio against response length).
 
 ``--task smollm2 --critic-layers 2`` runs the same protocol on the real model (``tuned_examples/smollm2_rg_sppo.yaml``,
 one horizon, 64-token answers): SPPO with a critic of the policy's first 2 layers against GRPO, the check the paper
@@ -308,10 +309,11 @@ def plateau(runs: list, key: str) -> tuple[float, float, float] | None:
         return float(np.sum((x @ coef - y) ** 2)), coef
 
     taus = end * np.geomspace(0.02, 4.0, 200)
-    best = min(range(len(taus)), key=lambda i: fit(taus[i])[0])
+    errors, coefs = zip(*map(fit, taus))
+    best = int(np.argmin(errors))
     if best == len(taus) - 1:
         return None
-    a, b = fit(taus[best])[1]
+    a, b = coefs[best]
     return float(a), float(taus[best]), float(b * np.exp(-end / taus[best]))
 
 
