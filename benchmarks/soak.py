@@ -56,7 +56,8 @@ def experiment(args, tiny: str | None, name: str, storage: Path, stop: dict, fau
     if tiny:
         config.update({"env_config": {"source": "arithmetic", "size": 100, "heldout_size": 8,
                                       "chat_template_model": tiny},
-                       "llm": {"policy": tiny, "engine": "transformers"}, "num_envs_per_env_runner": 8,
+                       "llm": {"policy": tiny, "engine": "transformers"}, "engine_kwargs": {},  # (vLLM's)
+                       "num_envs_per_env_runner": 8,
                        "max_response_tokens": 8, "train_batch_size_per_learner": 8, "minibatch_size": 8,
                        "evaluation_interval": None})
     checkpoints = {**exp.get("checkpoint_config", {}), "num_to_keep": 3}

@@ -33,6 +33,8 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 
+from envs.dotted import import_dotted
+
 #: How ``env_config["outcome"]`` may be written (for error messages).
 OUTCOME_FORMS = "'success' or {return_range: [low, high]} with low < high"
 
@@ -121,13 +123,6 @@ def make_outcome_env(env_id: str, **kwargs) -> gym.Env:
     return OutcomeReward(gym.make(base_id, **kwargs), outcome)
 
 
-def _import(dotted: str):
-    import importlib
-
-    module, _, name = dotted.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def check_env_spec(spec: str, env_config: dict | None = None, *, registered: bool = False) -> None:
     """Raises ValueError (one line, with a did-you-mean hint) unless ``make_env(spec, env_config)`` can build it.
     ``registered``: whether ``ray.tune.register_env`` registered ``spec`` (then its creator builds it)."""
@@ -152,9 +147,9 @@ def check_env_spec(spec: str, env_config: dict | None = None, *, registered: boo
         return
     if not module and "." in spec:
         try:
-            obj = _import(spec)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise ValueError(f"env {spec!r}: cannot import it as an env class or creator ({e})") from None
+            obj = import_dotted(spec)
+        except ValueError as e:
+            raise ValueError(f"env {spec!r}, as an env class or creator: {e}") from None
         if not callable(obj):
             raise ValueError(f"env {spec!r} is a {type(obj).__name__}, not an env class or creator function")
         return
@@ -181,7 +176,7 @@ def make_env(spec: str, env_config: dict | None = None) -> gym.Env:
     if ":" in spec or spec in gym.registry:
         env = gym.make(spec, **env_config)
     else:
-        env = _import(spec)(env_config)
+        env = import_dotted(spec)(env_config)
     return env if outcome is None else OutcomeReward(env, outcome_fn(outcome))
 
 

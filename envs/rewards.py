@@ -12,7 +12,6 @@ so that a verifier that raises or hangs costs that sample and never takes the ca
 """
 
 import functools
-import importlib
 import inspect
 import json
 import logging
@@ -25,6 +24,8 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import Callable
+
+from envs.dotted import import_dotted
 
 RewardFn = Callable[..., list[float | None]]
 
@@ -165,11 +166,10 @@ def get_reward_fn(name: str | RewardFn) -> RewardFn:
     if name in REWARD_FNS:
         return REWARD_FNS[name]
     if "." in name:
-        module_name, attr = name.rsplit(".", 1)
         try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward fn {name!r} cannot be imported: {e}") from e
+            fn = import_dotted(name)
+        except ValueError as e:
+            raise ValueError(f"reward fn {name!r}: {e}") from None
         if not callable(fn):
             raise ValueError(f"reward fn {name!r} is not callable")
         return fn

@@ -7,7 +7,7 @@ from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
 from rllib_sppo.config_checks import TIMEOUT_KEYS, ConfigChecks  # noqa: F401 (TIMEOUT_KEYS: read here)
 from rllib_sppo.env_runner import EpisodeEnvRunner, flatten_observations
-from rllib_sppo.estimators import ESTIMATORS, CriticKind
+from rllib_sppo.estimators import CriticKind, Estimator, get_estimator
 from rllib_sppo.llm.critic import PROMPT_SELECTION_DEFAULTS
 from rllib_sppo.monitoring import PrometheusExport
 from rllib_sppo.private_api import AlgorithmConfigHooks
@@ -119,7 +119,8 @@ class SPPOConfig(ConfigChecks, AlgorithmConfigHooks):
             loss_agg_mode: How per-token losses become one number: token-mean, seq-mean-token-mean, seq-mean-token-sum.
             advantage_estimator: A name in ``rllib_sppo.estimators.ESTIMATORS``: "sppo" (the critic's baseline,
                 N = 1); "grpo", "drgrpo", "rloo" (N > 1 samples per prompt, no critic); "ppo" (token-level PPO as
-                verl runs it, LLM module only); or your own (``register_estimator``).
+                verl runs it, LLM module only); or the dotted path of your own (an ``@estimator`` function, see
+                ``rllib_sppo.estimators``), e.g. "my_pkg.estimators.my_sppo".
             lambda_: GAE lambda of token-level PPO, with RLlib's ``gamma`` ("ppo" only; 1 and 1 suit outcomes).
             critic_loss: "bce" (outcomes in [0, 1]; A = R - sigmoid(z)) or "mse" (A = R - V); None: the estimator's.
             value_clip: Clip range of an mse critic's loss around its value before the update (verl's
@@ -144,8 +145,9 @@ class SPPOConfig(ConfigChecks, AlgorithmConfigHooks):
             samples_per_prompt: Responses sampled per prompt: 1 for SPPO (its baseline is the critic), N > 1 for
                 group estimators.
             rollout_engine: A name in ``rllib_sppo.llm.engines.ENGINES``: "vllm" or "transformers".
-            engine_kwargs: Extra engine arguments, e.g. {"max_model_len": 1024, "dtype": "bfloat16"} (vLLM's
-                max_model_len: the model's context length by default; a shorter one takes less KV-cache memory).
+            engine_kwargs: Extra engine arguments, e.g. {"max_model_len": 1024, "dtype": "bfloat16"}: vLLM takes any
+                argument of ``vllm.LLM`` (and refuses a name it lacks; max_model_len: the model's context length by
+                default, a shorter one takes less KV-cache memory); the transformers engine takes dtype alone.
             gpu_memory_utilization: Share of a GPU vLLM takes. None: 0.4 beside the learner (num_env_runners=0),
                 else 0.9.
             engine_sleep_level: What the engine frees during the update: 0 nothing, 1 its KV cache, 2 its weights
@@ -214,22 +216,30 @@ class SPPOConfig(ConfigChecks, AlgorithmConfigHooks):
         return None if self.prompt_selection is None else {**PROMPT_SELECTION_DEFAULTS, **self.prompt_selection}
 
     @property
+    def resolved_estimator(self) -> Estimator | None:
+        """The estimator ``advantage_estimator`` names (None when it names none: ``validate`` says why)."""
+        try:
+            return get_estimator(self.advantage_estimator)
+        except ValueError:
+            return None
+
+    @property
     def prompt_critic(self) -> bool:
         """Whether the critic predicts, from the prompt alone, the probability that the policy solves it (SPPO's
         sequence critic with the bce loss): what prompt selection and the held-out calibration read."""
-        estimator = ESTIMATORS.get(self.advantage_estimator)
+        estimator = self.resolved_estimator
         return bool(estimator and estimator.critic == CriticKind.SEQUENCE and self.resolved_critic_loss == "bce")
 
     @property
     def resolved_critic_loss(self) -> str | None:
         """``critic_loss``, or the estimator's own when unset (None for a critic-free estimator)."""
-        estimator = ESTIMATORS.get(self.advantage_estimator)
+        estimator = self.resolved_estimator
         return self.critic_loss or (estimator and estimator.default_critic_loss)
 
     @property
     def resolved_value_clip(self) -> float | None:
         """``value_clip``, or the estimator's own for its mse critic (see ``rllib_sppo.estimators``)."""
-        estimator = ESTIMATORS.get(self.advantage_estimator)
+        estimator = self.resolved_estimator
         if self.value_clip is not None or self.resolved_critic_loss != "mse":
             return self.value_clip
         return estimator and estimator.default_value_clip
@@ -240,7 +250,7 @@ class SPPOConfig(ConfigChecks, AlgorithmConfigHooks):
         bias = self.critic_init
         if bias is not None and self.resolved_critic_loss == "bce" and 0 < bias < 1:
             bias = float(np.log(bias / (1 - bias)))
-        estimator = ESTIMATORS.get(self.advantage_estimator)
+        estimator = self.resolved_estimator
         return {"temperature": self.temperature, "critic_bias": bias, "critic_kind": estimator and estimator.critic,
                 "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch, "entropy_grad": bool(self.entropy_coeff)}
 

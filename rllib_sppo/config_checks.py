@@ -3,7 +3,7 @@ off-policy sampling); each refusal says the fix. A mixin: ``SPPOConfig(ConfigChe
 
 from rllib_sppo.apis import SamplerLogpAPI, TokenValueAPI
 from rllib_sppo.core import CRITIC_LOSSES, LOSS_AGG_MODES
-from rllib_sppo.estimators import ESTIMATORS, CriticKind
+from rllib_sppo.estimators import CriticKind, get_estimator
 
 #: The seconds after which a stuck part of a run is named and restarted (docs/reliability.md).
 TIMEOUT_KEYS = ("sample_timeout_s", "generation_timeout_s", "learner_update_timeout_s", "weight_sync_timeout_s")
@@ -50,9 +50,11 @@ class ConfigChecks:
 
     def _validate_estimator(self) -> None:
         """The estimator, the critic it reads (and its settings), and the samples per prompt its baseline needs."""
-        if self.advantage_estimator not in ESTIMATORS:
-            self.refuse(f"advantage_estimator={self.advantage_estimator!r}; choose one of {sorted(ESTIMATORS)}.")
-        estimator, name = ESTIMATORS[self.advantage_estimator], self.advantage_estimator
+        try:
+            estimator, name = get_estimator(self.advantage_estimator), self.advantage_estimator
+        except ValueError as e:
+            self.refuse(str(e))
+            return
         critic, critic_loss = estimator.critic, self.resolved_critic_loss
         if critic is None and (self.critic_loss, self.value_clip, self.critic_init) != (None, None, None):
             self.refuse(f"advantage_estimator={name!r} has no critic (its baseline is the group of samples), so "

@@ -10,7 +10,7 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 
 from rllib_sppo.core import critic_prediction, masked_mean
-from rllib_sppo.estimators import ESTIMATORS, CriticKind, EstimatorInput
+from rllib_sppo.estimators import CriticKind, EstimatorInput, get_estimator
 
 CRITIC_MASK = "critic_mask"  # where the critic is trained: each episode's first step, or every action token
 VALUES_OLD = "values_old"  # the critic's output before this update, where it is trained (clipped value loss)
@@ -56,7 +56,7 @@ class SequenceAdvantage(ConnectorV2):
     def __init__(self, input_observation_space=None, input_action_space=None, *, estimator: str = "sppo",
                  critic_loss: str = "bce", normalize: bool = False, gamma: float = 1.0, lambda_: float = 1.0):
         super().__init__(input_observation_space, input_action_space)
-        self.estimator = ESTIMATORS[estimator]
+        self.estimator = get_estimator(estimator)
         self.settings = dict(critic_loss=critic_loss, normalize=normalize, gamma=gamma, lambda_=lambda_)
 
     def __call__(self, *, rl_module, episodes, batch, metrics=None, **kwargs) -> Any:

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 CRITIC_LOSSES = ("bce", "mse")
 
 
@@ -251,18 +250,6 @@ def truncated_is_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mas
         "is_capped_frac": masked_mean((ratio > cap).float(), mask, tokens),
     }
     return ratio.clamp(max=cap) * mask.to(ratio.dtype), stats
-
-
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio.pow(2)
-    if estimator == "k3":
-        return (torch.exp(-log_ratio) + log_ratio - 1.0).clamp(-10.0, 10.0)
-    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
 
 
 def token_budget_micro_batches(lengths: list[int], max_tokens: int | None) -> list[list[int]]:

@@ -6,14 +6,14 @@ Each estimator names the critic it needs (a ``CriticKind``, or None), and nothin
 - ``None``: no critic at all (the module builds none, the learner runs none); the baseline is the group of
   N > 1 samples of the same prompt (GRPO, Dr.GRPO, RLOO).
 
-Your own estimator is one decorated function, in a module imported by every process that builds a learner (with
-``num_learners=0``, the driver's)::
+Your own estimator is one decorated function in a module of yours::
 
-    @register_estimator("my_sppo", critic=CriticKind.SEQUENCE, default_critic_loss="bce")
+    @estimator("my_sppo", critic=CriticKind.SEQUENCE, default_critic_loss="bce")
     def my_sppo(x: EstimatorInput):
         return 2.0 * sequence_advantage(x.rewards, x.values), x.rewards
 
-then ``advantage_estimator="my_sppo"``.
+then ``advantage_estimator="my_pkg.my_module.my_sppo"``, its dotted path (``get_estimator`` imports it in every process
+that reads it: the driver, each learner). The built-in ones are in ``ESTIMATORS`` by name.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from envs.dotted import import_dotted
 from rllib_sppo.core import (critic_prediction, gae_advantage, group_advantage, masked_whiten, outcome_token_rewards,
                              rloo_advantage, sequence_advantage)
 
@@ -67,53 +68,63 @@ class Estimator:
         return self.critic is None
 
 
-#: ``advantage_estimator`` name -> its Estimator; ``register_estimator`` adds to it.
-ESTIMATORS: dict[str, Estimator] = {}
-
-
-def register_estimator(name: str, *, critic: CriticKind | None, default_critic_loss: str | None = None,
-                       default_value_clip: float | None = None):
-    """Decorator: registers ``fn(EstimatorInput) -> (advantages, value targets)`` as ``advantage_estimator=name``,
-    reading the critic ``critic`` (``default_critic_loss`` is required with a critic, and none without)."""
-    if name in ESTIMATORS:
-        raise ValueError(f"advantage estimator {name!r} is registered already; choose another name")
+def estimator(name: str, *, critic: CriticKind | None, default_critic_loss: str | None = None,
+              default_value_clip: float | None = None):
+    """Decorator: makes ``fn(EstimatorInput) -> (advantages, value targets)`` an ``Estimator`` called ``name`` that
+    reads the critic ``critic`` (``default_critic_loss`` is required with a critic, and none without)."""
     if critic is not None:
         critic = CriticKind(critic)
     if (critic is None) != (default_critic_loss is None):
         raise ValueError(f"estimator {name!r}: give default_critic_loss ('bce' or 'mse') if and only if it reads a "
                          f"critic")
-
-    def register(fn: Callable[[EstimatorInput], tuple[torch.Tensor, torch.Tensor]]):
-        ESTIMATORS[name] = Estimator(name, critic, fn, default_critic_loss, default_value_clip)
-        return fn
-
-    return register
+    return lambda fn: Estimator(name, critic, fn, default_critic_loss, default_value_clip)
 
 
-@register_estimator("sppo", critic=CriticKind.SEQUENCE, default_critic_loss="bce")
+@estimator("sppo", critic=CriticKind.SEQUENCE, default_critic_loss="bce")
 def _sppo(x: EstimatorInput):
     return sequence_advantage(x.rewards, x.values, x.normalize, x.critic_loss), x.rewards
 
 
-@register_estimator("grpo", critic=None)
+@estimator("grpo", critic=None)
 def _grpo(x: EstimatorInput):
     return group_advantage(x.rewards, x.group_ids), x.rewards
 
 
-@register_estimator("drgrpo", critic=None)
+@estimator("drgrpo", critic=None)
 def _drgrpo(x: EstimatorInput):
     return group_advantage(x.rewards, x.group_ids, std_normalize=False), x.rewards
 
 
-@register_estimator("rloo", critic=None)
+@estimator("rloo", critic=None)
 def _rloo(x: EstimatorInput):
     return rloo_advantage(x.rewards, x.group_ids), x.rewards
 
 
-@register_estimator("ppo", critic=CriticKind.TOKEN, default_critic_loss="mse", default_value_clip=0.5)
+@estimator("ppo", critic=CriticKind.TOKEN, default_critic_loss="mse", default_value_clip=0.5)
 def _token_ppo(x: EstimatorInput):
     """verl's PPO: GAE on the outcome paid at the last token, whitened over the batch's tokens; the critic's
     targets are the unwhitened returns."""
     advantages, returns = gae_advantage(outcome_token_rewards(x.rewards, x.mask),
                                         critic_prediction(x.values, x.critic_loss), x.mask, x.gamma, x.lambda_)
     return masked_whiten(advantages, x.mask), returns
+
+
+#: The built-in estimators: ``advantage_estimator`` name -> its Estimator.
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (_sppo, _grpo, _drgrpo, _rloo, _token_ppo)}
+
+
+def get_estimator(name: str) -> Estimator:
+    """The estimator ``advantage_estimator`` names: a built-in one by name, or yours by its dotted path."""
+    if name in ESTIMATORS:
+        return ESTIMATORS[name]
+    if "." in name:
+        try:
+            found = import_dotted(name)
+        except ValueError as e:
+            raise ValueError(f"advantage_estimator={name!r}: {e}") from None
+        if not isinstance(found, Estimator):
+            raise ValueError(f"advantage_estimator={name!r} names a {type(found).__name__!r} object, not an Estimator; "
+                             f"decorate its function with @rllib_sppo.estimators.estimator(...)")
+        return found
+    raise ValueError(f"advantage_estimator={name!r}; choose one of {sorted(ESTIMATORS)}, or the dotted path of your "
+                     f"own (an @estimator-decorated function, e.g. 'my_pkg.estimators.my_sppo').")

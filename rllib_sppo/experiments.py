@@ -10,8 +10,9 @@ the benchmarks.
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
+
+from envs.dotted import import_dotted
 
 
 class UsageError(Exception):
@@ -32,20 +33,15 @@ CALLABLE_KEYS = {"env_runner_cls", "callbacks_class", "callbacks", "learner_clas
                  "custom_evaluation_function", "catalog_class"}
 
 
-def _import(dotted: str, where: str):
-    module, _, name = dotted.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UsageError(f"{where}: cannot import {dotted!r} ({e})") from None
-
-
 def _resolve_classes(value, where: str, key: str = ""):
     """Dotted strings under class- or function-valued keys (``CALLABLE_KEYS``) become objects."""
     if isinstance(value, dict):
         return {k: _resolve_classes(v, where, k) for k, v in value.items()}
     if isinstance(value, str) and key in CALLABLE_KEYS and "." in value:
-        return _import(value, f"{where}: key {key!r}")
+        try:
+            return import_dotted(value)
+        except ValueError as e:
+            raise UsageError(f"{where}: key {key!r}: {e}") from None
     return value
 
 

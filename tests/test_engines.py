@@ -17,9 +17,13 @@ def tiny(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("tiny"), seed=1)
 
 
+#: engine_kwargs the fixture's engines get (vLLM's go to vllm.LLM as they are; the transformers engine takes dtype).
+ENGINE_KWARGS = {"transformers": {"dtype": "float32"}, "vllm": {"override_generation_config": {"top_k": 7}}}
+
+
 @pytest.fixture(scope="module", params=["transformers", "vllm"])
 def engine(request, tiny):
-    engine = make_engine(request.param, tiny, seed=0)  # vLLM: the model's 256 positions
+    engine = make_engine(request.param, tiny, seed=0, **ENGINE_KWARGS[request.param])  # vLLM: the model's 256 positions
     yield engine
     del engine
 
@@ -92,3 +96,25 @@ def test_enforce_eager_is_a_config_key_off_on_gpus_and_on_on_cpus():
         config.copy().training(engine_kwargs={"enforce_eager": False}).validate()
     with pytest.raises(ValueError, match="enforce_eager='yes': True, False or None"):
         config.copy().training(enforce_eager="yes").validate()
+
+
+def test_engine_kwargs_reach_the_engine_and_a_name_it_does_not_take_is_refused(engine, tiny):
+    """vLLM gets engine_kwargs as they are (the fixture's default top_k, which the engine's explicit sampling
+    parameters override) and refuses a name it does not have; the transformers engine takes dtype alone, and a config
+    giving it another key (vLLM's max_model_len) is refused when it is validated. Keys the runner sets from config keys
+    are refused in engine_kwargs for either engine."""
+    config = SPPOConfig().llm(policy=tiny, engine=engine.name).environment(
+        "ReasoningBandit-v0", env_config={"source": "arithmetic", "chat_template_model": tiny})
+    config.copy().training(engine_kwargs=ENGINE_KWARGS[engine.name]).validate()
+    if engine.name == "vllm":
+        assert engine.llm.get_default_sampling_params().top_k == 7
+        with pytest.raises(TypeError, match="max_num_seqz"):
+            make_engine("vllm", tiny, max_num_seqz=4)
+    else:
+        with pytest.raises(ValueError, match=r"engine_kwargs sets \['max_model_len'\], which the transformers engine "
+                                             r"does not take \(it takes \['dtype'\]\): remove them"):
+            config.copy().training(engine_kwargs={"max_model_len": 256}).validate()
+        with pytest.raises(ValueError, match="gpu_memory_utilization=0.5 is vLLM's; the transformers engine has none"):
+            config.copy().training(gpu_memory_utilization=0.5).validate()
+    with pytest.raises(ValueError, match="engine_kwargs sets seed: set the config key seed instead"):
+        config.copy().training(engine_kwargs={"seed": 3}).validate()

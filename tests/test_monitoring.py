@@ -27,7 +27,7 @@ from rllib_sppo.cli import main
 from rllib_sppo.monitoring import (
     ACCURACY, BEFORE_TRAINING, ENV_STEPS, KNOWN_NOISE, accuracy_curve, quiet_console,
 )
-from rllib_sppo.private_api import ray_init
+from rllib_sppo.private_api import PRIVATE_LOGGERS, ray_init
 
 SERIES = re.compile(r"^ray_(sppo_\w+)\{(.*)\} (\S+)$", re.M)
 HEADLESS_CHROMIUM = Path(__file__).with_name("headless_chromium.py")
@@ -175,14 +175,14 @@ def test_quiet_console_drops_only_the_known_lines():
     samples = {
         "ray.rllib.algorithms.algorithm_config": "You are running SPPO on the new API stack! This is the new default "
                                                  "behavior for this algorithm. If you don't want ...",
-        "ray._common.deprecation": "DeprecationWarning: `RLModule(config=[RLModuleConfig object])` has been "
+        PRIVATE_LOGGERS["ray_deprecation"]: "DeprecationWarning: `RLModule(config=[RLModuleConfig object])` has been "
                                    "deprecated. Use `RLModule(observation_space=..)` instead.",
         "ray.tune.utils.util": "Install gputil for GPU system monitoring.",
         "ray.tune.trainable.trainable": "Trainable.setup took 16.534 seconds. If your trainable is slow to initialize, "
                                         "consider setting reuse_actors=True to reduce actor creation overheads.",
         "ray.tune.tune": "Wrote the latest version of all result files and experiment state to '/x' in 0.01s.",
-        "torch._library.triton": "Triton not available, find_triton_kernels = []",
-        "ray._private.authentication.authentication_token_setup":
+        PRIVATE_LOGGERS["torch_triton"]: "Triton not available, find_triton_kernels = []",
+        PRIVATE_LOGGERS["ray_auth_token"]:
             "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. ...",
         "vllm.v1.worker.cpu_worker": "CPU backend doesn't allow to use `torch.set_num_threads` after the thread "
                                      "binding, skip it.",
@@ -193,7 +193,7 @@ def test_quiet_console_drops_only_the_known_lines():
         "vllm.utils.torch_utils": "OMP_NUM_THREADS=2 is set; leaving Torch threads at 2 for serving. Multi-...",
         "ray.train.torch.config": "Setting up process group for: env:// [rank=0, world_size=2]",
         "DeepSpeed": "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
-        "ray.train._internal.storage": "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)",
+        PRIVATE_LOGGERS["train_storage"]: "Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)",
     }
     assert set(samples) == {name for name, _ in KNOWN_NOISE}
     for name, message in samples.items():

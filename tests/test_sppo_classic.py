@@ -80,6 +80,8 @@ def test_critic_is_learner_only_and_checkpoint_is_bit_identical(ray_session, tmp
       "be cut; use 96 or 104"),
     ({"advantage_estimator": "ppo"}, "advantage_estimator='ppo'"),
     ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"top_p": 0.9, "engine_kwargs": {"dtype": "bfloat16"}}, "['top_p', 'engine_kwargs'] set the LLM rollouts, which "
+     "this run does not have (its EnvRunner is EpisodeEnvRunner): remove them"),
 ])
 def test_validation_says_how_to_fix(kwargs, message):
     with pytest.raises(ValueError, match=None) as e:
@@ -234,7 +236,7 @@ def test_env_specs_module_id_and_creators(tmp_path, monkeypatch):
     assert dict(seen) == {"a": 1} and (seen.worker_index, seen.vector_index) == (3, 2)
     for spec, message in [("Acrobt-v1", "unknown env 'Acrobt-v1' (did you mean 'Acrobot-v1'?)"),
                           ("my_corridors:MyCoridor-v0", "did you mean 'my_corridors:MyCorridor-v0'?"),
-                          ("my_corridors.nothing", "cannot import it as an env class or creator"),
+                          ("my_corridors.nothing", "as an env class or creator: cannot import 'my_corridors.nothing'"),
                           ("my_corridors.seen", "is a list, not an env class or creator function")]:
         with pytest.raises(ValueError, match=None) as e:
             check_env_spec(spec)

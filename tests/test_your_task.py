@@ -47,6 +47,7 @@ def test_your_parquet_and_reward_function_from_a_yaml(tmp_path):
     spec = yaml.safe_load((REPO / "tuned_examples/your_task_llm.yaml").read_text())
     config = spec["your-task-llm"]["config"]
     config["llm"] = {"policy": tiny, "engine": "transformers"}
+    del config["engine_kwargs"]  # vLLM's max_model_len: the transformers engine takes none (engine_problems)
     config["env_config"]["chat_template_model"] = tiny
     config["evaluation_interval"] = 1
     path = tmp_path / "your_task_llm.yaml"

@@ -9,6 +9,7 @@ from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.core import DEFAULT_MODULE_ID
 
 from rllib_sppo.connectors import in_micro_batches
+from rllib_sppo.core import masked_mean
 from rllib_sppo.estimators import CriticKind
 
 
@@ -64,7 +65,7 @@ class TokenBatch(ConnectorV2):
         cols["engine_logp"] = engine.to(device) * cols["response_mask"]
         if metrics is not None:
             m = cols["response_mask"]
-            gap = ((cols["old_logp"] - cols["engine_logp"]).abs() * m).sum() / m.sum().clamp(min=1)
+            gap = masked_mean((cols["old_logp"] - cols["engine_logp"]).abs(), m)
             metrics.log_dict({"rollout/engine_logp_gap": float(gap),
                               "rollout/response_len_mean": float(m.sum(-1).mean())},
                              key=DEFAULT_MODULE_ID, window=1)

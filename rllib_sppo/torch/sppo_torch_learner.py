@@ -19,7 +19,7 @@ from ray.rllib.core.columns import Columns
 
 from rllib_sppo.connectors import CRITIC_MASK, VALUES_OLD, critic_output
 from rllib_sppo.core import critic_bce_loss, critic_mse_loss, masked_mean, ppo_clip_loss, truncated_is_weights
-from rllib_sppo.estimators import ESTIMATORS
+from rllib_sppo.estimators import get_estimator
 from rllib_sppo.llm.weight_group import WeightGroup, buckets, drain, layout
 from rllib_sppo.private_api import TorchLearnerHooks
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
@@ -119,7 +119,7 @@ class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
             agg=config.loss_agg_mode, counts=(minibatch.tokens, minibatch.sequences), weights=weights)
         stats = {**{f"policy/{k}": v for k, v in stats.items()}, **{f"rollout/{k}": v for k, v in tis_stats.items()}}
         stats["policy/loss"] = total.detach()
-        critic = ESTIMATORS[config.advantage_estimator].critic
+        critic = get_estimator(config.advantage_estimator).critic
         if critic is not None:
             out = critic_output(module, batch, critic)
             targets, critic_mask = batch[Columns.VALUE_TARGETS], batch[CRITIC_MASK]
