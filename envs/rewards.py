@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Callable
 
-from envs.dotted import import_dotted
+from envs.dotted import builtin_or_dotted
 
 RewardFn = Callable[..., list[float | None]]
 
@@ -161,21 +161,7 @@ REWARD_FNS: dict[str, RewardFn] = {
 
 def get_reward_fn(name: str | RewardFn) -> RewardFn:
     """A registered reward function by name, a ``"pkg.module.fn"`` dotted path, or a callable."""
-    if callable(name):
-        return name
-    if name in REWARD_FNS:
-        return REWARD_FNS[name]
-    if "." in name:
-        try:
-            fn = import_dotted(name)
-        except ValueError as e:
-            raise ValueError(f"reward fn {name!r}: {e}") from None
-        if not callable(fn):
-            raise ValueError(f"reward fn {name!r} is not callable")
-        return fn
-    raise ValueError(
-        f"unknown reward fn {name!r}; choose one of {sorted(REWARD_FNS)} or a dotted path 'pkg.module.fn'"
-    )
+    return name if callable(name) else builtin_or_dotted("reward_fn", name, REWARD_FNS, callable, "a function")
 
 
 def required_columns(fn: RewardFn) -> list[str]:

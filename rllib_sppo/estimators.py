@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from envs.dotted import import_dotted
+from envs.dotted import builtin_or_dotted
 from rllib_sppo.core import (critic_prediction, gae_advantage, group_advantage, masked_whiten, outcome_token_rewards,
                              rloo_advantage, sequence_advantage)
 
@@ -115,16 +115,5 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (_sppo, _grpo, _drgrpo, _
 
 def get_estimator(name: str) -> Estimator:
     """The estimator ``advantage_estimator`` names: a built-in one by name, or yours by its dotted path."""
-    if name in ESTIMATORS:
-        return ESTIMATORS[name]
-    if "." in name:
-        try:
-            found = import_dotted(name)
-        except ValueError as e:
-            raise ValueError(f"advantage_estimator={name!r}: {e}") from None
-        if not isinstance(found, Estimator):
-            raise ValueError(f"advantage_estimator={name!r} names a {type(found).__name__!r} object, not an Estimator; "
-                             f"decorate its function with @rllib_sppo.estimators.estimator(...)")
-        return found
-    raise ValueError(f"advantage_estimator={name!r}; choose one of {sorted(ESTIMATORS)}, or the dotted path of your "
-                     f"own (an @estimator-decorated function, e.g. 'my_pkg.estimators.my_sppo').")
+    return builtin_or_dotted("advantage_estimator", name, ESTIMATORS, lambda found: isinstance(found, Estimator),
+                             "an Estimator: a function decorated with @rllib_sppo.estimators.estimator(...)")

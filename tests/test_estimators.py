@@ -88,8 +88,8 @@ def test_a_users_estimator_is_found_by_its_path_in_any_process_and_mistakes_are_
         estimator("mine", critic="hinge", default_critic_loss="bce")
     config = SPPOConfig().environment("OutcomeCartPole-v1")
     for name, message in [("mine", r"advantage_estimator='mine'; choose one of \['drgrpo', 'grpo', 'ppo', 'rloo', "
-                                   r"'sppo'\], or the dotted path of your own"),
-                          ("my_estimators.not_an_estimator", "names a 'int' object, not an Estimator; decorate"),
+                                   r"'sppo'\], or the dotted path of your own \(an Estimator"),
+                          ("my_estimators.not_an_estimator", "names a 'int' object, not an Estimator: a function"),
                           ("my_estimators.nothing", "advantage_estimator='my_estimators.nothing': cannot import")]:
         with pytest.raises(ValueError, match=message):
             config.copy().training(advantage_estimator=name).validate()

@@ -149,12 +149,15 @@ def test_get_reward_fn_names_and_dotted_paths():
     assert get_reward_fn("reasoning_gym") is reasoning_gym_reward
     assert get_reward_fn("envs.rewards.math_reward") is math_reward
     assert get_reward_fn(picky_reward) is picky_reward
-    with pytest.raises(ValueError, match=r"unknown reward fn 'gsm8k'.*'math'.*'reasoning_gym'"):
+    with pytest.raises(ValueError, match=r"reward_fn='gsm8k'; choose one of .*'math'.*'reasoning_gym'.*, or the "
+                                         r"dotted path of your own \(a function"):
         get_reward_fn("gsm8k")
     with pytest.raises(ValueError, match="envs.rewards.nope"):
         get_reward_fn("envs.rewards.nope")
     with pytest.raises(ValueError, match="no_such_pkg.fn"):
         get_reward_fn("no_such_pkg.fn")
+    with pytest.raises(ValueError, match="reward_fn='envs.rewards.REWARD_FNS' names a 'dict' object, not a function"):
+        get_reward_fn("envs.rewards.REWARD_FNS")
     assert get_reward_fn("final_answer") is final_answer_reward
     assert get_reward_fn("working") is working_reward
     assert set(REWARD_FNS) == {"math", "final_answer", "reasoning_gym", "working"}
