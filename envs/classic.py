@@ -33,7 +33,7 @@ from typing import Callable
 import gymnasium as gym
 import numpy as np
 
-from envs.dotted import import_dotted
+from envs.dotted import dotted_object, import_dotted
 
 #: How ``env_config["outcome"]`` may be written (for error messages).
 OUTCOME_FORMS = "'success' or {return_range: [low, high]} with low < high"
@@ -146,12 +146,7 @@ def check_env_spec(spec: str, env_config: dict | None = None, *, registered: boo
     if env_id in gym.registry:
         return
     if not module and "." in spec:
-        try:
-            obj = import_dotted(spec)
-        except ValueError as e:
-            raise ValueError(f"env {spec!r}, as an env class or creator: {e}") from None
-        if not callable(obj):
-            raise ValueError(f"env {spec!r} is a {type(obj).__name__}, not an env class or creator function")
+        dotted_object("env", spec, callable, "an env class or creator function")
         return
     close = difflib.get_close_matches(env_id, list(gym.registry), n=1)
     hint = f" (did you mean {(module + ':' if module else '') + close[0]!r}?)" if close else ""

@@ -22,6 +22,12 @@ def builtin_or_dotted(key: str, name: str, builtins: dict[str, Any], is_one: Cal
     if "." not in name:
         raise ValueError(f"{key}={name!r}; choose one of {sorted(builtins)}, or the dotted path of your own ({one}, "
                          f"e.g. 'my_pkg.my_module.name')")
+    return dotted_object(key, name, is_one, one)
+
+
+def dotted_object(key: str, name: str, is_one: Callable[[Any], bool], one: str):
+    """The object the dotted path ``name`` (the config key ``key``) names, when ``is_one`` says it is ``one``; a
+    ValueError saying why not otherwise."""
     try:
         found = import_dotted(name)
     except ValueError as e:

@@ -25,7 +25,7 @@ from rllib_sppo.cli import main
     ("x:\n  run: SPPO\n  env: no_such_module:Foo-v0\n", "cannot import module 'no_such_module'"),
     ("x:\n  run: SPPO\n  env: envs:CartPol-v1\n", "unknown env 'envs:CartPol-v1' (did you mean 'envs:CartPole-v1'?)"),
     ("x:\n  run: SPPO\n  env: no_such.module.Env\n",
-     "env 'no_such.module.Env', as an env class or creator: cannot import 'no_such.module.Env'"),
+     "env='no_such.module.Env': cannot import 'no_such.module.Env'"),
     ("x:\n  run: SPPO\n  env: Acrobot-v1\n  config: {env_config: {outcome: sucess}}\n",
      "env_config outcome must be 'success' or {return_range: [low, high]} with low < high, got 'sucess'"),
     ("x:\n  run: SPPO\n  env: Acrobot-v1\n  config: {env_config: {outcome: {return_range: [0, -500]}}}\n",

@@ -236,8 +236,8 @@ def test_env_specs_module_id_and_creators(tmp_path, monkeypatch):
     assert dict(seen) == {"a": 1} and (seen.worker_index, seen.vector_index) == (3, 2)
     for spec, message in [("Acrobt-v1", "unknown env 'Acrobt-v1' (did you mean 'Acrobot-v1'?)"),
                           ("my_corridors:MyCoridor-v0", "did you mean 'my_corridors:MyCorridor-v0'?"),
-                          ("my_corridors.nothing", "as an env class or creator: cannot import 'my_corridors.nothing'"),
-                          ("my_corridors.seen", "is a list, not an env class or creator function")]:
+                          ("my_corridors.nothing", "env='my_corridors.nothing': cannot import 'my_corridors.nothing'"),
+                          ("my_corridors.seen", "names a 'list' object, not an env class or creator function")]:
         with pytest.raises(ValueError, match=None) as e:
             check_env_spec(spec)
         assert message in str(e.value) and "\n" not in str(e.value)
