@@ -265,10 +265,11 @@ def engine_problems(config):
     if taken is not None and set(config.engine_kwargs) - taken:
         yield (f"engine_kwargs sets {sorted(set(config.engine_kwargs) - taken)}, which the {config.rollout_engine} "
                f"engine does not take (it takes {sorted(taken)}): remove them, or use rollout_engine 'vllm'.")
-    if config.rollout_engine == "transformers":
+    if config.rollout_engine != VLLMEngine.name:  # (settings of vLLM's alone)
         for key in ("gpu_memory_utilization", "enforce_eager"):
             if getattr(config, key) is not None:
-                yield f"{key}={getattr(config, key)!r} is vLLM's; the transformers engine has none: leave it None."
+                yield (f"{key}={getattr(config, key)!r} is vLLM's; the {config.rollout_engine} engine has none: leave "
+                       f"it None.")
     if config.enforce_eager not in (None, True, False):
         yield f"enforce_eager={config.enforce_eager!r}: True, False or None (True on a CPU, False on a GPU)."
     if config.gpu_memory_utilization is not None and not 0 < config.gpu_memory_utilization <= 1:
