@@ -410,3 +410,27 @@ def test_llm_wires_the_pieces_and_validate_refuses_a_mismatched_set(tiny):
     for bad, message in cases:
         with pytest.raises(ValueError, match=f"{message}.*{fix}"):
             bad.validate()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_with_the_fix(tiny, caplog, monkeypatch):
+    """A bf16 learner on a CPU whose flags lack AVX512-BF16 and AMX-BF16 says so at build, with the fix (its update ran
+    ~20x slower than on a CPU with them); one with either flag, a float32 learner and an unknown CPU say nothing."""
+    from rllib_sppo.torch import llm_rl_module, sppo_torch_learner
+    from rllib_sppo.torch.llm_rl_module import emulated_bf16
+
+    zen3 = "flags\t\t: fpu sse2 avx avx2 fma bmi2 sha_ni vaes\n"
+    assert emulated_bf16(zen3) and not emulated_bf16(zen3 + "flags : avx512f avx512_bf16\n")
+    assert not emulated_bf16("flags : amx_bf16 amx_tile\n") and not emulated_bf16(None)
+
+    def warnings_at_build(dtype, cpuinfo):
+        monkeypatch.setattr(sppo_torch_learner, "read_cpuinfo", lambda: cpuinfo)
+        caplog.clear()
+        SPPOConfig().environment("ReasoningBandit-v0").llm(policy=tiny, engine="transformers", dtype=dtype) \
+            .build_learner(env=None, spaces={DEFAULT_MODULE_ID: (gym.spaces.Text(8), gym.spaces.Text(8))})
+        return [r.getMessage() for r in caplog.records if "native bfloat16" in r.getMessage()]
+
+    assert llm_rl_module.read_cpuinfo() is None or "flags" in llm_rl_module.read_cpuinfo()
+    [message] = warnings_at_build("bfloat16", zen3)
+    assert "llm: {dtype: float32}" in message
+    assert warnings_at_build("bfloat16", zen3 + "flags : avx512_bf16\n") == []
+    assert warnings_at_build("float32", zen3) == [] and warnings_at_build("bfloat16", None) == []

@@ -22,6 +22,7 @@ from rllib_sppo.core import critic_bce_loss, critic_mse_loss, masked_mean, ppo_c
 from rllib_sppo.estimators import get_estimator
 from rllib_sppo.llm.weight_group import WeightGroup, buckets, drain, layout
 from rllib_sppo.private_api import TorchLearnerHooks
+from rllib_sppo.torch.llm_rl_module import emulated_bf16, read_cpuinfo
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,16 @@ def learner_rank() -> int:
 class SPPOTorchLearner(SPPOLearner, TorchLearnerHooks):
     _nonfinite_streak = 0
     weight_group = None  # this learner's membership of the weight-sync group (rank 0 only), once formed
+
+    def build(self) -> None:
+        super().build()
+        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+        if getattr(module, "compute_dtype", None) == torch.bfloat16 and self.device.type == "cpu":
+            if emulated_bf16(read_cpuinfo()):
+                logger.warning("dtype='bfloat16' on a CPU learner whose CPU has no native bfloat16 (no avx512_bf16 or "
+                               "amx_bf16 among its flags): torch emulates it, and the update runs many times slower "
+                               "than in float32 (17x on a linear layer on an AMD EPYC without it); set llm(dtype='float32') (YAML: "
+                               "llm: {dtype: float32}) on this machine.")
 
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         module = self.module[module_id].unwrapped()
