@@ -210,9 +210,8 @@ def write(runs: list, args, out: Path) -> None:
     reported = [r for r in runs if r["seed"] != args.tune_seed]
     lines = [f"# {args.title}", "",
              *harness.provenance(("ray", "torch", "vllm")),
-             f"Held-out {key} and {pass_key} of exact answers (the YAML's reward_fn pays 1.0; the chain's, `working`, "
-             "only for the boxed answer right with every line of the working the reference's) at T = 0.6 over 128 "
-             f"problems, evaluated every tenth of the budget; training minutes per reported run {args.budget} "
+             f"Held-out {key} and {pass_key} of exact answers ({held_out(args)}) at T = 0.6, evaluated every "
+             f"tenth of the budget; training minutes per reported run {args.budget} "
              f"(evaluations not counted); the same prompts per iteration for all estimators. Target = {SHARE:.0%} of "
              f"GRPO's peak {key} (the mean over its seeds). Mean (min-max) over seeds.", "",
              f"## Tuning (seed {args.tune_seed}, {args.tuned_on} horizon, {args.tune_minutes:g} min a run, not "
@@ -277,6 +276,18 @@ def write(runs: list, args, out: Path) -> None:
     Path(f"{out}.md").write_text("\n".join(lines) + "\n")
     plot(reported, list(args.yamls), ratios, key, out)
     print("\n".join(lines), flush=True)
+
+
+def held_out(args) -> str:
+    """What the task's held-out accuracy counts, read from its (first) YAML: the reward that must pay 1 and the
+    problems."""
+    from rllib_sppo.experiments import load_experiments
+
+    (_, exp), = load_experiments(next(iter(args.yamls.values()))).items()
+    env = exp["config"]["env_config"]
+    why = (": the boxed answer right and every line of the working the reference's"
+           if env["reward_fn"] == "working" else "")
+    return f"reward_fn `{env['reward_fn']}` pays 1.0{why}; {env['heldout_size']} problems"
 
 
 def flattened(here: list, key: str) -> list[str]:

@@ -108,6 +108,14 @@ def test_the_report_table_gives_the_wall_clock_ratio_per_seed_at_each_horizon(tm
     assert (tmp_path / "lh.png").stat().st_size > 0 and (tmp_path / "lh.csv").read_text().count("\n") > 20
 
 
+def test_the_report_says_what_each_tasks_held_out_accuracy_counts():
+    """The header reads the task's YAML: the chain's 128 problems under `working`, SmolLM2's 64 under
+    `final_answer`."""
+    assert lh.held_out(lh.arguments([])).startswith("reward_fn `working` pays 1.0: the boxed answer right and every")
+    assert lh.held_out(lh.arguments([])).endswith("; 128 problems")
+    assert lh.held_out(lh.arguments(["--task", "smollm2"])) == "reward_fn `final_answer` pays 1.0; 64 problems"
+
+
 def test_a_seed_whose_pair_ran_on_machines_of_different_speed_gives_no_ratio(tmp_path):
     """Seed 1's SPPO ran on a machine 1.6x as fast as its GRPO (probe 1.0 s against 1.6 s, beyond the 50% one
     machine's noise is allowed): its seconds are not compared, and the ratio is seed 0's alone (3x); seed 0's pair
