@@ -137,12 +137,15 @@ def _measured_run(*args) -> dict:
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def machine(repeats: int = 5) -> dict:
+def machine(repeats: int = 5, pause_s: float = 2.0) -> dict:
     """What a run ran on: the CPU's model name and ``probe_s``, the seconds a fixed workload of small tensors takes
     (a 4-layer MLP of width 256, forward and backward on 64 rows, 300 times, torch's default threads; the fastest of
-    ``repeats``: the least disturbed), the kind of work a tiny policy's iteration is. Sessions here land on machines
-    of different speeds (the same tuning run took 5.3 s an iteration on one, 10.8 on the next): runs compared in
-    wall-clock must share a machine speed, and the probe says whether they did."""
+    ``repeats``, each after a pause of ``pause_s``: the least disturbed), the kind of work a tiny policy's iteration
+    is. Sessions here land on machines of different speeds (the same tuning run took 5.3 s an iteration on one, 10.8
+    on the next): runs compared in wall-clock must share a machine speed, and the probe says whether they did. The
+    pauses spread the repeats over some 10 s, past the seconds in which the run before shuts its Ray down: taken at
+    once, one machine's probes read 0.42 to 0.67 s within an hour (2026-12-07) while the runs' own iterations said it
+    had not slowed."""
     import torch
 
     torch.manual_seed(0)
@@ -150,6 +153,7 @@ def machine(repeats: int = 5) -> dict:
     x = torch.randn(64, 256)
     times = []
     for _ in range(repeats):
+        time.sleep(pause_s)
         start = time.perf_counter()
         for _ in range(300):
             net(x).square().mean().backward()

@@ -3,6 +3,7 @@ accuracy over its budget, a pick on the grid's edge widens the grid by one rate 
 only the tuning seed's long-horizon runs count, and the report table gives the SPPO : GRPO wall-clock ratio."""
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,9 @@ def test_chain_working_tells_a_right_answer_with_a_wrong_result_from_a_right_one
 
 def test_the_machine_probe_names_the_cpu_and_times_its_fixed_workload():
     """``harness.machine``, recorded with every run: the CPU's model name from /proc/cpuinfo and the workload's seconds
-    (a real run of it, nothing timed against a bound: the machine may be busy)."""
-    machine = lh.harness.machine(repeats=1)
+    (a real run of it, nothing timed against an upper bound: the machine may be busy), its repeats spread by pauses."""
+    start = time.perf_counter()
+    machine = lh.harness.machine(repeats=2, pause_s=0.5)
+    assert time.perf_counter() - start >= 1.0 + 2 * machine["probe_s"]
     assert set(machine) == {"cpu", "probe_s"} and machine["probe_s"] > 0
     assert machine["cpu"] in open("/proc/cpuinfo").read()
