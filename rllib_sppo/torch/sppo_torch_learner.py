@@ -22,8 +22,8 @@ from rllib_sppo.core import critic_bce_loss, critic_mse_loss, masked_mean, ppo_c
 from rllib_sppo.estimators import get_estimator
 from rllib_sppo.llm.weight_group import WeightGroup, buckets, drain, layout
 from rllib_sppo.private_api import TorchLearnerHooks
-from rllib_sppo.torch.llm_rl_module import emulated_bf16, read_cpuinfo
 from rllib_sppo.sppo_learner import NONFINITE_SKIPPED, NONFINITE_STREAK, SPPOLearner
+from rllib_sppo.torch.llm_rl_module import emulated_bf16, read_cpuinfo
 
 logger = logging.getLogger(__name__)
 MINIBATCH = "_sppo_minibatch"  # batch key of a micro-batch: its minibatch's counts and diagnostics (a Minibatch)
