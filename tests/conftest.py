@@ -17,6 +17,20 @@ def ray_session():
 
 
 @pytest.fixture
+def train_until():
+    """``train_until(algo, reached, most)``: ``algo.train()``'s results, one per iteration, until ``reached`` holds for
+    the episode-return means so far or ``most`` iterations ran: a learning test waits on its curve, not a count."""
+    def train(algo, reached, most: int) -> list:
+        results = []
+        while len(results) < most:
+            results.append(algo.train())
+            if reached([result["env_runners"]["episode_return_mean"] for result in results]):
+                break
+        return results
+    return train
+
+
+@pytest.fixture
 def yaml_file(tmp_path):
     """``yaml_file(text, name="exp.yaml")``: ``text`` (dedented) written to a file in ``tmp_path``; its path."""
     def write(text: str, name: str = "exp.yaml") -> str:

@@ -63,6 +63,26 @@ def remove_and_replace(cluster, nodes: list, node_id: str):
     return nodes[-1]
 
 
+def wait_until_jobs_are_accepted(address: str, deadline_s: float = 300) -> None:
+    """Waits until the cluster's job server has a dashboard agent to run a job's driver (on a loaded machine the
+    head's agent registers after the dashboard answers; a submission before that is refused with HTTP 500)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client, deadline = JobSubmissionClient(address), time.monotonic() + deadline_s
+    while True:
+        try:
+            job = client.submit_job(entrypoint="true")
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"the probe job {job} did not end within {deadline_s:g} s"
+        time.sleep(1)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)
+
+
 def train_until_restored(algo, index: int, deadline_s: float = 300) -> list:
     """Trains until RLlib has restarted runner ``index`` on a node that has the resource and it is healthy again."""
     results, deadline = [], time.monotonic() + deadline_s
@@ -164,6 +184,7 @@ def test_ray_job_submit_runs_rllib_train_on_the_cluster(cluster, tmp_path):
     cluster, _ = cluster
     path = tmp_path / "cartpole.yaml"
     path.write_text(CLASSIC_YAML)
+    wait_until_jobs_are_accepted(f"http://{cluster.webui_url}")
     run = subprocess.run(["ray", "job", "submit", "--address", f"http://{cluster.webui_url}", "--", "rllib", "train",
                           "file", str(path), "--storage-path", str(tmp_path / "results")],
                          capture_output=True, text=True, timeout=600)
