@@ -18,15 +18,16 @@ def ray_session():
 
 @pytest.fixture
 def train_until():
-    """``train_until(algo, reached, most)``: ``algo.train()``'s results, one per iteration, until ``reached`` holds for
-    the episode-return means so far or ``most`` iterations ran: a learning test waits on its curve, not a count."""
-    def train(algo, reached, most: int) -> list:
-        results = []
+    """``train_until(algo, reached, most)``: ``algo.train()`` until ``reached`` holds for the episode-return means so
+    far or ``most`` iterations ran (a learning test waits on its curve, not a count); those means and the results."""
+    def train(algo, reached, most: int) -> tuple[list, list]:
+        returns, results = [], []
         while len(results) < most:
             results.append(algo.train())
-            if reached([result["env_runners"]["episode_return_mean"] for result in results]):
+            returns.append(results[-1]["env_runners"]["episode_return_mean"])
+            if reached(returns):
                 break
-        return results
+        return returns, results
     return train
 
 

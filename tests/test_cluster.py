@@ -18,6 +18,7 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 import envs  # noqa: F401
 from rllib_sppo import SPPOConfig
 from rllib_sppo.cli import main
+from test_faults import wait_for
 
 RUNNER = "sppo_runner"  # one per runner node: each of the two EnvRunners lands on a node of its own
 LEARNER = "sppo_learner"  # the head node's: a trial's main process (and its learner) asks for it
@@ -77,9 +78,8 @@ def wait_until_jobs_are_accepted(address: str, deadline_s: float = 300) -> None:
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(1)
-    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, f"the probe job {job} did not end within {deadline_s:g} s"
-        time.sleep(1)
+    wait_for(lambda: client.get_job_status(job) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED},
+             deadline - time.monotonic(), f"end of the probe job {job}")
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, client.get_job_logs(job)
 
 

@@ -17,8 +17,7 @@ def cartpole_config(**training):
 
 def test_cartpole_outcome_rises(ray_session, train_until):
     algo = cartpole_config().build_algo()
-    results = train_until(algo, lambda r: len(r) >= 4 and np.mean(r[-3:]) > 2.5 * r[0], most=12)
-    returns = [result["env_runners"]["episode_return_mean"] for result in results]
+    returns, results = train_until(algo, lambda r: len(r) >= 4 and np.mean(r[-3:]) > 2.5 * r[0], most=12)
     learner = results[-1]["learners"]["default_policy"]
     algo.stop()
     # Random CartPole survives ~22 steps (outcome ~0.045); within 24k steps SPPO's outcome is 2.5 times that.
@@ -252,9 +251,8 @@ def test_sppo_trains_on_a_dotted_env_with_an_outcome(ray_session, train_until):
               .rl_module(model_config={"pi_hiddens": [32], "vf_hiddens": [32]})
               .env_runners(num_env_runners=1).debugging(seed=0))
     algo = config.build_algo()
-    results = train_until(algo, lambda r: len(r) >= 3 and np.mean(r[-3:]) > 0.9, most=8)
+    returns, _ = train_until(algo, lambda r: len(r) >= 3 and np.mean(r[-3:]) > 0.9, most=8)
     algo.stop()
-    returns = [result["env_runners"]["episode_return_mean"] for result in results]
     assert returns[0] < 0.3 and np.mean(returns[-3:]) > 0.9, returns
 
 
@@ -313,9 +311,8 @@ def test_every_space_family_learns_the_same_task(ray_session, train_until, obs, 
             .training(lr=1e-2, critic_lr=1e-2, weight_decay=0.0, critic_weight_decay=0.0,
                       train_batch_size_per_learner=200, minibatch_size=50, num_epochs=4)
             .env_runners(num_env_runners=0).debugging(seed=0)).build_algo()
-    results = train_until(algo, lambda r: len(r) >= 2 and np.mean(r[-2:]) > 0.9, most=8)
+    returns, _ = train_until(algo, lambda r: len(r) >= 2 and np.mean(r[-2:]) > 0.9, most=8)
     algo.stop()
-    returns = [result["env_runners"]["episode_return_mean"] for result in results]
     assert returns[0] < 0.4 and np.mean(returns[-2:]) > 0.9, returns
 
 
