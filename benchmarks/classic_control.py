@@ -64,13 +64,23 @@ def experiment(task: str, algo: str) -> dict:
     return {**exp, "yaml": path}
 
 
-def stops(task: str, cap: int | None = None) -> tuple[float, int]:
-    """The task's target and env-step budget (at most ``cap``), the same in both YAMLs."""
-    both = {algo: experiment(task, algo)["stop"] for algo in KNOBS}
+def shared(task: str, cap: int | None = None) -> dict:
+    """What both algorithms' runs on ``task`` share, from its two YAMLs (which must agree): the target, the env-step
+    budget (at most ``cap``) and the envs per EnvRunner. Every run records them, and only runs with the YAMLs'
+    current values count (older runs stay in the log)."""
+    both = {}
+    for algo in KNOBS:
+        exp = experiment(task, algo)
+        both[algo] = {"target": float(exp["stop"][TARGET]), "budget": min(int(exp["stop"][BUDGET]), cap or math.inf),
+                      "envs": exp["config"].get("num_envs_per_env_runner", 1)}
     if both["SPPO"] != both["PPO"]:
-        raise SystemExit(f"{task}: its SPPO and PPO YAMLs stop differently ({both['SPPO']} vs {both['PPO']}); "
-                         f"give both the same target and env-step budget")
-    return float(both["SPPO"][TARGET]), min(int(both["SPPO"][BUDGET]), cap or math.inf)
+        raise SystemExit(f"{task}: its SPPO and PPO YAMLs differ in their stop or envs per runner ({both['SPPO']} vs "
+                         f"{both['PPO']}); give both the same target, env-step budget and num_envs_per_env_runner")
+    return both["SPPO"]
+
+
+def same_setup(row: dict, setup: dict) -> bool:
+    return all(row.get(k, 1) == v for k, v in setup.items())  # (runs from before ``envs`` was recorded had one)
 
 
 # --- one run ------------------------------------------------------------------------------------------------------
@@ -138,8 +148,8 @@ def _die_with_parent():
 
 
 def key(job: dict) -> str:
-    return json.dumps([job["task"], job["algo"], job["setting"], job["seed"], job["target"], job["budget"]],
-                      sort_keys=True)
+    return json.dumps([job["task"], job["algo"], job["setting"], job["seed"], job["target"], job["budget"],
+                       job.get("envs", 1)], sort_keys=True)
 
 
 def name(job: dict) -> str:
@@ -160,7 +170,7 @@ def score(runs: list, budget: int) -> tuple:
 def tuning(rows: list, task: str, algo: str, args) -> dict:
     """The algorithm's tuning on ``task`` as far as ``rows`` go: its grid (after the moves so far), the runs that grid
     still needs (``todo``), and once it has none, the ``pick`` and whether its learning rate is inside the grid."""
-    target, budget = stops(task, args.max_env_steps)
+    setup = shared(task, args.max_env_steps)
     exp = experiment(task, algo)
     knob = KNOBS[algo]
     values = args.critic_lrs if algo == "SPPO" else args.lambdas
@@ -169,12 +179,13 @@ def tuning(rows: list, task: str, algo: str, args) -> dict:
     for moves in range(args.max_moves + 1):
         lrs = [ladder(centre + d) for d in (-1, 0, 1)]
         settings = [{"lr": lr, knob: v} for lr in lrs for v in values]
-        jobs = [{"task": task, "algo": algo, "phase": "tune", "setting": s, "seed": seed, "target": target,
-                 "budget": budget} for s in settings for seed in args.tune_seeds]
+        jobs = [{"task": task, "algo": algo, "phase": "tune", "setting": s, "seed": seed, **setup}
+                for s in settings for seed in args.tune_seeds]
         todo = [j for j in jobs if key(j) not in by_key]
         if todo:
             return {"lrs": lrs, "todo": todo}
-        pick = min(settings, key=lambda s: score([by_key[key(j)] for j in jobs if j["setting"] == s], budget))
+        pick = min(settings, key=lambda s: score([by_key[key(j)] for j in jobs if j["setting"] == s],
+                                                 setup["budget"]))
         inside = lrs[0] < pick["lr"] < lrs[-1]
         if inside or moves == args.max_moves:
             return {"lrs": lrs, "todo": [], "pick": pick, "inside": inside, "moves": moves}
@@ -187,13 +198,13 @@ def plan(rows: list, args) -> list[dict]:
     by_key = {key(r) for r in rows}
     todo = []
     for task in args.tasks:
-        target, budget = stops(task, args.max_env_steps)
+        setup = shared(task, args.max_env_steps)
         for algo in KNOBS:
             t = tuning(rows, task, algo, args)
             todo += t["todo"]
             if "pick" in t:
                 todo += [j for j in ({"task": task, "algo": algo, "phase": "report", "setting": t["pick"],
-                                      "seed": seed, "target": target, "budget": budget} for seed in args.seeds)
+                                      "seed": seed, **setup} for seed in args.seeds)
                          if key(j) not in by_key]
     return todo
 
@@ -257,10 +268,11 @@ def write(rows: list, args) -> None:
     with open(f"{args.out}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["task", "algo", "phase", "setting", "seed", "env_steps", "reached", "final_outcome", "episodes",
-                    "target", "budget", "wall_s", "load_before", "load_after", "jobs"])
+                    "target", "budget", "envs", "wall_s", "load_before", "load_after", "jobs"])
         for r in sorted(rows, key=key):
             w.writerow([r["task"], r["algo"], r["phase"], setting_text(r["setting"]), r["seed"], r["steps"],
-                        r["reached"], f"{r['final']:.3f}", r["episodes"], r["target"], r["budget"], r["wall_s"],
+                        r["reached"], f"{r['final']:.3f}", r["episodes"], r["target"], r["budget"], r.get("envs", 1),
+                        r["wall_s"],
                         r["load_before"], r["load_after"], r["jobs"]])
     loads = [x for r in rows for x in (r["load_before"], r["load_after"])]
     lines = ["# Classic control: SPPO vs RLlib PPO on outcome rewards, each tuned the same way", "", *provenance(),
@@ -268,17 +280,18 @@ def write(rows: list, args) -> None:
              f"last {WINDOW} completed training episodes; protocol: `benchmarks/classic_control.py`'s docstring. "
              f"Load average over all runs {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} cores, up to "
              f"{max(r['jobs'] for r in rows)} runs at a time: wall times are for planning, not comparison.", "",
-             "| task (target, budget) | algorithm | pick (on the tuning seeds) | reached | env steps to the target, "
+             "| task (target, budget, envs per runner) | algorithm | pick (on the tuning seeds) | reached | env steps to the target, "
              "median (range) | final outcome, median (range) | tuning runs | wall s per run |",
              "|---|---|---|---|---|---|---|---|"]
     grids = ["", "## Tuning grids", "",
              "Per setting, on the tuning seeds: seeds reaching the target, mean env steps (a miss counts as the "
              "budget), mean final outcome. **Bold**: the pick.", ""]
-    for task in dict.fromkeys(r["task"] for r in rows):
-        target, budget = stops(task, args.max_env_steps)  # (runs to another target or budget are not this table's)
+    setups = {task: shared(task, args.max_env_steps) for task in dict.fromkeys(r["task"] for r in rows)}
+    for task, setup in setups.items():  # (runs to another target or budget, or with other envs, are not this table's)
+        target, budget = setup["target"], setup["budget"]
         for algo in KNOBS:
             t = tuning(rows, task, algo, args)
-            mine = [r for r in rows if (r["task"], r["algo"], r["target"], r["budget"]) == (task, algo, target, budget)]
+            mine = [r for r in rows if (r["task"], r["algo"]) == (task, algo) and same_setup(r, setup)]
             tuned, reported = ([r for r in mine if r["phase"] == phase] for phase in ("tune", "report"))
             if not tuned:
                 continue
@@ -287,7 +300,7 @@ def write(rows: list, args) -> None:
             pick = setting_text(t["pick"]) + where if "pick" in t else "tuning"
             reached = [r for r in reported if r["reached"]]
             lines.append(
-                f"| {task} ({target:g}, {budget:,}) | {algo} | {pick} | {len(reached)}/{len(reported)} | "
+                f"| {task} ({target:g}, {budget:,}, {setup['envs']}) | {algo} | {pick} | {len(reached)}/{len(reported)} | "
                 f"{median_range([r['steps'] for r in reached], ',.0f')} | "
                 f"{median_range([r['final'] for r in reported], '.3f')} | {len(tuned)} | "
                 f"{np.mean([r['wall_s'] for r in tuned + reported]):.0f} |")
@@ -302,7 +315,7 @@ def write(rows: list, args) -> None:
                 grids.append(f"| {b}{setting_text(s)}{b} | {-reach}/{len(runs)} | {steps:,.0f} | {-final:.3f} |")
             grids.append("")
     Path(f"{args.out}.md").write_text("\n".join(lines + grids))
-    plot(rows, args.out)
+    plot([r for r in rows if same_setup(r, setups[r["task"]])], args.out)
 
 
 def plot(rows: list, out: str) -> None:

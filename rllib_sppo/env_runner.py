@@ -61,7 +61,43 @@ class EpisodeEnvRunner(SingleAgentEnvRunnerHooks):
     run would start every batch from the same states (CartPole: one s_0 for the whole run). Here each such reset
     draws its seed from the process's numpy RNG, which RLlib seeds once from ``config.seed`` and the worker index
     and which SPPO's checkpoints carry: batches differ, and runs stay reproducible and resumable.
+
+    With several envs (``num_envs_per_env_runner`` > 1) RLlib's whole-episode sampling keeps the first N episodes to
+    end and drops the N envs' unfinished ones, which favours short episodes (CartPole under a random policy: 16.7
+    steps on average with 16 envs against 22.5 with one). Here the envs instead run on across ``sample()`` calls, as
+    in ``truncate_episodes`` mode, and each episode is returned once it has ended, stitched from its pieces: every
+    episode counts once, whatever its length. An episode still running when the weights change finishes under the
+    new ones (its actions keep their own log-probs), and a checkpoint does not carry these pieces: such a run resumes,
+    but not bit-identically. One env keeps RLlib's own sampling (whole episodes from a reset, already unbiased).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pieces = {}  # episode id -> the episode so far, while it runs across sample() calls
+
+    def sample(self, *, num_timesteps=None, num_episodes=None, explore=None, random_actions=False,
+               force_reset=False, **kwargs):
+        if self.num_envs == 1 or num_timesteps or num_episodes or self.config.batch_mode != "complete_episodes":
+            return super().sample(num_timesteps=num_timesteps, num_episodes=num_episodes, explore=explore,
+                                  random_actions=random_actions, force_reset=force_reset, **kwargs)
+        if force_reset:
+            self._pieces.clear()
+        steps = 16 * self.num_envs  # each env 16 steps a call: a batch overshoots little, calls stay few
+        ended = []
+        while not ended:
+            for piece in super().sample(num_timesteps=steps, explore=explore, random_actions=random_actions,
+                                        force_reset=force_reset, **kwargs):
+                force_reset = False
+                episode = self._pieces.pop(piece.id_, None)
+                if episode is None:
+                    episode = piece
+                else:
+                    episode.concat_episode(piece)
+                if episode.is_done:
+                    ended.append(episode.to_numpy() if self.config.episodes_to_numpy else episode)
+                else:
+                    self._pieces[piece.id_] = episode
+        return ended
 
     def make_env(self) -> None:
         if isinstance(self.config.env, str):  # in every process (a restored checkpoint's too), not only the CLI's

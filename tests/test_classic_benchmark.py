@@ -44,7 +44,7 @@ def test_the_ladder_of_learning_rates():
 
 def test_both_algorithms_start_on_the_same_grid_shape_on_the_tuning_seeds():
     jobs = cc.plan([], args())
-    target, budget = cc.stops("cartpole")
+    target, budget = (cc.shared("cartpole")[k] for k in ("target", "budget"))
     for algo, knob, values in [("SPPO", "critic_lr", {1e-3, 3e-3}), ("PPO", "lambda", {0.95, 1.0})]:
         mine = [j for j in jobs if j["algo"] == algo]
         centre = cc.rung(cc.experiment("cartpole", algo)["config"]["lr"], "x")  # the YAML's lr, in the middle
@@ -92,6 +92,15 @@ def test_a_rerun_resumes_where_it_stopped():
     assert cc.plan(rows, args()) == first[5:]
 
 
+def test_runs_count_only_with_the_yamls_envs_per_runner_and_older_runs_had_one():
+    best = {"SPPO": 3e-3, "PPO": 3e-3}
+    first = cc.plan([], args())
+    assert {j["envs"] for j in first} == {cc.shared("cartpole")["envs"]} != {1}  # the YAMLs' (several envs)
+    one_env = [{k: v for k, v in finish(j, best).items() if k != "envs"} for j in first]  # logged before envs was
+    assert cc.plan(one_env, args()) == first  # runs with another env count are redone, and kept in the log
+    assert cc.plan([finish(j, best) for j in first[:5]], args()) == first[5:]
+
+
 def test_settings_rank_by_seeds_reaching_then_steps_with_a_miss_at_the_budget_then_outcome():
     budget = 100_000
 
@@ -126,8 +135,8 @@ def test_tables_and_plot_are_written(tmp_path):
     rows = run_all(a, {"SPPO": 3e-3, "PPO": 1e-3})
     cc.write(rows, a)
     table = (tmp_path / "cc.md").read_text()
-    target, budget = cc.stops("cartpole")
-    row = f"| cartpole ({target:g}, {budget:,}) | SPPO |"
+    target, budget, envs = cc.shared("cartpole").values()
+    row = f"| cartpole ({target:g}, {budget:,}, {envs}) | SPPO |"
     sppo_row = next(line for line in table.splitlines() if line.startswith(row))
     assert "(inside the grid) | 3/3 | 50,000 (50,000–50,000) | 0.960 (0.960–0.960) | 12 |" in sppo_row
     assert (tmp_path / "cc.png").stat().st_size > 0

@@ -40,6 +40,40 @@ def test_each_batch_starts_from_new_states_reproducibly(ray_session):
     assert not np.array_equal(starts, first_states(1))
 
 
+class ShortOrLong(__import__("gymnasium").Env):
+    """An episode of 1 step or of 40, by a coin flipped at reset (the actions do nothing); the outcome 1 at the end."""
+
+    observation_space = __import__("gymnasium").spaces.Box(0.0, 1.0, (1,))
+    action_space = __import__("gymnasium").spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.left = int(self.np_random.choice([1, 40]))
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.left -= 1
+        return np.zeros(1, np.float32), float(self.left == 0), self.left == 0, False, {}
+
+
+@pytest.mark.parametrize("envs", [1, 16])
+def test_whole_episodes_with_several_envs_are_not_the_short_ones(ray_session, envs):
+    """RLlib's whole-episode sampling with N envs keeps the first N episodes to end and drops the rest: with 16 envs
+    most of them 1 step long (a mean length of 14 here). EpisodeEnvRunner returns every episode, whole, once it has
+    ended: the mean length is the env's, 20.5, with any number of envs."""
+    from ray.tune.registry import register_env
+
+    register_env("ShortOrLong", lambda cfg: ShortOrLong())
+    algo = (SPPOConfig().environment("ShortOrLong").training(train_batch_size_per_learner=200)
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=envs).debugging(seed=0)).build_algo()
+    episodes = [e for _ in range(120 if envs == 1 else 25) for e in algo.env_runner.sample()]
+    lengths = np.array([len(e) for e in episodes])
+    algo.stop()
+    assert all(e.is_done and e.t_started == 0 and e.get_return() == 1.0 for e in episodes)
+    assert set(lengths) == {1, 40} and len(lengths) >= 100
+    assert abs(lengths.mean() - 20.5) < 3 * 19.5 / np.sqrt(len(lengths)), (len(lengths), lengths.mean())
+
+
 def module_state(algo, inference_only=False):
     state = algo.learner_group.get_state(components="learner/rl_module", inference_only=inference_only)
     return state["learner"]["rl_module"]["default_policy"]
