@@ -1,5 +1,7 @@
 """The EnvRunner SPPO samples classic-control episodes with, and the observation and action spaces it takes."""
 
+import copy
+
 import gymnasium as gym
 import numpy as np
 from ray.rllib.connectors.env_to_module import FlattenObservations
@@ -90,9 +92,13 @@ class EpisodeEnvRunner(SingleAgentEnvRunnerHooks):
                                     force_reset=force_reset, **kwargs)  # each env 16 steps: few calls, little overshoot
             force_reset = False
             for piece in pieces:
-                episode = self._pieces.pop(piece.id_, piece)
-                if episode is not piece:
+                episode = self._pieces.pop(piece.id_, None)
+                if episode is not None:
                     episode.concat_episode(piece)
+                elif not piece.is_done:  # a copy to grow: RLlib keeps the piece itself for the episode's metrics
+                    episode = copy.deepcopy(piece)
+                else:
+                    episode = piece
                 if episode.is_done:
                     ended.append(episode.to_numpy() if self.config.episodes_to_numpy else episode)
                 else:

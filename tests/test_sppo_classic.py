@@ -68,8 +68,10 @@ def test_whole_episodes_with_several_envs_are_not_the_short_ones(ray_session, en
             .env_runners(num_env_runners=0, num_envs_per_env_runner=envs).debugging(seed=0)).build_algo()
     episodes = [e for _ in range(120 if envs == 1 else 25) for e in algo.env_runner.sample()]
     lengths = np.array([len(e) for e in episodes])
+    metrics = algo.env_runner.get_metrics()  # RLlib's own episode metrics, from the pieces it sampled
     algo.stop()
     assert all(e.is_done and e.t_started == 0 and e.get_return() == 1.0 for e in episodes)
+    assert metrics["episode_return_mean"] == 1.0 and metrics["num_episodes"] == len(episodes)
     assert set(lengths) == {1, 40} and len(lengths) >= 100
     assert abs(lengths.mean() - 20.5) < 3 * 19.5 / np.sqrt(len(lengths)), (len(lengths), lengths.mean())
 
