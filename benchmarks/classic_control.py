@@ -272,16 +272,15 @@ def write(rows: list, args) -> None:
         for r in sorted(rows, key=key):
             w.writerow([r["task"], r["algo"], r["phase"], setting_text(r["setting"]), r["seed"], r["steps"],
                         r["reached"], f"{r['final']:.3f}", r["episodes"], r["target"], r["budget"], r.get("envs", 1),
-                        r["wall_s"],
-                        r["load_before"], r["load_after"], r["jobs"]])
+                        r["wall_s"], r["load_before"], r["load_after"], r["jobs"]])
     loads = [x for r in rows for x in (r["load_before"], r["load_after"])]
     lines = ["# Classic control: SPPO vs RLlib PPO on outcome rewards, each tuned the same way", "", *provenance(),
              f"Tuning seeds {args.tune_seeds}, reported seeds {args.seeds}; targets judged on the mean outcome of the "
              f"last {WINDOW} completed training episodes; protocol: `benchmarks/classic_control.py`'s docstring. "
              f"Load average over all runs {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} cores, up to "
              f"{max(r['jobs'] for r in rows)} runs at a time: wall times are for planning, not comparison.", "",
-             "| task (target, budget, envs per runner) | algorithm | pick (on the tuning seeds) | reached | env steps to the target, "
-             "median (range) | final outcome, median (range) | tuning runs | wall s per run |",
+             "| task (target, budget, envs per runner) | algorithm | pick (on the tuning seeds) | reached | env steps "
+             "to the target, median (range) | final outcome, median (range) | tuning runs | wall s per run |",
              "|---|---|---|---|---|---|---|---|"]
     grids = ["", "## Tuning grids", "",
              "Per setting, on the tuning seeds: seeds reaching the target, mean env steps (a miss counts as the "
@@ -300,7 +299,8 @@ def write(rows: list, args) -> None:
             pick = setting_text(t["pick"]) + where if "pick" in t else "tuning"
             reached = [r for r in reported if r["reached"]]
             lines.append(
-                f"| {task} ({target:g}, {budget:,}, {setup['envs']}) | {algo} | {pick} | {len(reached)}/{len(reported)} | "
+                f"| {task} ({target:g}, {budget:,}, {setup['envs']}) | {algo} | {pick} | "
+                f"{len(reached)}/{len(reported)} | "
                 f"{median_range([r['steps'] for r in reached], ',.0f')} | "
                 f"{median_range([r['final'] for r in reported], '.3f')} | {len(tuned)} | "
                 f"{np.mean([r['wall_s'] for r in tuned + reported]):.0f} |")
