@@ -2,8 +2,9 @@
 
     python benchmarks/classic_control.py --jobs 2
 
-Per task (``tuned_examples/<task>_sppo.yaml`` and ``<task>_ppo.yaml``: the same outcome env, target and env-step
-budget; the same separate [64, 64] tanh policy and value networks, batch, minibatch and epochs; PPO at gamma 1):
+Per task (``tuned_examples/<task>_sppo.yaml`` and ``<task>_ppo.yaml``: the same outcome env, target, env-step budget
+and envs per EnvRunner; the same separate [64, 64] tanh policy and value networks, batch, minibatch and epochs; PPO at
+gamma 1):
 1. Tuning: each algorithm on the same shape of grid, 3 policy learning rates (a factor of about 3 apart on the ladder
    1e-4, 3e-4, 1e-3, 3e-3, ..., centred on its YAML's ``lr``) x 2 values of its second knob (SPPO: the critic's
    learning rate, ``--critic-lrs``; PPO: GAE lambda, ``--lambdas``), each setting on the tuning seeds. Settings rank by
