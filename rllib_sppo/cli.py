@@ -227,7 +227,10 @@ def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
     except (ValueError, FileNotFoundError) as e:  # cut short (SPPO's manifest) or not an RLlib checkpoint
         raise UsageError(f"cannot restore {checkpoint!r}: {str(e).splitlines()[0]}") from None
     runner_cls = algo.config.env_runner_cls or SingleAgentEnvRunner
-    runner = runner_cls(config=algo.config)
+    config = algo.config
+    if not hasattr(runner_cls, "heldout_samples"):  # whole episodes from one env: with several, RLlib's
+        config = config.copy(copy_frozen=False).env_runners(num_envs_per_env_runner=1)  # first to end are the short
+    runner = runner_cls(config=config)
     runner.set_state({"rl_module": algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
         "learner"]["rl_module"]})
     if hasattr(runner, "heldout_samples"):  # LLM bandits: the held-out split, k samples each (avg@k, pass@k)

@@ -76,6 +76,24 @@ def test_whole_episodes_with_several_envs_are_not_the_short_ones(ray_session, en
     assert abs(lengths.mean() - 20.5) < 3 * 19.5 / np.sqrt(len(lengths)), (len(lengths), lengths.mean())
 
 
+def test_rllib_evaluate_counts_long_episodes_too_after_training_with_several_envs(ray_session, tmp_path):
+    """`rllib evaluate` on a checkpoint trained with 16 envs: its 16 episodes are the env's, not the first 16 to end
+    (from 16 envs, all 1 step long: the mean length was 1.0). Sixteen draws of 1 or 40 steps average over 8 unless at
+    most 2 are long (p = 0.002)."""
+    from ray.tune.registry import register_env
+
+    from rllib_sppo.cli import evaluate
+
+    register_env("ShortOrLong", lambda cfg: ShortOrLong())
+    algo = (SPPOConfig().environment("ShortOrLong").training(train_batch_size_per_learner=200)
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=16).debugging(seed=0)).build_algo()
+    checkpoint = algo.save_to_path(str(tmp_path / "checkpoint"))
+    algo.stop()
+    report = evaluate(checkpoint, episodes=16, explore=True)
+    assert report["episodes"] == 16 and report["episode_return_mean"] == 1.0
+    assert report["episode_len_mean"] > 8, report  # 20.5 expected (13.2 here)
+
+
 def module_state(algo, inference_only=False):
     state = algo.learner_group.get_state(components="learner/rl_module", inference_only=inference_only)
     return state["learner"]["rl_module"]["default_policy"]
