@@ -228,8 +228,9 @@ def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
         raise UsageError(f"cannot restore {checkpoint!r}: {str(e).splitlines()[0]}") from None
     runner_cls = algo.config.env_runner_cls or SingleAgentEnvRunner
     config = algo.config
-    if not hasattr(runner_cls, "heldout_samples"):  # whole episodes from one env: with several, RLlib's
-        config = config.copy(copy_frozen=False).env_runners(num_envs_per_env_runner=1)  # first to end are the short
+    if not hasattr(runner_cls, "heldout_samples"):
+        # N episodes from one env: from several, RLlib's sample(num_episodes=N) returns the first N to end, short ones
+        config = config.copy(copy_frozen=False).env_runners(num_envs_per_env_runner=1)
     runner = runner_cls(config=config)
     runner.set_state({"rl_module": algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
         "learner"]["rl_module"]})
