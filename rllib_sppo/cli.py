@@ -227,14 +227,15 @@ def evaluate(checkpoint: str, episodes: int, explore: bool) -> dict:
     except (ValueError, FileNotFoundError) as e:  # cut short (SPPO's manifest) or not an RLlib checkpoint
         raise UsageError(f"cannot restore {checkpoint!r}: {str(e).splitlines()[0]}") from None
     runner_cls = algo.config.env_runner_cls or SingleAgentEnvRunner
+    heldout = hasattr(runner_cls, "heldout_samples")  # LLM bandits: the held-out split, k samples each (avg@k, pass@k)
     config = algo.config
-    if not hasattr(runner_cls, "heldout_samples"):
+    if not heldout:
         # N episodes from one env: from several, RLlib's sample(num_episodes=N) returns the first N to end, short ones
         config = config.copy(copy_frozen=False).env_runners(num_envs_per_env_runner=1)
     runner = runner_cls(config=config)
     runner.set_state({"rl_module": algo.learner_group.get_state(components="learner/rl_module", inference_only=True)[
         "learner"]["rl_module"]})
-    if hasattr(runner, "heldout_samples"):  # LLM bandits: the held-out split, k samples each (avg@k, pass@k)
+    if heldout:
         from rllib_sppo.llm.critic import critic_logits
         from rllib_sppo.llm.evaluation import heldout_report
 
