@@ -80,8 +80,9 @@ def shared(task: str, cap: int | None = None) -> dict:
     return both["SPPO"]
 
 
-def same_setup(row: dict, setup: dict) -> bool:
-    return all(row.get(k, 1) == v for k, v in setup.items())  # (runs from before ``envs`` was recorded had one)
+def setup_of(run: dict) -> dict:
+    """A run's (or job's) part of ``shared``; runs logged before ``envs`` was recorded had one env."""
+    return {"target": run["target"], "budget": run["budget"], "envs": run.get("envs", 1)}
 
 
 # --- one run ------------------------------------------------------------------------------------------------------
@@ -149,8 +150,8 @@ def _die_with_parent():
 
 
 def key(job: dict) -> str:
-    return json.dumps([job["task"], job["algo"], job["setting"], job["seed"], job["target"], job["budget"],
-                       job.get("envs", 1)], sort_keys=True)
+    return json.dumps([job["task"], job["algo"], job["setting"], job["seed"], *setup_of(job).values()],
+                      sort_keys=True)
 
 
 def name(job: dict) -> str:
@@ -272,8 +273,8 @@ def write(rows: list, args) -> None:
                     "target", "budget", "envs", "wall_s", "load_before", "load_after", "jobs"])
         for r in sorted(rows, key=key):
             w.writerow([r["task"], r["algo"], r["phase"], setting_text(r["setting"]), r["seed"], r["steps"],
-                        r["reached"], f"{r['final']:.3f}", r["episodes"], r["target"], r["budget"], r.get("envs", 1),
-                        r["wall_s"], r["load_before"], r["load_after"], r["jobs"]])
+                        r["reached"], f"{r['final']:.3f}", r["episodes"], *setup_of(r).values(), r["wall_s"],
+                        r["load_before"], r["load_after"], r["jobs"]])
     loads = [x for r in rows for x in (r["load_before"], r["load_after"])]
     lines = ["# Classic control: SPPO vs RLlib PPO on outcome rewards, each tuned the same way", "", *provenance(),
              f"Tuning seeds {args.tune_seeds}, reported seeds {args.seeds}; targets judged on the mean outcome of the "
@@ -291,7 +292,7 @@ def write(rows: list, args) -> None:
         target, budget = setup["target"], setup["budget"]
         for algo in KNOBS:
             t = tuning(rows, task, algo, args)
-            mine = [r for r in rows if (r["task"], r["algo"]) == (task, algo) and same_setup(r, setup)]
+            mine = [r for r in rows if (r["task"], r["algo"]) == (task, algo) and setup_of(r) == setup]
             tuned, reported = ([r for r in mine if r["phase"] == phase] for phase in ("tune", "report"))
             if not tuned:
                 continue
@@ -316,7 +317,7 @@ def write(rows: list, args) -> None:
                 grids.append(f"| {b}{setting_text(s)}{b} | {-reach}/{len(runs)} | {steps:,.0f} | {-final:.3f} |")
             grids.append("")
     Path(f"{args.out}.md").write_text("\n".join(lines + grids))
-    plot([r for r in rows if same_setup(r, setups[r["task"]])], args.out)
+    plot([r for r in rows if setup_of(r) == setups[r["task"]]], args.out)
 
 
 def plot(rows: list, out: str) -> None:
