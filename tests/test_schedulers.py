@@ -215,7 +215,7 @@ def test_the_scheduler_benchmark_counts_each_trials_own_seconds_and_picks_the_be
         "lr": [1e-5], "critic_lr": 1e-4, "iterations": 4}
     asha = schedulers.sweep_record([stopped, full])
     runs = [{"label": "grid", "seed": 0, "key": "accuracy/avg@4", "wall_s": 30.0, **grid, "load_before": 0.2,
-             "load_after": 2.0},
+             "load_after": 2.0, "trial_list": [full, stopped, full]},
             {"label": "ASHA", "seed": 0, "key": "accuracy/avg@4", "wall_s": 15.0, **asha, "load_before": 1.5,
              "load_after": 2.0}]
     # seed 1: the grid on a machine twice as slow (probe 2.0 s against 1.0): its seconds do not compare, iterations do
@@ -224,7 +224,7 @@ def test_the_scheduler_benchmark_counts_each_trials_own_seconds_and_picks_the_be
     out = tmp_path / "schedulers"
     (tmp_path / "schedulers_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     loaded = harness.load_runs(out)
-    schedulers.write(loaded, None, out)
+    schedulers.write(loaded, {"grace_period": 2, "reduction_factor": 2, "max_t": 4}, out)
     text = (tmp_path / "schedulers.md").read_text()
     assert "| grid | 0 | 3 | 20 | 100% | 10 | 100% | 30 | - | 0.750 | [1e-05], 0.0001, 4 |" in text
     assert "| ASHA | 0 | 2 | 12 | 60% | 6 | 60% | 15 | - | 0.750 |" in text
@@ -234,6 +234,24 @@ def test_the_scheduler_benchmark_counts_each_trials_own_seconds_and_picks_the_be
     assert "ASHA, seed 1: 60% of the grid's trial-iterations (the two sweeps ran on machines of different speed), " \
            "best 0.750" in text
     assert "Runs taken under load" in text and "ASHA seed 0 (load 1.5 before" in text
+    assert "ASHA replayed on the grid's curves, seed 0 (Tune's cutoff rule, one trial at a time): in the grid's " \
+           "order 100% of its trial-iterations, best 0.750; over all 6 orders of its 3 trials," in text
+
+
+def test_asha_replayed_on_a_grid_stops_what_tunes_cutoff_stops(sched_benchmark):
+    """ASHA (grace 2, reduction factor 2, max 8: rungs at 2 and 4) on three trials of 8 iterations, one at a time.
+    In the order A, B, C: A goes on (first at every rung); B's 0.4 at 2 is below the rung's 0.5, stopped (2
+    iterations); C's 0.6 at 2 is above the median of 0.5 and 0.4, its 0.65 at 4 above A's 0.6: 8 + 2 + 8. In the order
+    C, B, A: B stops at 2; A's 0.5 at 2 is the median of 0.6 and 0.4, goes on, its 0.6 at 4 is below C's 0.65:
+    8 + 2 + 4, and A's last evaluation is its 0.6 at 4."""
+    a = {"iterations": 8, "curve": [[0, 0, 0.2], [2, 1, 0.5], [4, 2, 0.6], [6, 3, 0.6], [8, 4, 0.7]]}
+    b = {"iterations": 8, "curve": [[0, 0, 0.2], [2, 1, 0.4], [4, 2, 0.7], [8, 4, 0.9]]}
+    c = {"iterations": 8, "curve": [[0, 0, 0.2], [2, 1, 0.6], [4, 2, 0.65], [8, 4, 0.8]]}
+    asha = {"grace_period": 2, "reduction_factor": 2, "max_t": 8}
+    assert sched_benchmark.asha_replay([a, b, c], asha, [0, 1, 2]) == (18, 0.8)
+    assert sched_benchmark.asha_replay([a, b, c], asha, [2, 1, 0]) == (14, 0.8)
+    # B first runs to its 0.9; A goes on at 2 (0.5 >= 0.4) and stops at 4 (0.6 < 0.7); C's 0.65 at 4 is the median
+    assert sched_benchmark.asha_replay([a, b, c], asha, [1, 0, 2]) == (20, 0.9)
 
 
 def test_the_scheduler_benchmark_runs_the_asha_example_without_its_scheduler_as_the_grid(sched_benchmark):
