@@ -3,9 +3,11 @@ restores a better trial's checkpoint into a worse one (weights, optimizers, the 
 with a mutated lr that the next update uses."""
 
 import glob
+import itertools
 import json
 import os
 import random
+import types
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +254,28 @@ def test_asha_replayed_on_a_grid_stops_what_tunes_cutoff_stops(sched_benchmark):
     assert sched_benchmark.asha_replay([a, b, c], asha, [2, 1, 0]) == (14, 0.8)
     # B first runs to its 0.9; A goes on at 2 (0.5 >= 0.4) and stops at 4 (0.6 < 0.7); C's 0.65 at 4 is the median
     assert sched_benchmark.asha_replay([a, b, c], asha, [1, 0, 2]) == (20, 0.9)
+    for order in itertools.permutations(range(3)):  # and in every order, what Tune's own ASHAScheduler decides
+        assert sched_benchmark.asha_replay([a, b, c], asha, order) == tune_asha([a, b, c], asha, order), order
+
+
+def tune_asha(trials, asha, order):
+    """Tune's ASHAScheduler, through its public calls, fed each trial's evaluations one trial at a time: the
+    iterations it lets each trial train and the best last evaluation kept (the control for ``asha_replay``)."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    scheduler = ASHAScheduler(time_attr="it", metric="m", mode="max", **asha)
+    spent, kept = 0, []
+    for i in order:
+        trial = types.SimpleNamespace(trial_id=str(i))
+        scheduler.on_trial_add(None, trial)
+        stop, last = trials[i]["iterations"], None
+        for it, _, value in trials[i]["curve"][1:]:
+            last = value
+            if scheduler.on_trial_result(None, trial, {"it": it, "m": value}) == TrialScheduler.STOP and it < stop:
+                stop = it
+                break
+        spent, kept = spent + stop, kept + [last]
+    return spent, max(kept)
 
 
 def test_the_scheduler_benchmark_runs_the_asha_example_without_its_scheduler_as_the_grid(sched_benchmark):
