@@ -90,6 +90,11 @@ def sweep_record(trials: list[dict]) -> dict:
             "best_trial": {k: best[k] for k in ("lr", "critic_lr", "iterations")} if best else None}
 
 
+def last_evaluation(curve: list, upto: int) -> float:
+    """A trial's held-out value as reported at iteration ``upto``: its last evaluation up to it."""
+    return [v for it, _, v in curve if it <= upto][-1]
+
+
 def asha_replay(trials: list[dict], asha: dict, order) -> tuple[int, float]:
     """Tune's ASHA (one bracket: rungs at ``grace_period`` x ``reduction_factor``^k iterations below ``max_t``; a trial
     whose held-out value at a rung is below the (1 - 1/rf) percentile of the values recorded there before it is
@@ -105,14 +110,14 @@ def asha_replay(trials: list[dict], asha: dict, order) -> tuple[int, float]:
         for rung, recorded in rungs.items():
             if rung >= stop:
                 break
-            value = [v for it, _, v in curve if it <= rung][-1]
+            value = last_evaluation(curve, rung)
             cutoff = np.percentile(recorded, (1 - 1 / rf) * 100) if recorded else None
             recorded.append(value)
             if cutoff is not None and value < cutoff:
                 stop = rung
                 break
         spent += stop
-        kept.append([v for it, _, v in curve if it <= stop][-1])
+        kept.append(last_evaluation(curve, stop))
     return spent, max(kept)
 
 
@@ -122,8 +127,8 @@ def replay_lines(runs: list[dict], asha: dict) -> list[str]:
     lines = []
     for g in (r for r in runs if r["label"] == "grid"):
         trials, total = g["trial_list"], g["trial_iterations"]
-        spent, best = asha_replay(trials, asha, range(len(trials)))
         every = np.array([asha_replay(trials, asha, o) for o in itertools.permutations(range(len(trials)))])
+        spent, best = every[0]  # the first order itertools gives is the grid's own
         share, found = every[:, 0] / total, every[:, 1] == g["best"]
         lines.append(f"\nASHA replayed on the grid's curves, seed {g['seed']} (Tune's cutoff rule, one trial at a "
                      f"time): in the grid's order {spent / total:.0%} of its trial-iterations, best {best:.3f}; over all "
@@ -210,6 +215,7 @@ def main(argv=None):
     where.mkdir(exist_ok=True)
     specs = sweep_specs(args.yaml, args.pbt)
     runs = harness.load_runs(out)
+    asha = next(iter(specs["ASHA"].values()))["scheduler"]  # for the replay
     done = {(r["label"], r["seed"]) for r in runs}
     for seed in args.seeds:  # every sweep of a seed before the next seed
         for label in (s for s in SWEEPS if s in args.only and (s, seed) not in done):
@@ -221,7 +227,7 @@ def main(argv=None):
             with Path(f"{out}_runs.jsonl").open("a") as f:
                 f.write(json.dumps(run) + "\n")
             print(label, seed, f"{run['trial_s']:.0f} trial-s, best {run['best']:.3f}", flush=True)
-            write(runs, next(iter(specs["ASHA"].values()))["scheduler"], out)
+            write(runs, asha, out)
 
 
 if __name__ == "__main__":
